@@ -1,0 +1,361 @@
+"""The `pgbridge` command line: parses arguments, calls services, renders results.
+
+Every PgbridgeError becomes a message and its exit code; no traceback reaches the user unless
+PGBRIDGE_DEBUG=1 is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from pgbridge import __version__
+from pgbridge.cli.render import err, out, print_json, report_table, styled
+from pgbridge.errors import CheckFailed, NotFoundError, PgbridgeError, SpecError, UsageError
+from pgbridge.home import Home
+from pgbridge.settings import Settings, load_settings
+from pgbridge.spec.load import json_schema, load_spec
+from pgbridge.spec.models import Spec
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    def __init__(self, spec_path: Path, home: Path | None, name: str | None) -> None:
+        self.spec_path = spec_path
+        self.home_opt = home
+        self.name = name
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    def spec(self) -> Spec:
+        return load_spec(self.spec_path)
+
+    def deployment(self) -> Any:
+        from pgbridge.ops.context import Deployment, resolve_home
+
+        if self.home_opt is None and self.name is None:
+            if not self.spec_path.exists():
+                raise NotFoundError(
+                    f"which deployment? {self.spec_path} does not exist",
+                    hint="pass -f SPEC, --home DIR or --name NAME",
+                )
+            home = resolve_home(self.settings, home=None, spec=self.spec())
+        else:
+            home = resolve_home(self.settings, home=self.home_opt, spec=None, name=self.name)
+        return Deployment(self.settings, home)
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PgbridgeError as e:
+            err.print(f"[bold red]error:[/] {e.message}", markup=True)
+            if e.hint:
+                err.print(f"  [dim]hint:[/] {e.hint}")
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # the last line of defence: a message, never a traceback
+            if os.environ.get("PGBRIDGE_DEBUG"):
+                raise
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+            err.print("  [dim]hint:[/] run again with PGBRIDGE_DEBUG=1 for details and report it")
+            sys.exit(70)
+
+    return wrapper  # type: ignore[return-value]
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-f", "--spec", "spec_path", type=click.Path(path_type=Path), default="pgbridge.yaml", show_default=True,
+    help="deployment spec file",
+)  # fmt: skip
+@click.option("--home", type=click.Path(path_type=Path), help="deployment home folder (overrides the default)")
+@click.option("--name", help="deployment name (its home is found under the default home base)")
+@click.version_option(__version__, prog_name="pgbridge")
+@click.pass_context
+def cli(ctx: click.Context, spec_path: Path, home: Path | None, name: str | None) -> None:
+    """pgbridge: a production-grade PostgreSQL from one spec, with CDC into an analytics warehouse."""
+    ctx.obj = Ctx(spec_path, home, name)
+
+
+@cli.command()
+@click.option("--name", "dep_name", default="shop", show_default=True, help="deployment name")
+@click.option("--port", default=5433, show_default=True, type=int, help="PostgreSQL port")
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+@pass_ctx
+@handle_errors
+def init(c: Ctx, dep_name: str, port: int, force: bool) -> None:
+    """Write a commented example spec."""
+    from pgbridge.spec.example import example_spec
+    from pgbridge.spec.load import parse_spec
+
+    text = example_spec(dep_name, port)
+    import yaml
+
+    parse_spec(yaml.safe_load(text), "example")  # the example is always valid
+    if c.spec_path.exists() and not force:
+        raise UsageError(f"{c.spec_path} exists", hint="pass --force to overwrite, or -f another file")
+    c.spec_path.write_text(text)
+    out.print(f"wrote {c.spec_path}; edit it, then run `pgbridge validate` and `pgbridge up`")
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def validate(c: Ctx) -> None:
+    """Check a spec: fields, and parameter names and values against the server's catalogue."""
+    spec = c.spec()
+    from pgbridge.ops.context import resolve_home
+    from pgbridge.ops.parameters import desired_parameters
+    from pgbridge.ops.up import catalogue_for
+
+    home = resolve_home(c.settings, home=c.home_opt, spec=spec)
+    params = desired_parameters(spec, home, catalogue_for(c.settings))
+    out.print(f"{c.spec_path}: valid ({len(params)} parameters set, {len(spec.parameter_group)} group(s) applied)")
+
+
+@cli.command()
+@handle_errors
+def schema() -> None:
+    """Print the JSON Schema of the spec."""
+    print_json(json_schema())
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def up(c: Ctx) -> None:
+    """Create or update the deployment to match the spec (idempotent)."""
+    from pgbridge.ops.context import resolve_home
+    from pgbridge.ops.up import up as do_up
+
+    spec = c.spec()
+    text = c.spec_path.read_text()
+    home = resolve_home(c.settings, home=c.home_opt, spec=spec)
+    with err.status("starting") as st:
+        report = do_up(c.settings, spec, text, home, step=lambda s: st.update(s))
+    out.print(report_table(f"pgbridge up: {spec.name}", report))
+    if report.pending_reboot:
+        out.print(f"[magenta]pending-reboot[/]: {', '.join(report.pending_reboot)} take effect after `pgbridge reboot`")
+    out.print("no changes" if not report.changed else "done", style="dim")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+@handle_errors
+def status(c: Ctx, as_json: bool) -> None:
+    """Show the deployment's state, processes, endpoints and pending changes."""
+    from pgbridge.ops.status import status as get_status
+
+    s = get_status(c.deployment())
+    if as_json:
+        print_json(s)
+        return
+    t = Table(title=f"{s['name']}: {styled(s['status'])}", title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value", overflow="fold")
+    t.add_row("home", s["home"])
+    t.add_row("class", s["instance_class"])
+    st = s["storage"]
+    used = st.get("used_bytes")
+    t.add_row(
+        "storage",
+        f"{st['type']}, {st['allocated_gb']} GiB allocated"
+        + (f", {used / 1024**2:.0f} MiB used" if used is not None else ""),
+    )
+    for m in s["members"]:
+        t.add_row(f"member {m['name']}", f"{m.get('role')} / {m.get('state')} (timeline {m.get('timeline')})")
+    for name, p in s["processes"].items():
+        t.add_row(f"process {name}", f"{p['state']} pid {p['pid']}")
+    t.add_row("writer endpoint", s["endpoints"]["writer"])
+    if "tls" in s:
+        t.add_row("tls", f"{s['tls'].get('mode')}, certificate expires in {s['tls'].get('days_left', '?')} days")
+    t.add_row("pending-reboot", ", ".join(s["pending_reboot"]) or "none")
+    if s.get("error"):
+        t.add_row("error", s["error"])
+    out.print(t)
+
+
+@cli.command()
+@click.option("--user", "-U", "user", help="role to connect as (default: the application user)")
+@click.option("--endpoint", type=click.Choice(["writer"]), default="writer", show_default=True)
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+@handle_errors
+def connect(c: Ctx, user: str | None, endpoint: str, psql_args: tuple[str, ...]) -> None:
+    """Open psql with the right DSN (TLS verify-full); the password goes through the environment."""
+    from pgbridge.ops.context import secret_name_for_role
+
+    dep = c.deployment()
+    dep.home.require()
+    role = user or dep.spec.database.users.app
+    password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    psql = shutil.which("psql") or str(dep.settings.binaries.pg("psql"))
+    env = {**os.environ, "PGPASSWORD": password}
+    os.execvpe(psql, [psql, dep.dsn(role), *psql_args], env)
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def check(c: Ctx) -> None:
+    """Validate the running deployment from a client's point of view (pass/fail table)."""
+    from pgbridge.ops.check import run_checks
+
+    dep = c.deployment()
+    results, version = run_checks(dep)
+    if version:
+        out.print(f"SELECT version(): {version}")
+    t = Table(title=f"pgbridge check: {dep.spec.name}", title_justify="left")
+    t.add_column("check")
+    t.add_column("result")
+    t.add_column("detail", overflow="fold")
+    for r in results:
+        t.add_row(r.name, styled(r.outcome), r.detail)
+    out.print(t)
+    failed = [r for r in results if r.outcome == "fail"]
+    if failed:
+        raise CheckFailed(f"{len(failed)} of {len(results)} checks failed")
+    out.print(f"all {len(results)} checks passed" if results else "no checks ran")
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def reboot(c: Ctx) -> None:
+    """Restart PostgreSQL so pending static parameters take effect."""
+    from pgbridge.ops.lifecycle import reboot as do_reboot
+
+    report = do_reboot(c.deployment())
+    out.print(report_table("pgbridge reboot", report))
+    if report.pending_reboot:
+        raise PgbridgeError("still pending after the restart: " + ", ".join(report.pending_reboot))
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def down(c: Ctx) -> None:
+    """Stop the deployment cleanly; data is kept and `up` starts it again."""
+    from pgbridge.ops.lifecycle import down as do_down
+
+    out.print(report_table("pgbridge down", do_down(c.deployment())))
+
+
+@cli.command()
+@click.option("--yes", is_flag=True, help="confirm: delete the deployment and all its data")
+@pass_ctx
+@handle_errors
+def destroy(c: Ctx, yes: bool) -> None:
+    """Stop the deployment and delete its home folder with all data."""
+    from pgbridge.ops.lifecycle import destroy as do_destroy
+
+    out.print(report_table("pgbridge destroy", do_destroy(c.deployment(), yes=yes)))
+
+
+@cli.command()
+@click.option("--diff", is_flag=True, help="only parameters that differ from the server default")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@handle_errors
+def params(c: Ctx, diff: bool, as_json: bool) -> None:
+    """Effective parameter values and where each came from (default, platform, class, group)."""
+    from pgbridge.ops.status import params as get_params
+
+    rows = get_params(c.deployment(), diff=diff)
+    if as_json:
+        print_json([r.as_dict() for r in rows])
+        return
+    t = Table(title="parameters" + (" (differences from defaults)" if diff else ""), title_justify="left")
+    for col in ("name", "value", "source", "running", "restart"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        restart = "[magenta]pending-reboot[/]" if r.pending_reboot else ("static" if r.static else "")
+        t.add_row(r.name, r.value, r.source, r.running if r.running is not None else "-", restart)
+    out.print(t)
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="write the CA certificate to this file")
+@pass_ctx
+@handle_errors
+def ca(c: Ctx, output: Path | None) -> None:
+    """Export the deployment's CA certificate (for sslmode=verify-full clients)."""
+    dep = c.deployment()
+    dep.home.require()
+    pem = (dep.home.tls / "ca.crt").read_text()
+    if output:
+        output.write_text(pem)
+        out.print(f"wrote {output}; clients use sslmode=verify-full sslrootcert={output}")
+    else:
+        sys.stdout.write(pem)
+
+
+@cli.group()
+def secrets() -> None:
+    """Credentials kept in the deployment's encrypted store."""
+
+
+@secrets.command("get")
+@click.argument("user")
+@click.option("--dsn", is_flag=True, help="print a full connection string instead of the password")
+@pass_ctx
+@handle_errors
+def secrets_get(c: Ctx, user: str, dsn: bool) -> None:
+    """Show the password of USER (only when asked)."""
+    from pgbridge.ops.context import secret_name_for_role
+
+    dep = c.deployment()
+    dep.home.require()
+    name = secret_name_for_role(user)
+    if name not in dep.secrets:
+        known = [n.removeprefix("role:") for n in dep.secrets.names() if n.startswith("role:")]
+        raise NotFoundError(f"no credentials for user {user!r}", hint="known users: " + ", ".join(sorted(known)))
+    print(dep.dsn(user, password=True) if dsn else dep.secrets.get(name).reveal())
+
+
+@secrets.command("list")
+@pass_ctx
+@handle_errors
+def secrets_list(c: Ctx) -> None:
+    """List the users that have credentials (names only)."""
+    dep = c.deployment()
+    dep.home.require()
+    for n in sorted(dep.secrets.names()):
+        if n.startswith("role:"):
+            print(n.removeprefix("role:"))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except SpecError as e:  # raised while click parses (should not happen), kept for safety
+        err.print(f"error: {e}")
+        sys.exit(e.exit_code)
+
+
+_ = Home  # re-exported for type users

@@ -1,0 +1,46 @@
+"""Renderers: turn service results into tables or JSON. Services never print."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pgbridge.ops.tasks import Report
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_STYLE = {
+    "created": "green",
+    "started": "green",
+    "changed": "yellow",
+    "pending-reboot": "magenta",
+    "unchanged": "dim",
+    "stopped": "cyan",
+    "removed": "red",
+    "pass": "green",
+    "fail": "bold red",
+    "skip": "yellow",
+}
+
+
+def styled(word: str) -> str:
+    style = _STYLE.get(word)
+    return f"[{style}]{word}[/]" if style else word
+
+
+def report_table(title: str, report: Report) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("resource")
+    t.add_column("result")
+    t.add_column("detail", overflow="fold")
+    for c in report.changes:
+        t.add_row(c.resource, styled(c.action), c.detail)
+    return t
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,138 @@
+"""`pgbridge status` and `pgbridge params`: what is running and with which settings.
+
+Returns plain data (dicts and dataclasses); the CLI renders it as a table or JSON.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pgbridge.errors import PgbridgeError, TransientError
+from pgbridge.ops.context import Deployment
+from pgbridge.ops.parameters import desired_parameters
+from pgbridge.ops.up import catalogue_for, pending_reboot
+from pgbridge.platform.postgres import admin_connection
+from pgbridge.platform.tls import cert_info
+
+
+def _dir_size(path: Any) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def status(dep: Deployment) -> dict[str, Any]:
+    dep.home.require()
+    spec, state = dep.spec, dep.state
+    out: dict[str, Any] = {
+        "name": spec.name,
+        "home": str(dep.home.root),
+        "phase": state.get("phase"),
+        "instance_class": spec.instance_class,
+        "storage": {"type": spec.storage.type, "allocated_gb": spec.storage.size_gb},
+        "ports": state.get("ports", {}),
+        "endpoints": {"writer": dep.dsn(spec.database.users.app)},
+        "processes": {},
+        "members": [],
+        "pending_reboot": [],
+        "status": "stopped",
+    }
+    procs = dep.supervisor.processes()
+    out["processes"] = {
+        n: {
+            "state": p["statename"],
+            "pid": p["pid"] or None,
+            "uptime_s": max(0, p["now"] - p["start"]) if p["pid"] else 0,
+        }
+        for n, p in procs.items()
+    }
+    if not procs:
+        return out
+    try:
+        m = dep.patroni().member()
+        out["members"].append(
+            {
+                "name": dep.primary_member,
+                "role": m.get("role"),
+                "state": m.get("state"),
+                "timeline": m.get("timeline"),
+                "server_version": m.get("server_version"),
+                "pending_restart": bool(m.get("pending_restart")),
+            }
+        )
+    except TransientError as e:
+        out["members"].append({"name": dep.primary_member, "state": "unreachable", "error": e.message})
+    try:
+        cat = catalogue_for(dep.settings)
+        out["pending_reboot"] = pending_reboot(dep, desired_parameters(spec, dep.home, cat), cat)
+        with admin_connection(dep.admin) as c:
+            row = c.execute(
+                "SELECT pg_database_size(%s), current_setting('data_checksums'), pg_postmaster_start_time()",
+                (spec.database.name,),
+            ).fetchone()
+            if row:
+                out["database_size_bytes"] = int(row[0])
+                out["data_checksums"] = row[1]
+                out["started_at"] = row[2].isoformat()
+    except PgbridgeError as e:
+        out["error"] = e.message
+    running = out["members"] and out["members"][0].get("state") == "running"
+    out["status"] = ("pending-reboot" if out["pending_reboot"] else "available") if running else "degraded"
+    data = dep.home.data
+    out["storage"]["used_bytes"] = _dir_size(data)
+    out["storage"]["filesystem_free_bytes"] = shutil.disk_usage(data).free
+    try:
+        ci = cert_info(dep.home.tls / "server.crt")
+        out["tls"] = {
+            "mode": spec.tls.mode,
+            "server_cert_expires": ci.not_after.isoformat(),
+            "days_left": int((ci.not_after.timestamp() - time.time()) // 86400),
+        }
+    except (OSError, PgbridgeError, ValueError):
+        out["tls"] = {"mode": spec.tls.mode}
+    return out
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    name: str
+    value: str
+    source: str
+    running: str | None
+    static: bool
+    pending_reboot: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def params(dep: Deployment, *, diff: bool = False) -> list[ParamRow]:
+    """Effective values and where each came from; `diff` keeps the ones not at the server default."""
+    dep.home.require()
+    cat = catalogue_for(dep.settings)
+    desired = desired_parameters(dep.spec, dep.home, cat)
+    running: dict[str, str] = {}
+    try:
+        with admin_connection(dep.admin) as c:
+            running = {r[0]: str(r[1]) for r in c.execute("SELECT name, reset_val FROM pg_settings")}
+    except TransientError:
+        pass
+    rows = []
+    for name, pv in sorted(desired.items()):
+        cur = running.get(name)
+        static = cat.is_static(name)
+        pend = static and cur is not None and not cat.same_value(name, cur, pv.value)
+        if diff:
+            boot = cat.get(name).boot_val
+            if boot is not None and cat.same_value(name, boot, pv.value):
+                continue
+        rows.append(ParamRow(name, pv.value, pv.source, cur, static, pend))
+    return rows

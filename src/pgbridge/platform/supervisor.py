@@ -1,0 +1,215 @@
+"""supervisord: the process manager that keeps a deployment's daemons alive.
+
+One supervisord per deployment, its config and control socket in the home. It drops to the
+service user, starts etcd and Patroni (which runs PostgreSQL), and restarts any of them that dies.
+pgbridge talks to it over its XML-RPC unix socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import xmlrpc.client
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgbridge.errors import DeploymentError
+from pgbridge.home import Home, write_if_changed
+from pgbridge.platform.system import pid_alive, read_pid
+from pgbridge.settings import ServiceUser
+
+# supervisord children get this environment and nothing else: no secret from the caller's
+# environment (e.g. PGBRIDGE_MASTER_KEY) may leak into the servers' /proc/<pid>/environ.
+CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: Sequence[str]
+    priority: int = 50
+    stop_wait: int = 30
+    stop_signal: str = "TERM"
+    environment: dict[str, str] = field(default_factory=dict)
+    autostart: bool = True
+
+
+def _quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "-_./=:,@+%" for c in arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(home: Home, name: str, user: ServiceUser, programs: Sequence[Program]) -> str:
+    lines = [
+        "; written by pgbridge: edits are overwritten by `pgbridge up`",
+        "[unix_http_server]",
+        f"file={home.supervisor_sock}",
+        "chmod=0700",
+        "",
+        "[supervisord]",
+        f"logfile={home.logs / 'supervisord.log'}",
+        "logfile_maxbytes=10MB",
+        "logfile_backups=3",
+        f"pidfile={home.supervisor_pid}",
+        f"childlogdir={home.logs}",
+        f"directory={home.root}",
+        f"identifier=pgbridge-{name}",
+        "minfds=4096",
+    ]
+    if user.switch:
+        lines.append(f"user={user.name}")
+    lines += [
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{home.supervisor_sock}",
+    ]
+    for p in programs:
+        env = {**CLEAN_ENV, "HOME": str(home.run), **p.environment}
+        lines += [
+            "",
+            f"[program:{p.name}]",
+            "command=" + " ".join(_quote(a) for a in p.command),
+            f"priority={p.priority}",
+            f"autostart={'true' if p.autostart else 'false'}",
+            "autorestart=true",
+            "startsecs=1",
+            "startretries=100",
+            f"stopsignal={p.stop_signal}",
+            f"stopwaitsecs={p.stop_wait}",
+            "stopasgroup=false",
+            "killasgroup=false",
+            "redirect_stderr=true",
+            f"stdout_logfile={home.logs / (p.name + '.log')}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=3",
+            "environment=" + ",".join(f'{k}="{v}"' for k, v in env.items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = str(path)
+
+    def make_connection(self, host: Any) -> Any:
+        import http.client
+        import socket
+
+        path = self._path
+
+        class _Conn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(30)
+                self.sock.connect(path)
+
+        return _Conn("localhost")
+
+
+class Supervisor:
+    """Control of one deployment's supervisord."""
+
+    def __init__(self, home: Home, executable: Path) -> None:
+        self.home = home
+        self.executable = executable
+
+    def _proxy(self) -> Any:
+        return xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport(self.home.supervisor_sock))
+
+    def pid(self) -> int | None:
+        pid = read_pid(self.home.supervisor_pid)
+        return pid if pid and pid_alive(pid) else None
+
+    def running(self) -> bool:
+        if self.pid() is None:
+            return False
+        try:
+            return bool(self._proxy().supervisor.getState()["statename"] == "RUNNING")
+        except (OSError, xmlrpc.client.Error):
+            return False
+
+    def write_config(self, text: str) -> bool:
+        return write_if_changed(self.home.supervisor_conf, text, mode=0o644)
+
+    def start(self, timeout: float = 30) -> None:
+        if self.running():
+            return
+        log = self.home.logs / "supervisord.start.log"
+        with open(log, "w") as out:
+            proc = subprocess.run(
+                [str(self.executable), "-c", str(self.home.supervisor_conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=CLEAN_ENV,
+                cwd=self.home.root,
+                check=False,
+            )
+        if proc.returncode != 0:
+            raise DeploymentError(f"supervisord did not start:\n{log.read_text()[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.running():
+                return
+            time.sleep(0.1)
+        raise DeploymentError(f"supervisord did not come up within {timeout:.0f}s; see {self.home.logs}")
+
+    def reread(self) -> dict[str, list[str]]:
+        """Load a changed config: add new programs, restart changed ones, remove dropped ones."""
+        proxy = self._proxy()
+        added, changed, removed = proxy.supervisor.reloadConfig()[0]
+        for name in removed:
+            with contextlib.suppress(xmlrpc.client.Fault):
+                proxy.supervisor.stopProcessGroup(name)
+            proxy.supervisor.removeProcessGroup(name)
+        for name in changed:
+            with contextlib.suppress(xmlrpc.client.Fault):
+                proxy.supervisor.stopProcessGroup(name)
+            proxy.supervisor.removeProcessGroup(name)
+            proxy.supervisor.addProcessGroup(name)
+        for name in added:
+            proxy.supervisor.addProcessGroup(name)
+        return {"added": added, "changed": changed, "removed": removed}
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        try:
+            infos = self._proxy().supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error):
+            return {}
+        return {i["name"]: i for i in infos}
+
+    def start_program(self, name: str) -> None:
+        with contextlib.suppress(xmlrpc.client.Fault):
+            self._proxy().supervisor.startProcess(name, True)
+
+    def stop_program(self, name: str) -> None:
+        with contextlib.suppress(xmlrpc.client.Fault):
+            self._proxy().supervisor.stopProcess(name, True)
+
+    def shutdown(self, timeout: float = 180) -> None:
+        """Stop every program cleanly, then supervisord itself; wait for its pid to go away."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            proxy = self._proxy()
+            # Stop in reverse priority so Patroni shuts PostgreSQL down while etcd still runs.
+            proxy.supervisor.stopAllProcesses(True)
+            proxy.supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.1)
+        raise DeploymentError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")

@@ -1,0 +1,172 @@
+"""The desired state of one deployment, as pure pydantic models.
+
+The spec says what the user wants (sizes, network rules, users); how pgbridge runs on this host
+(binaries, OS user, home folder) lives in `pgbridge.settings`. Later sections (replicas, multi_az,
+pooler, backup, monitoring, pipeline) are added as optional fields of `Spec`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pgbridge.plan.instance_classes import CLASS_NAMES
+
+IDENT_RE = r"^[a-z_][a-z0-9_]{0,62}$"
+NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
+
+Identifier = Annotated[str, Field(pattern=IDENT_RE, description="a lower-case SQL identifier")]
+ParamValue = str | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Storage(_Model):
+    """Storage type drives planner and I/O settings; size drives WAL sizing and disk checks."""
+
+    type: Literal["ssd", "provisioned-iops", "hdd"] = "ssd"
+    size_gb: int = Field(20, ge=1, le=65536, description="allocated storage in GiB")
+    iops: int | None = Field(None, ge=1000, le=256000, description="provisioned IOPS (only for type provisioned-iops)")
+
+    @model_validator(mode="after")
+    def _iops_only_for_piops(self) -> Storage:
+        if self.iops is not None and self.type != "provisioned-iops":
+            raise ValueError("iops can only be set when type is 'provisioned-iops'")
+        return self
+
+
+class Network(_Model):
+    """Where the instance listens and who may connect (the "security group")."""
+
+    port: int = Field(5432, ge=1024, le=65535, description="PostgreSQL port")
+    listen_addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1"], min_length=1, description="IP addresses to listen on"
+    )
+    allowed_cidrs: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32"],
+        description="client networks allowed to connect (everything else is rejected)",
+    )
+
+    @field_validator("listen_addresses")
+    @classmethod
+    def _ips(cls, v: list[str]) -> list[str]:
+        out = []
+        for a in v:
+            if a in ("*", "0.0.0.0", "::"):
+                out.append(a)
+                continue
+            try:
+                out.append(str(ipaddress.ip_address(a)))
+            except ValueError:
+                raise ValueError(f"{a!r} is not an IP address (use e.g. 127.0.0.1, 10.0.0.5, ::1 or *)") from None
+        if len(set(out)) != len(out):
+            raise ValueError("listen_addresses has duplicates")
+        return out
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        out = []
+        for c in v:
+            try:
+                out.append(str(ipaddress.ip_network(c, strict=True)))
+            except ValueError as e:
+                raise ValueError(f"{c!r} is not a network in CIDR form, e.g. 10.0.0.0/16 ({e})") from None
+        return out
+
+
+class TLS(_Model):
+    """`required` refuses plain-text TCP connections; `preferred` allows them (not recommended)."""
+
+    mode: Literal["required", "preferred"] = "required"
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    hostnames: list[str] = Field(default_factory=list, description="extra DNS names to put in the server certificate")
+
+    @field_validator("hostnames")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not re.match(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$", h):
+                raise ValueError(f"{h!r} is not a DNS name")
+        return v
+
+
+class Users(_Model):
+    """Role names; pgbridge creates them with random passwords kept in the secrets store."""
+
+    app: Identifier = "app"
+    readonly: Identifier = "readonly"
+    cdc: Identifier = "cdc"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Users:
+        names = [self.app, self.readonly, self.cdc]
+        if len(set(names)) != 3:
+            raise ValueError(f"user names must differ, got {names}")
+        reserved = {"postgres", "pgbridge_admin", "pgbridge_replicator", "public"}
+        for n in names:
+            if n in reserved or n.startswith("pg_"):
+                raise ValueError(f"user name {n!r} is reserved")
+        return self
+
+
+class Database(_Model):
+    """The initial database, the application's schema in it, and its users."""
+
+    name: Identifier = "app"
+    schema_: Identifier = Field("app", alias="schema", description="schema owned by the app user")
+    users: Users = Field(default_factory=lambda: Users())
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _not_system(cls, v: str) -> str:
+        if v in ("postgres", "template0", "template1"):
+            raise ValueError(f"{v!r} is a system database; choose another name")
+        return v
+
+
+class Spec(_Model):
+    """One deployment: a tuned, TLS-only, least-privilege PostgreSQL run by Patroni."""
+
+    name: str = Field(pattern=NAME_RE, description="deployment name: lower-case letters, digits, '-'")
+    instance_class: str = Field("db.small", description="one of " + ", ".join(CLASS_NAMES))
+    storage: Storage = Field(default_factory=lambda: Storage())
+    network: Network = Field(default_factory=lambda: Network())
+    tls: TLS = Field(default_factory=lambda: TLS())
+    parameter_groups: dict[Identifier, dict[str, ParamValue]] = Field(
+        default_factory=dict, description="named sets of PostgreSQL parameters"
+    )
+    parameter_group: list[Identifier] = Field(
+        default_factory=list, description="groups applied in order over the computed values"
+    )
+    database: Database = Field(default_factory=lambda: Database())
+
+    @field_validator("instance_class")
+    @classmethod
+    def _class(cls, v: str) -> str:
+        if v not in CLASS_NAMES:
+            raise ValueError(f"unknown instance class {v!r}; allowed: {', '.join(CLASS_NAMES)}")
+        return v
+
+    @field_validator("parameter_group", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _groups_exist(self) -> Spec:
+        for g in self.parameter_group:
+            if g not in self.parameter_groups:
+                known = ", ".join(self.parameter_groups) or "none defined"
+                raise ValueError(f"parameter_group {g!r} is not defined in parameter_groups ({known})")
+        return self
+
+    def group_settings(self) -> list[tuple[str, dict[str, ParamValue]]]:
+        return [(g, self.parameter_groups[g]) for g in self.parameter_group]
