@@ -200,7 +200,7 @@ def status(c: Ctx, as_json: bool) -> None:
     out.print(t)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--user", "-U", "user", help="role to connect as (default: the application user)")
 @click.option("--endpoint", type=click.Choice(["writer"]), default="writer", show_default=True)
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)

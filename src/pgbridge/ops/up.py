@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pgbridge.errors import DeploymentError, HostError, PgbridgeError
+from pgbridge.errors import DeploymentError, HostError, PgbridgeError, TransientError
 from pgbridge.home import Home, atomic_write, write_if_changed
 from pgbridge.ops.context import (
     REST_SECRET,
@@ -209,9 +209,21 @@ def _normalized_params(raw: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in (raw or {}).items()}
 
 
+def _config_when_ready(api: PatroniAPI, timeout: float = 60) -> dict[str, Any]:
+    """Right after bootstrap Patroni answers 502 until the config key is in etcd."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return api.config()
+        except TransientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _reconcile_dcs(dep: Deployment, api: PatroniAPI, dcs: dict[str, Any], cat: Catalogue, report: Report) -> list[str]:
     """PATCH Patroni's dynamic config where it differs; returns names of changed parameters."""
-    current = api.config()
+    current = _config_when_ready(api)
     cur_pg = current.get("postgresql", {})
     want_pg = dcs["postgresql"]
     patch_pg: dict[str, Any] = {}

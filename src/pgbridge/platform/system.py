@@ -39,8 +39,11 @@ def check_port_free(port: int, addresses: Iterable[str], what: str) -> None:
         host = "0.0.0.0" if addr == "*" else addr
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
+        # Like the servers themselves: TIME_WAIT leftovers do not make a port busy, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUseError(

@@ -1,0 +1,144 @@
+"""Shared test helpers: a real deployment driven through the real CLI, cleaned up by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+PGBRIDGE = str(BIN / "pgbridge")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spec_text(name: str, port: int, extra: str = "") -> str:
+    return f"""\
+name: {name}
+instance_class: db.micro
+storage: {{type: ssd, size_gb: 5}}
+network:
+  port: {port}
+  listen_addresses: [127.0.0.1]
+  allowed_cidrs: [127.0.0.1/32]
+tls: {{mode: required}}
+database:
+  name: shop
+  schema: shop
+  users: {{app: shop_app, readonly: shop_ro, cdc: shop_cdc}}
+{extra}"""
+
+
+@dataclass
+class Env:
+    """A scratch folder every user can enter, with a spec and the CLI wired to it."""
+
+    base: Path
+    name: str
+    port: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> Path:
+        return self.base / "pgbridge.yaml"
+
+    @property
+    def home(self) -> Path:
+        return self.base / "homes" / self.name
+
+    def write_spec(self, extra: str = "", *, port: int | None = None) -> None:
+        self.spec.write_text(spec_text(self.name, port or self.port, extra))
+
+    def env(self) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("PGBRIDGE_")}
+        e["PGBRIDGE_HOME_BASE"] = str(self.base / "homes")
+        e["COLUMNS"] = "200"
+        e.update(self.extra_env)
+        return e
+
+    def run(self, *args: str, check: bool = True, timeout: float = 400, env: dict[str, str] | None = None):
+        proc = subprocess.run(
+            [PGBRIDGE, "-f", str(self.spec), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env(),
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"pgbridge {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def secret(self, user: str) -> str:
+        return self.run("secrets", "get", user).stdout.strip()
+
+    def dsn(self, user: str = "shop_app") -> str:
+        return self.run("secrets", "get", user, "--dsn").stdout.strip()
+
+    def kill_everything(self) -> None:
+        """Last-resort cleanup by pid files and their process trees (never by process name)."""
+        import psutil
+
+        pids: list[int] = []
+        for pidfile in [self.home / "run" / "supervisord.pid", *self.home.glob("data/*/postmaster.pid")]:
+            with contextlib.suppress(Exception):
+                pids.append(int(pidfile.read_text().split()[0]))
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                procs += [p, *p.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=10)
+
+    def cleanup(self) -> None:
+        if self.home.exists():
+            proc = subprocess.run(
+                [PGBRIDGE, "--home", str(self.home), "destroy", "--yes"],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=300,
+                check=False,
+            )
+            if proc.returncode != 0:
+                self.kill_everything()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def make_env(prefix: str = "it") -> Env:
+    base = Path(tempfile.mkdtemp(prefix=f"pgbridge-{prefix}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    e = Env(base=base, name=name, port=free_port())
+    e.write_spec()
+    return e
+
+
+@pytest.fixture
+def scratch() -> Iterator[Env]:
+    """A fresh folder and spec; whatever gets deployed there is destroyed afterwards."""
+    e = make_env("t")
+    try:
+        yield e
+    finally:
+        e.cleanup()
