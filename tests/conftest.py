@@ -80,8 +80,9 @@ class Env:
             check=False,
         )
         if check and proc.returncode != 0:
+            cmd = " ".join(args)
             raise AssertionError(
-                f"pgbridge {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+                f"pgbridge {cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
             )
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
