@@ -201,7 +201,8 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
         Program(f"patroni-{member}", [str(b.patroni), str(conf)], priority=20, stop_wait=120, stop_signal="TERM"),
     ]
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
-    report.add("process config", "changed" if (patroni_changed or sup_changed) else "unchanged")
+    action = "changed" if (patroni_changed or sup_changed) else "unchanged"
+    report.add("process config", "created" if dep.state.get("phase") == "creating" and action == "changed" else action)
     return patroni_changed
 
 
@@ -248,8 +249,9 @@ def _reconcile_dcs(dep: Deployment, api: PatroniAPI, dcs: dict[str, Any], cat: C
     if patch_pg:
         patch["postgresql"] = patch_pg
     if not patch:
-        report.add("parameters", "unchanged")
-        report.add("network rules (pg_hba)", "unchanged")
+        first = dep.state.get("phase") == "creating"
+        report.add("parameters", "created" if first else "unchanged", f"{len(want_params)} set" if first else "")
+        report.add("network rules (pg_hba)", "created" if first else "unchanged")
         return []
     api.patch_config(patch)
     report.add("parameters", "changed" if changed_params else "unchanged", ", ".join(sorted(changed_params)))
