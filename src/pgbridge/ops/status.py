@@ -14,6 +14,7 @@ from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.up import catalogue_for, pending_reboot
+from pgbridge.plan.params import ParamValue, with_defaults
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.tls import cert_info
 
@@ -126,7 +127,8 @@ def params(dep: Deployment, *, diff: bool = False) -> list[ParamRow]:
     except TransientError:
         pass
     rows = []
-    for name, pv in sorted(desired.items()):
+    shown = desired if diff else with_defaults(desired, cat)
+    for name, pv in sorted(shown.items()):
         cur = running.get(name)
         static = cat.is_static(name)
         pend = static and cur is not None and not cat.same_value(name, cur, pv.value)
@@ -134,5 +136,8 @@ def params(dep: Deployment, *, diff: bool = False) -> list[ParamRow]:
             boot = cat.get(name).boot_val
             if boot is not None and cat.same_value(name, boot, pv.value):
                 continue
+        elif pv.source == "default" and cur is not None and not cat.same_value(name, cur, pv.value):
+            # Not set by pgbridge but not at the boot value either: Patroni or initdb chose it.
+            pv = ParamValue(name, cur, "engine")
         rows.append(ParamRow(name, pv.value, pv.source, cur, static, pend))
     return rows

@@ -201,8 +201,11 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
         Program(f"patroni-{member}", [str(b.patroni), str(conf)], priority=20, stop_wait=120, stop_signal="TERM"),
     ]
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
-    action = "changed" if (patroni_changed or sup_changed) else "unchanged"
-    report.add("process config", "created" if dep.state.get("phase") == "creating" and action == "changed" else action)
+    changed = patroni_changed or sup_changed
+    if not changed:
+        report.add("process config", "unchanged")
+    else:
+        report.add("process config", "created" if dep.state.get("phase") == "creating" else "changed")
     return patroni_changed
 
 
