@@ -100,7 +100,7 @@ def test_refusals(dep: Env) -> None:
 
 
 def test_secrets_never_leak(dep: Env) -> None:
-    passwords = [dep.secret(u) for u in ("shop_app", "shop_ro", "shop_cdc")]
+    passwords = [dep.secret(u) for u in ("shop_app", "shop_ro", "shop_cdc", "pgbridge_replicator")]
     assert all(len(p) >= 24 for p in passwords)
     outputs = dep.run("status").stdout + dep.run("status", "--json").stdout + dep.run("check").stdout
     for p in passwords:
@@ -201,3 +201,18 @@ def test_ca_export(dep: Env, tmp_path: Path) -> None:
     out = tmp_path / "ca.pem"
     dep.run("ca", "-o", str(out))
     assert out.read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_two_deployments_side_by_side(dep: Env) -> None:
+    other = make_env("side")
+    try:
+        other.run("up")
+        other.run("check")
+        assert json.loads(dep.run("status", "--json").stdout)["status"] == "available"
+        ports = json.loads(other.run("status", "--json").stdout)["ports"]
+        mine = json.loads(dep.run("status", "--json").stdout)["ports"]
+        assert not set(ports.values()) & set(mine.values())
+        assert other.secret("shop_app") != dep.secret("shop_app")
+    finally:
+        other.cleanup()
+    dep.run("check")
