@@ -1,0 +1,140 @@
+"""DuckDB sink: applies a reduced batch set-based, with the checkpoint in the same transaction.
+
+Raw PostgreSQL text is staged through Arrow as VARCHAR and cast in SQL (the typemap's exact
+casts), which is several times faster than converting in Python. Per table and batch: resolve
+unchanged TOAST columns from the warehouse row at each row's origin key, clear the affected keys,
+insert the final rows. The commit LSN is written by the same transaction, so after a crash the
+pipeline skips exactly what the warehouse already holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from pgbridge.cdc.reduce import UNCHANGED, Cell, TableDelta
+from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable
+from pgbridge.cdc.typemap import duckdb_cast_expr
+from pgbridge.errors import PgbridgeError
+from pgbridge.types import LSN
+
+META_SCHEMA = "_pgbridge"
+
+
+class SinkError(PgbridgeError):
+    """The warehouse refused a write (a value it cannot hold, a damaged file, ...)."""
+
+
+def qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text(v: Cell) -> str | None:
+    if v is None or v is UNCHANGED:
+        return None
+    assert isinstance(v, bytes)
+    return v.decode()
+
+
+class DuckDBSink:
+    capabilities = SinkCapabilities(transactions=True, set_based_apply=True, schema_changes=True)
+
+    def __init__(self, path: Path | str, pipeline: str) -> None:
+        self.pipeline = pipeline
+        try:
+            self.con = duckdb.connect(str(path))
+        except duckdb.Error as e:
+            raise SinkError(f"cannot open the warehouse {path}: {e}") from None
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {META_SCHEMA}")
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.checkpoint"
+            " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
+        )
+        self._in_tx = False
+
+    # -- transactions ---------------------------------------------------------------------
+    def checkpoint(self) -> LSN | None:
+        row = self.con.execute(
+            f"SELECT lsn FROM {META_SCHEMA}.checkpoint WHERE pipeline = ?", [self.pipeline]
+        ).fetchone()
+        return LSN(int(row[0])) if row else None
+
+    def begin(self) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+        self._in_tx = True
+
+    def commit(self, lsn: LSN) -> None:
+        self.con.execute(
+            f"INSERT OR REPLACE INTO {META_SCHEMA}.checkpoint VALUES (?, ?, now())", [self.pipeline, int(lsn)]
+        )
+        self.con.execute("COMMIT")
+        self._in_tx = False
+
+    def rollback(self) -> None:
+        if self._in_tx:
+            self.con.execute("ROLLBACK")
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.rollback()
+        self.con.close()
+
+    # -- tables -----------------------------------------------------------------------------
+    def target(self, t: SinkTable) -> str:
+        return f"{qi(t.schema)}.{qi(t.name)}"
+
+    def ensure_table(self, t: SinkTable) -> None:
+        cols = ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in t.columns)
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {qi(t.schema)}")
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS {self.target(t)} ({cols})")
+
+    # -- apply ------------------------------------------------------------------------------
+    def _key_match(self, t: SinkTable, left: str, right: str) -> str:
+        parts = []
+        for i in t.key:
+            c = t.columns[i]
+            parts.append(f"{left}.{qi(c.name)} IS NOT DISTINCT FROM {duckdb_cast_expr(c.ctype, f'{right}.k{i}')}")
+        return " AND ".join(parts)
+
+    def apply(self, t: SinkTable, delta: TableDelta) -> None:
+        try:
+            self._apply(t, delta)
+        except duckdb.Error as e:
+            raise SinkError(f"applying changes to {t.schema}.{t.name} failed: {e}") from None
+
+    def _apply(self, t: SinkTable, delta: TableDelta) -> None:
+        con, target = self.con, self.target(t)
+        if delta.truncated:
+            con.execute(f"DELETE FROM {target}")
+        rows = list(delta.rows.values())
+        ncols = len(t.columns)
+        if rows:
+            data: dict[str, Any] = {f"c{i}": [_text(r.values[i]) for r in rows] for i in range(ncols)}
+            unchanged = [i for i in range(ncols) if any(r.values[i] is UNCHANGED for r in rows)]
+            for i in unchanged:
+                data[f"u{i}"] = [r.values[i] is UNCHANGED for r in rows]
+            if unchanged:
+                for i in t.key:
+                    data[f"k{i}"] = [_text(r.origin[t.key.index(i)]) if r.origin else None for r in rows]
+            stg = pa.table({k: pa.array(v, type=pa.bool_() if k[0] == "u" else pa.string()) for k, v in data.items()})
+            con.register("_pgb_stg", stg)
+            exprs = []
+            for i, c in enumerate(t.columns):
+                cast = duckdb_cast_expr(c.ctype, f"s.c{i}")
+                exprs.append(f"CASE WHEN s.u{i} THEN o.{qi(c.name)} ELSE {cast} END" if i in unchanged else cast)
+            join = f" LEFT JOIN {target} o ON {self._key_match(t, 'o', 's')}" if unchanged else ""
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _pgb_res AS SELECT {', '.join(exprs)} FROM _pgb_stg s{join}")
+            con.unregister("_pgb_stg")
+        # After a TRUNCATE nothing from before the batch is left to clear.
+        keys = [] if delta.truncated else list(delta.keys_to_clear())
+        if keys:
+            kdata = {f"k{i}": [_text(k[j]) for k in keys] for j, i in enumerate(t.key)}
+            con.register("_pgb_del", pa.table({n: pa.array(v, type=pa.string()) for n, v in kdata.items()}))
+            con.execute(f"DELETE FROM {target} AS o USING _pgb_del d WHERE {self._key_match(t, 'o', 'd')}")
+            con.unregister("_pgb_del")
+        if rows:
+            con.execute(f"INSERT INTO {target} SELECT * FROM _pgb_res")
+            con.execute("DROP TABLE _pgb_res")
