@@ -1,0 +1,214 @@
+"""Turn the decoded change stream into warehouse transactions: the heart of exactly-once apply.
+
+Messages are folded into per-table deltas (`reduce.TableDelta`) as they arrive. At a source
+commit the applier may close a micro-batch: one sink transaction with every delta and the commit
+LSN, after which (and only after which) the caller confirms the LSN to PostgreSQL. A source
+transaction larger than the batch limit is applied in chunks inside one still-open sink
+transaction, so memory stays bounded and the warehouse never shows half a transaction.
+Transactions at or below the sink's checkpoint are skipped: a restart replays nothing twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pgbridge.cdc.pgoutput import Begin, Commit, Delete, Insert, Message, Relation, Truncate, TupleData, Update
+from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta
+from pgbridge.cdc.sinks.base import Sink, SinkTable
+from pgbridge.errors import PgbridgeError
+from pgbridge.types import LSN
+
+
+class SchemaMismatch(PgbridgeError):
+    """The source table no longer has the shape the warehouse table was made for."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_rows: int = 50_000  # changes held in memory before they go to the warehouse
+    max_wait_s: float = 0.5  # longest a committed transaction waits for its batch to close
+
+
+@dataclass
+class _Rel:
+    table: SinkTable
+    positions: tuple[int, ...]  # for each sink column, its index in the relation's columns
+
+
+@dataclass
+class ApplyStats:
+    transactions: int = 0
+    skipped_transactions: int = 0
+    changes: int = 0
+    batches: int = 0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+
+
+class Applier:
+    def __init__(self, sink: Sink, tables: dict[tuple[str, str], SinkTable], limits: BatchLimits) -> None:
+        self.sink = sink
+        self.tables = tables
+        self.limits = limits
+        self.checkpoint: LSN | None = sink.checkpoint()
+        self.stats = ApplyStats()
+        self._rels: dict[int, _Rel | None] = {}
+        self._deltas: dict[int, TableDelta] = {}
+        self._pending_changes = 0
+        self._in_txn = False
+        self._skipping = False
+        self._sink_open = False
+        self._committed_lsn: LSN | None = None  # last source commit folded into the open batch
+        self._confirm_lsn: LSN | None = None  # its end LSN: what the server may forget once committed
+        self._first_commit_at: float | None = None
+        for t in tables.values():
+            sink.ensure_table(t)
+
+    # -- message handling -------------------------------------------------------------------
+    def feed(self, msg: Message) -> LSN | None:
+        """Fold one message in; returns an LSN the caller may now confirm, when a batch committed."""
+        if isinstance(msg, Begin):
+            self._in_txn = True
+            self._skipping = self.checkpoint is not None and msg.final_lsn <= self.checkpoint
+            return None
+        if isinstance(msg, Relation):
+            self._relation(msg)
+            return None
+        if isinstance(msg, Commit):
+            self._in_txn = False
+            if self._skipping:
+                self._skipping = False
+                self.stats.skipped_transactions += 1
+                return None
+            self.stats.transactions += 1
+            self._committed_lsn = msg.commit_lsn
+            self._confirm_lsn = msg.end_lsn
+            if self._first_commit_at is None:
+                self._first_commit_at = time.monotonic()
+            if self._pending_changes >= self.limits.max_rows:
+                return self.flush()
+            return None
+        if self._skipping:
+            return None
+        if isinstance(msg, Insert):
+            rel = self._rels.get(msg.relation_oid)
+            if rel:
+                self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
+                self._counted(rel)
+        elif isinstance(msg, Update):
+            rel = self._rels.get(msg.relation_oid)
+            if rel:
+                old_key = self._key(rel, msg.old) if msg.old is not None else None
+                new = self._values(rel, msg.new)
+                delta = self._delta(msg.relation_oid, rel)
+                if old_key is not None and old_key == delta.key_of(new):
+                    old_key = None
+                delta.update(new, old_key)
+                self._counted(rel)
+        elif isinstance(msg, Delete):
+            rel = self._rels.get(msg.relation_oid)
+            if rel and msg.old is not None:
+                self._delta(msg.relation_oid, rel).delete(self._key(rel, msg.old))
+                self._counted(rel)
+        elif isinstance(msg, Truncate):
+            for oid in msg.relation_oids:
+                rel = self._rels.get(oid)
+                if rel:
+                    self._delta(oid, rel).truncate()
+                    self._counted(rel)
+        return None
+
+    def due(self) -> bool:
+        """True when a committed batch has waited long enough and should be flushed."""
+        return (
+            not self._in_txn
+            and self._committed_lsn is not None
+            and self._first_commit_at is not None
+            and time.monotonic() - self._first_commit_at >= self.limits.max_wait_s
+        )
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: the caller may let the slot advance to the server's WAL end."""
+        return not self._in_txn and self._committed_lsn is None and not self._sink_open
+
+    def flush(self) -> LSN | None:
+        """Commit everything folded up to the last source commit; returns the LSN to confirm."""
+        if self._committed_lsn is None or self._confirm_lsn is None:
+            return None
+        if self._in_txn:
+            raise RuntimeError("flush() inside a source transaction")
+        self._apply_deltas()
+        lsn = self._committed_lsn
+        if not self._sink_open:
+            self.sink.begin()
+        self.sink.commit(lsn)
+        self._sink_open = False
+        self.checkpoint = lsn
+        confirm = self._confirm_lsn
+        self._committed_lsn = self._confirm_lsn = None
+        self._first_commit_at = None
+        self.stats.batches += 1
+        return confirm
+
+    def abort(self) -> None:
+        """Drop everything not yet committed (the caller restarts from the sink's checkpoint)."""
+        self.sink.rollback()
+        self._sink_open = False
+        self._deltas.clear()
+        self._pending_changes = 0
+        self._committed_lsn = None
+        self._first_commit_at = None
+        self._in_txn = self._skipping = False
+
+    # -- internals --------------------------------------------------------------------------
+    def _relation(self, msg: Relation) -> None:
+        table = self.tables.get((msg.namespace or "pg_catalog", msg.name))
+        if table is None:
+            self._rels[msg.oid] = None
+            return
+        names = [c.name for c in msg.columns]
+        missing = [c.name for c in table.columns if c.name not in names]
+        if missing:
+            raise SchemaMismatch(
+                f"{msg.namespace}.{msg.name} no longer has column(s) {', '.join(missing)}",
+                hint="schema changes are applied from DDL messages; run `pgbridge pipeline resync` for this table",
+            )
+        self._rels[msg.oid] = _Rel(table, tuple(names.index(c.name) for c in table.columns))
+
+    def _delta(self, oid: int, rel: _Rel) -> TableDelta:
+        d = self._deltas.get(oid)
+        if d is None:
+            d = self._deltas[oid] = TableDelta(key_positions=rel.table.key)
+        return d
+
+    @staticmethod
+    def _values(rel: _Rel, tup: TupleData) -> list[Cell]:
+        kinds, values = tup.kinds, tup.values
+        return [UNCHANGED if kinds[p] == "u" else values[p] for p in rel.positions]
+
+    def _key(self, rel: _Rel, tup: TupleData) -> Key:
+        vals = self._values(rel, tup)
+        return tuple(vals[i] for i in rel.table.key)  # type: ignore[misc]
+
+    def _counted(self, rel: _Rel) -> None:
+        self._pending_changes += 1
+        self.stats.changes += 1
+        name = f"{rel.table.schema}.{rel.table.name}"
+        self.stats.rows_by_table[name] = self.stats.rows_by_table.get(name, 0) + 1
+        if self._in_txn and self._pending_changes >= self.limits.max_rows:
+            # A large transaction: push what we have into the open warehouse transaction.
+            self._apply_deltas()
+
+    def _apply_deltas(self) -> None:
+        if not self._deltas:
+            return
+        if not self._sink_open:
+            self.sink.begin()
+            self._sink_open = True
+        for oid, delta in self._deltas.items():
+            rel = self._rels[oid]
+            if rel is not None and not delta.is_empty():
+                self.sink.apply(rel.table, delta)
+        self._deltas.clear()
+        self._pending_changes = 0

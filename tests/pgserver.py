@@ -1,0 +1,92 @@
+"""A throwaway PostgreSQL 15 for tests that need a bare server (no Patroni): started as the
+postgres OS user on a unix socket only, on a free port, stopped by its own pid at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from pgbridge.types import LSN
+from tests.conftest import free_port
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@dataclass
+class Server:
+    base: Path
+    port: int
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.base} port={self.port} dbname=postgres user=postgres"
+
+    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(query.encode(), params)  # bytes: no placeholder parsing of ad-hoc SQL
+            return cur.fetchall() if cur.description else []
+
+    def lsn(self) -> LSN:
+        return LSN.parse(str(self.sql("SELECT pg_current_wal_lsn()::text")[0][0]))
+
+    def stop(self) -> None:
+        pidfile = self.data / "postmaster.pid"
+        if not pidfile.exists():
+            return
+        pid = int(pidfile.read_text().split()[0])
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"]),
+            capture_output=True,
+            check=False,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            os.kill(pid, 9)  # pg_ctl could not stop it: the postmaster by its own pid, nothing else
+
+
+@contextlib.contextmanager
+def bare_server(prefix: str = "pg") -> Iterator[Server]:
+    base = Path(tempfile.mkdtemp(prefix=f"pgbridge-{prefix}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    server = Server(base, free_port())
+    try:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "initdb"), "-D", str(server.data), "-U", "postgres", "--auth-local=trust"]),
+            check=True,
+            capture_output=True,
+        )
+        # A tiny logical_decoding_work_mem makes the server spill (and, with streaming on, stream)
+        # transactions early, so the large-transaction paths are exercised with modest sizes.
+        opts = (
+            f"-c wal_level=logical -c listen_addresses='' -p {server.port} -k {base} "
+            "-c logical_decoding_work_mem=64kB -c max_wal_senders=20 -c max_replication_slots=20"
+        )
+        subprocess.run(
+            _as_postgres(
+                [str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-l", str(base / "log"), "-w", "-o", opts, "start"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
