@@ -50,7 +50,8 @@ class Applier:
         self.sink = sink
         self.tables = tables
         self.limits = limits
-        self.checkpoint: LSN | None = sink.checkpoint()
+        self.checkpoint: LSN | None = sink.checkpoint()  # commit LSN of the last applied transaction
+        self.applied_end: LSN | None = None  # its end LSN (what was confirmed to the server)
         self.stats = ApplyStats()
         self._rels: dict[int, _Rel | None] = {}
         self._deltas: dict[int, TableDelta] = {}
@@ -145,7 +146,7 @@ class Applier:
         self.sink.commit(lsn)
         self._sink_open = False
         self.checkpoint = lsn
-        confirm = self._confirm_lsn
+        confirm = self.applied_end = self._confirm_lsn
         self._committed_lsn = self._confirm_lsn = None
         self._first_commit_at = None
         self.stats.batches += 1
