@@ -490,6 +490,15 @@ def _scalar(
     return _Scalar(sql_type, kind, native, raw, text, bulk or _bulk_of(raw), lossless, note)
 
 
+def _text_like(note: str | None = None) -> _Scalar:
+    """A type kept as its exact PostgreSQL text in a VARCHAR column."""
+    return _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text, note=note)
+
+
+_INET_NOTE: Final = (
+    "kept as text: DuckDB's inet extension is not available offline; network operators and ordering are lost"
+)
+
 _TS_RANGE_NOTE: Final = (
     "infinity, -infinity and BC values are kept; PostgreSQL allows years up to 294276 AD, DuckDB only "
     "to 294247-01-10, so a later value is refused with an error"
@@ -519,29 +528,15 @@ _FIXED: Final[dict[str, _Scalar]] = {
         bulk=_bulk_float,
         note="NaN, Infinity, -Infinity and -0 are kept",
     ),
-    "text": _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text),
-    "varchar": _scalar(
-        "VARCHAR",
-        "text",
-        native=True,
-        raw=_decode,
-        text=_same,
-        bulk=_bulk_text,
-        note="the length limit is not enforced by DuckDB",
+    "text": _text_like(),
+    "varchar": _text_like("the length limit is not enforced by DuckDB"),
+    "bpchar": _text_like(
+        "char(n) keeps the blank padding PostgreSQL sends; DuckDB compares it as ordinary text "
+        "(PostgreSQL ignores trailing blanks when comparing char(n))"
     ),
-    "bpchar": _scalar(
-        "VARCHAR",
-        "text",
-        native=True,
-        raw=_decode,
-        text=_same,
-        bulk=_bulk_text,
-        note="char(n) keeps the blank padding PostgreSQL sends; DuckDB compares it as ordinary text "
-        "(PostgreSQL ignores trailing blanks when comparing char(n))",
-    ),
-    "char": _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text),
-    "name": _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text),
-    "xml": _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text, note="XML document text"),
+    "char": _text_like(),
+    "name": _text_like(),
+    "xml": _text_like("XML document text"),
     "bytea": _scalar("BLOB", "bytea", native=True, raw=_bytea_b, text=_bytea_s, note="assumes bytea_output=hex"),
     "uuid": _scalar("UUID", "uuid", native=True, raw=_uuid_b, text=UUID),
     "date": _scalar(
@@ -608,24 +603,8 @@ _FIXED: Final[dict[str, _Scalar]] = {
         bulk=_bulk_text,
         note="jsonb's canonical text is kept",
     ),
-    "inet": _scalar(
-        "VARCHAR",
-        "text",
-        native=True,
-        raw=_decode,
-        text=_same,
-        bulk=_bulk_text,
-        note="kept as text: DuckDB's inet extension is not available offline; network operators and ordering are lost",
-    ),
-    "cidr": _scalar(
-        "VARCHAR",
-        "text",
-        native=True,
-        raw=_decode,
-        text=_same,
-        bulk=_bulk_text,
-        note="kept as text: DuckDB's inet extension is not available offline; network operators and ordering are lost",
-    ),
+    "inet": _text_like(_INET_NOTE),
+    "cidr": _text_like(_INET_NOTE),
 }
 
 
