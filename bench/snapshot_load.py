@@ -1,0 +1,194 @@
+"""Benchmark: the initial load (``load_snapshot`` into a DuckDB file) against a plain COPY into /dev/null.
+
+Not a test. Run from the repository root (as root or as a user that can run PostgreSQL):
+
+    PYTHONPATH=src python bench/snapshot_load.py [--rows 2000000] [--rounds 3] [--workers 2] [--dsn DSN]
+
+Without ``--dsn`` it starts a throwaway PostgreSQL 15 (wal_level=logical, unix socket only) in a
+temporary folder and removes it afterwards. It creates an order_items-like table (id bigint primary
+key, order_id bigint, product_id int, qty int, price numeric(12,2), created_at timestamptz, note text
+with 10% NULLs), VACUUM ANALYZEs it, reads it once to warm the cache, then times, interleaved,
+``--rounds`` times each:
+
+  (a) ``psql -c "COPY (SELECT * FROM t) TO STDOUT" > /dev/null``
+  (b) psycopg 3 ``for data in cursor.copy(...)``, reading and discarding
+  (c) ``load_snapshot`` under a fresh temporary slot's snapshot into a new DuckDB file
+
+and prints the best rows/s and MB/s (of COPY text) of each and the ratios c/a and c/b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+
+from pgbridge.cdc.sinks.duckdb import DuckDBSink
+from pgbridge.cdc.snapshot import discover_tables, load_snapshot
+from pgbridge.cdc.source import SnapshotSlot
+from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SCHEMA = "bench"
+TABLE = f"{SCHEMA}.order_items"
+COPY_SQL = f"COPY (SELECT * FROM {TABLE}) TO STDOUT"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[str]:
+    """A PostgreSQL 15 on a unix socket in a fresh folder; yields its DSN, stops and removes it after."""
+    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    data, port = base / "data", _free_port()
+    try:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust"]),
+            check=True,
+            capture_output=True,
+        )
+        opts = (
+            f"-c wal_level=logical -c listen_addresses='' -p {port} -k {base} "
+            "-c max_wal_size=4GB -c shared_buffers=512MB"
+        )
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o", opts, "start"]),
+            check=True,
+            capture_output=True,
+        )
+        yield f"host={base} port={port} dbname=postgres user=postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+                check=False,
+                capture_output=True,
+            )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def prepare(dsn: str, rows: int) -> int:
+    """Create and fill the table; returns the size of its COPY text in bytes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(
+            f"CREATE TABLE {TABLE} (id bigint PRIMARY KEY, order_id bigint, product_id int, qty int,"
+            " price numeric(12,2), created_at timestamptz, note text)"
+        )
+        started = time.perf_counter()
+        conn.execute(
+            f"INSERT INTO {TABLE} SELECT g, g / 4, (g * 7919) %% 100000, 1 + g %% 5, ((g * 31) %% 100000) / 100.0,"
+            " timestamptz '2024-01-01' + g * interval '1 second',"
+            " CASE WHEN g %% 10 = 0 THEN NULL ELSE 'note for item ' || g END"
+            " FROM generate_series(1::bigint, %s) g",
+            (rows,),
+        )
+        conn.execute(f"VACUUM ANALYZE {TABLE}")
+        print(f"generated {rows:,} rows in {time.perf_counter() - started:.1f}s")
+    return copy_psycopg(dsn)[1]
+
+
+def copy_psql(dsn: str) -> float:
+    started = time.perf_counter()
+    with open(os.devnull, "wb") as sink:
+        subprocess.run([str(PG_BIN / "psql"), "-X", "-q", "-d", dsn, "-c", COPY_SQL], stdout=sink, check=True)
+    return time.perf_counter() - started
+
+
+def copy_psycopg(dsn: str) -> tuple[float, int]:
+    size = 0
+    with psycopg.connect(dsn, options=PG_SESSION_OPTIONS) as conn, conn.cursor() as cur:
+        started = time.perf_counter()
+        with cur.copy(COPY_SQL) as copy:
+            for data in copy:
+                size += len(data)
+        return time.perf_counter() - started, size
+
+
+def load(dsn: str, folder: Path, round_: int, workers: int) -> tuple[float, float, int]:
+    """Seconds and client CPU seconds of one load_snapshot, and the rows it loaded."""
+    path = folder / f"warehouse-{round_}.duckdb"
+    sink = DuckDBSink(path, "bench")
+    try:
+        with psycopg.connect(dsn) as conn:
+            tables = discover_tables(conn, [TABLE], [], {})
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        with SnapshotSlot.create(dsn, f"bench_load_{round_}", temporary=True) as slot:
+            report = load_snapshot(
+                dsn, slot.snapshot_name, tables, sink, workers=workers, consistent_lsn=slot.consistent_lsn
+            )
+        took = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
+        return took, used, report.rows
+    finally:
+        sink.close()
+        for leftover in folder.glob(f"warehouse-{round_}.duckdb*"):
+            leftover.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dsn", help="an existing server (the table is created in schema 'bench')")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="pgbridge-bench-duck-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            dsn = args.dsn or stack.enter_context(throwaway_server())
+            size = prepare(dsn, args.rows)
+            psql, pyc, ours, cpu = [], [], [], []
+            for round_ in range(args.rounds):
+                psql.append(copy_psql(dsn))
+                pyc.append(copy_psycopg(dsn)[0])
+                took, used, rows = load(dsn, folder, round_, args.workers)
+                assert rows == args.rows, f"loaded {rows} rows, expected {args.rows}"
+                ours.append(took)
+                cpu.append(used)
+                print(
+                    f"round {round_ + 1}: psql {psql[-1]:.2f}s  psycopg {pyc[-1]:.2f}s  "
+                    f"load {took:.2f}s (cpu {used:.2f}s)"
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    mb = size / 1e6
+    print(f"\n{args.rows:,} rows, {mb:.0f} MB of COPY text, best of {args.rounds}, {os.cpu_count()} CPUs")
+    for label, times in (
+        ("(a) psql COPY > /dev/null", psql),
+        ("(b) psycopg COPY, discarded", pyc),
+        (f"(c) load_snapshot, {args.workers} workers", ours),
+    ):
+        best = min(times)
+        print(f"  {label:<34} {best:6.2f}s  {args.rows / best:>12,.0f} rows/s  {mb / best:7.1f} MB/s")
+    print(f"  load client CPU (this process, best round): {min(cpu):.2f}s")
+    print(f"ratio load/psql COPY    = {min(psql) / min(ours):.2f}  (goal >= 0.7)")
+    print(f"ratio load/psycopg COPY = {min(pyc) / min(ours):.2f}")
+
+
+if __name__ == "__main__":
+    main()

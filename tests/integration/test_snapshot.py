@@ -1,0 +1,477 @@
+"""The initial load against a real PostgreSQL 15: discovery, exact copies, snapshot isolation, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgbridge.cdc.sinks.duckdb import DuckDBSink, SinkError
+from pgbridge.cdc.snapshot import (
+    LoadProgress,
+    SnapshotError,
+    SourceTable,
+    discover_tables,
+    load_snapshot,
+    plan_ranges,
+    sink_table,
+)
+from pgbridge.cdc.source import SnapshotSlot, drop_slot
+from pgbridge.cdc.typemap import PG_SESSION_OPTIONS, duckdb_type
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@dataclass
+class Server:
+    base: Path
+    port: int
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.base} port={self.port} dbname=postgres user=postgres"
+
+    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True, options=PG_SESSION_OPTIONS) as conn:
+            cur = conn.execute(query.encode(), params or None)  # no params: no placeholder parsing
+            return cur.fetchall() if cur.description else []
+
+    def tables(
+        self,
+        include: Sequence[str],
+        exclude: Sequence[str] = (),
+        exclude_columns: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[SourceTable]:
+        with psycopg.connect(self.dsn) as conn:
+            return discover_tables(conn, include, exclude, exclude_columns or {})
+
+    def stop(self) -> None:
+        pidfile = self.data / "postmaster.pid"
+        if not pidfile.exists():
+            return
+        pid = int(pidfile.read_text().split()[0])
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"]),
+            capture_output=True,
+            check=False,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            os.kill(pid, 9)  # pg_ctl could not stop it: the postmaster by its own pid, nothing else
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Server]:
+    base = Path(tempfile.mkdtemp(prefix="pgbridge-snap-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    server = Server(base, free_port())
+    try:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "initdb"), "-D", str(server.data), "-U", "postgres", "--auth-local=trust"]),
+            check=True,
+            capture_output=True,
+        )
+        opts = f"-c wal_level=logical -c listen_addresses='' -p {server.port} -k {base}"
+        subprocess.run(
+            _as_postgres(
+                [str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-l", str(base / "log"), "-w", "-o", opts, "start"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[DuckDBSink]:
+    s = DuckDBSink(tmp_path / "warehouse.duckdb", "test")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def slot(pg: Server) -> Iterator[str]:
+    name = f"snap_{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        drop_slot(pg.dsn, name, terminate_active=True)
+
+
+def _schema(pg: Server) -> str:
+    name = f"s_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE SCHEMA {name}")
+    return name
+
+
+def _pages(pg: Server, table: str) -> int:
+    return int(pg.sql(f"SELECT pg_relation_size('{table}') / 8192")[0][0])
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+
+def test_plan_ranges_covers_every_page_once() -> None:
+    assert plan_ranges(0, 4) == [(0, None)]
+    assert plan_ranges(10, 4) == [(0, 4), (4, 8), (8, None)]
+    assert plan_ranges(10, 4, [(0, 4), (8, None)]) == [(4, 8)]
+    assert plan_ranges(10, 4, [(4, 8)]) == [(0, 4), (8, None)]
+    assert plan_ranges(10, 4, [(0, 4), (4, 8), (8, None)]) == []
+
+
+def test_discovery_globs_keys_and_problems(pg: Server) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TYPE {s}.mood AS ENUM ('sad', 'ok', 'happy')")
+    pg.sql(f"CREATE DOMAIN {s}.qty AS integer CHECK (VALUE > 0)")
+    pg.sql(
+        f"CREATE TABLE {s}.customers (secret text, id bigint, name text, mood {s}.mood, moods {s}.mood[],"
+        f" q {s}.qty, tags text[], doubled bigint GENERATED ALWAYS AS (id * 2) STORED, PRIMARY KEY (id))"
+    )
+    pg.sql(f"ALTER TABLE {s}.customers DROP COLUMN name")
+    pg.sql(f"CREATE TABLE {s}.audit_log (id int PRIMARY KEY)")
+    pg.sql(f"CREATE TABLE {s}.audit_x (id int PRIMARY KEY)")
+    pg.sql(f"CREATE TABLE {s}.nokey (a int, b text)")
+    pg.sql(f"CREATE TABLE {s}.full_rows (a int, b text)")
+    pg.sql(f"ALTER TABLE {s}.full_rows REPLICA IDENTITY FULL")
+    pg.sql(f"CREATE TABLE {s}.by_index (a int NOT NULL, b int NOT NULL, c text, PRIMARY KEY (a))")
+    pg.sql(f"CREATE UNIQUE INDEX by_index_b ON {s}.by_index (b)")
+    pg.sql(f"ALTER TABLE {s}.by_index REPLICA IDENTITY USING INDEX by_index_b")
+    pg.sql(f"CREATE UNLOGGED TABLE {s}.scratch (id int PRIMARY KEY)")
+    other = _schema(pg)
+    pg.sql(f"CREATE TABLE {other}.elsewhere (id int PRIMARY KEY)")
+
+    found = {t.name: t for t in pg.tables([f"{s}.*"], [f"{s}.audit_*"], {f"{s}.customers": ["secret"]})}
+    assert sorted(found) == ["by_index", "customers", "full_rows", "nokey"]
+
+    customers = found["customers"]
+    assert [c.name for c in customers.columns] == ["secret", "id", "mood", "moods", "q", "tags"]  # no dropped/generated
+    assert [c.excluded for c in customers.columns] == [True, False, False, False, False, False]
+    assert customers.key == (1,) and customers.problem is None and customers.replica_identity == "d"
+    assert customers.columns[2].enum_labels == ("sad", "ok", "happy")
+    st = sink_table(customers)
+    assert [c.name for c in st.columns] == ["id", "mood", "moods", "q", "tags"]
+    assert st.key == (0,)  # re-indexed past the excluded column
+    assert [c.ctype.sql_type for c in st.columns] == ["BIGINT", "VARCHAR", "VARCHAR[]", "INTEGER", "VARCHAR[]"]
+    # mapped the way the stream maps a Relation column (a builtin array by its oid, a domain by its base name)
+    assert st.columns[4].ctype == duckdb_type(1009, -1)
+    assert st.columns[3].ctype == duckdb_type(customers.columns[4].type_oid, -1, type_name="int4")
+
+    nokey = found["nokey"]
+    assert nokey.problem == (
+        f"table {s}.nokey has no primary key; add one or ALTER TABLE {s}.nokey REPLICA IDENTITY FULL"
+    )
+    with pytest.raises(SnapshotError, match="has no primary key"):
+        sink_table(nokey)
+
+    full = found["full_rows"]
+    assert full.problem is None and full.replica_identity == "f" and full.key == (0, 1)
+    assert sink_table(full).key == (0, 1)
+
+    by_index = found["by_index"]
+    assert by_index.replica_identity == "i" and by_index.key == (1,)
+
+    everything = {t.qualified for t in pg.tables([])}
+    assert f"{other}.elsewhere" in everything and f"{s}.scratch" not in everything
+    assert not any(name.startswith(("pg_catalog.", "information_schema.")) for name in everything)
+
+    excluded_key = pg.tables([f"{s}.customers"], [], {f"{s}.*": ["id"]})[0]
+    assert excluded_key.problem is not None and "key column(s) id cannot be excluded" in excluded_key.problem
+
+
+def test_tables_with_problems_are_refused(pg: Server, sink: DuckDBSink) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.nokey (a int)")
+    with pytest.raises(SnapshotError, match="has no primary key"):
+        load_snapshot(pg.dsn, "unused", pg.tables([f"{s}.*"]), sink)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact copies
+# --------------------------------------------------------------------------------------------
+
+_NASTY_TEXT = ["tab\there", "new\nline", "cr\rret", "back\\slash", "\\N", "\\", "", "é✓ ünïcode", "a\\tb", "x\x01y"]
+
+# Canonical forms that PostgreSQL and DuckDB print the same way.
+_PG_CANON = """SELECT id, t, n::text, u::text, (extract(epoch FROM ts) * 1000000)::bigint, upper(encode(b, 'hex')),
+       arr, j::text FROM {table} ORDER BY id"""
+_DUCK_CANON = """SELECT id, t, CAST(n AS VARCHAR), u, epoch_us(ts), hex(b), arr, CAST(j AS VARCHAR)
+       FROM {table} ORDER BY id"""
+
+
+def _mixed_table(pg: Server, table: str, rows: int) -> None:
+    pg.sql(
+        f"CREATE TABLE {table} (id int8 PRIMARY KEY, t text, n numeric(12,2), u numeric, ts timestamptz, b bytea,"
+        " arr text[], j jsonb, filler text) WITH (fillfactor = 50)"
+    )
+    with psycopg.connect(pg.dsn, autocommit=True) as conn, conn.cursor() as cur:
+        data = []
+        for i in range(rows):
+            k = i % 13
+            data.append(
+                (
+                    i,
+                    None if k == 0 else _NASTY_TEXT[i % len(_NASTY_TEXT)] + str(i),
+                    None if k == 1 else f"{(i * 7919) % 10**9 / 100:.2f}",
+                    None if k == 2 else ("NaN" if k == 3 else f"{i}.{'0' * (i % 5)}1e{i % 30}"),
+                    None if k == 4 else ("0044-03-15 12:00:00+00 BC" if k == 5 else "2024-01-01 00:00:00+00"),
+                    None if k == 6 else bytes([i % 256, 0, 92, 9, 10]) * (i % 4),
+                    None if k == 7 else ["a,b", None, 'q"uote', "NULL", "{br}", "back\\slash", "tab\t", ""][: i % 9],
+                    None if k == 8 else json.dumps({"i": i, "s": "x\ty\\z\n", "u": "é", "l": [1, None, True]}),
+                    "f" * (i % 200),
+                )
+            )
+        cur.executemany(
+            f"INSERT INTO {table} VALUES (%s, %s, %s, %s::numeric, %s::timestamptz + %s * interval '1 second',"
+            " %s, %s, %s, %s)",
+            [(r[0], r[1], r[2], r[3], r[4], r[0], r[5], r[6], r[7], r[8]) for r in data],
+        )
+
+
+def _pg_rows(pg: Server, table: str) -> list[tuple[Any, ...]]:
+    return [(*r[:7], json.loads(r[7]) if r[7] is not None else None) for r in pg.sql(_PG_CANON.format(table=table))]
+
+
+def _duck_rows(sink: DuckDBSink, table: str) -> list[tuple[Any, ...]]:
+    rows = sink.con.execute(_DUCK_CANON.format(table=table)).fetchall()
+    return [(*r[:7], json.loads(r[7]) if r[7] is not None else None) for r in rows]
+
+
+def test_multi_range_load_equals_source(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    _mixed_table(pg, f"{s}.mixed", 3000)
+    pg.sql(f"VACUUM ANALYZE {s}.mixed")
+    assert _pages(pg, f"{s}.mixed") >= 20
+    [table] = pg.tables([f"{s}.mixed"], [], {f"{s}.mixed": ["filler"]})
+    seen: list[LoadProgress] = []
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        report = load_snapshot(
+            pg.dsn,
+            snap.snapshot_name,
+            [table],
+            sink,
+            workers=3,
+            pages_per_range=3,
+            chunk_rows=100,
+            consistent_lsn=snap.consistent_lsn,
+            progress=seen.append,
+            progress_every_s=0,
+        )
+    [t] = report.tables
+    assert t.rows == t.rows_total == 3000 and t.ranges >= 7 and t.ranges_skipped == 0
+    assert t.snapshot_lsn == snap.consistent_lsn and not t.reused
+    assert seen[-1].rows_done == 3000 and seen[-1].ranges_done == seen[-1].ranges_total == t.ranges
+    assert seen[-1].eta_s == 0.0
+    expected = _pg_rows(pg, f"{s}.mixed")
+    assert _duck_rows(sink, f'"{s}".mixed') == expected
+    assert "filler" not in [r[0] for r in sink.con.execute(f'DESCRIBE "{s}".mixed').fetchall()]
+    ranges = sink.con.execute(
+        'SELECT range_start, range_end, rows FROM _pgbridge.load_progress WHERE "table" = ? ORDER BY range_start',
+        [f"{s}.mixed"],
+    ).fetchall()
+    assert len(ranges) == t.ranges and sum(r[2] for r in ranges) == 3000 and ranges[-1][1] is None
+
+
+def test_load_is_as_of_the_slot_snapshot(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.items (id int PRIMARY KEY, v text)")
+    pg.sql(f"INSERT INTO {s}.items SELECT g, 'v' || g FROM generate_series(1, 5000) g")
+    tables = pg.tables([f"{s}.*"])
+    before = pg.sql(f"SELECT id, v FROM {s}.items ORDER BY id")
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        pg.sql(f"INSERT INTO {s}.items SELECT g, 'late' FROM generate_series(5001, 6000) g")
+        pg.sql(f"DELETE FROM {s}.items WHERE id <= 1000")
+        pg.sql(f"UPDATE {s}.items SET v = 'changed' WHERE id % 2 = 0")
+        report = load_snapshot(pg.dsn, snap.snapshot_name, tables, sink, workers=2, pages_per_range=4)
+    assert report.rows == 5000 and report.tables[0].ranges > 2
+    assert sink.con.execute(f'SELECT id, v FROM "{s}".items ORDER BY id').fetchall() == before
+
+
+def test_gone_snapshot_is_a_clear_error(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.items (id int PRIMARY KEY)")
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        name = snap.snapshot_name
+    with pytest.raises(SnapshotError, match="snapshot") as err:
+        load_snapshot(pg.dsn, name, pg.tables([f"{s}.*"]), sink)
+    assert err.value.hint is not None and "connection open" in err.value.hint
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after(ranges: int) -> Callable[[LoadProgress], None]:
+    def progress(p: LoadProgress) -> None:
+        if p.ranges_done >= ranges:
+            raise Crash
+
+    return progress
+
+
+def _two_tables(pg: Server) -> tuple[str, list[SourceTable]]:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.small (id int PRIMARY KEY, v text)")
+    pg.sql(f"INSERT INTO {s}.small SELECT g, 's' || g FROM generate_series(1, 100) g")
+    pg.sql(f"CREATE TABLE {s}.big (id int PRIMARY KEY, v text)")
+    pg.sql(f"INSERT INTO {s}.big SELECT g, repeat('b', 50) || g FROM generate_series(1, 4000) g")
+    pg.sql(f"VACUUM ANALYZE {s}.big")
+    tables = sorted(pg.tables([f"{s}.*"]), key=lambda t: t.name)  # big, small
+    assert _pages(pg, f"{s}.big") >= 20
+    return s, tables
+
+
+def _warehouse(sink: DuckDBSink, s: str, name: str) -> list[tuple[Any, ...]]:
+    return sink.con.execute(f'SELECT id, v FROM "{s}".{name} ORDER BY id').fetchall()
+
+
+def test_resume_under_the_same_snapshot_skips_recorded_ranges(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s, (big, small) = _two_tables(pg)
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        args: dict[str, Any] = {"pages_per_range": 4, "consistent_lsn": snap.consistent_lsn, "workers": 1}
+        load_snapshot(pg.dsn, snap.snapshot_name, [small], sink, **args)
+        with pytest.raises(Crash):
+            load_snapshot(
+                pg.dsn,
+                snap.snapshot_name,
+                [big],
+                sink,
+                resume=True,
+                progress=_crash_after(3),
+                progress_every_s=0,
+                **args,
+            )
+        done = sink.con.execute(
+            'SELECT count(*), sum(rows) FROM _pgbridge.load_progress WHERE "table" = ?', [big.qualified]
+        ).fetchone()
+        assert done is not None and done[0] == 3
+        assert sink.con.execute(f'SELECT count(*) FROM "{s}".big').fetchone() == (done[1],)  # nothing half-done
+
+        report = load_snapshot(pg.dsn, snap.snapshot_name, [big, small], sink, resume=True, **args)
+    by_name = {t.table: t for t in report.tables}
+    assert by_name[small.qualified].ranges == 0 and by_name[small.qualified].ranges_skipped == 1
+    r = by_name[big.qualified]
+    assert r.ranges_skipped == 3 and r.ranges >= 2 and r.rows == 4000 - done[1] and r.rows_total == 4000
+    assert _warehouse(sink, s, "big") == pg.sql(f"SELECT id, v FROM {s}.big ORDER BY id")
+    assert _warehouse(sink, s, "small") == pg.sql(f"SELECT id, v FROM {s}.small ORDER BY id")
+
+
+def test_resume_under_a_new_snapshot_keeps_complete_tables_and_reloads_partial_ones(
+    pg: Server, sink: DuckDBSink, slot: str
+) -> None:
+    s, (big, small) = _two_tables(pg)
+    args: dict[str, Any] = {"pages_per_range": 4, "workers": 2}
+    with SnapshotSlot.create(pg.dsn, slot) as first:
+        small_then = pg.sql(f"SELECT id, v FROM {s}.small ORDER BY id")
+        load_snapshot(pg.dsn, first.snapshot_name, [small], sink, consistent_lsn=first.consistent_lsn, **args)
+        with pytest.raises(Crash):
+            load_snapshot(
+                pg.dsn,
+                first.snapshot_name,
+                [big],
+                sink,
+                consistent_lsn=first.consistent_lsn,
+                progress=_crash_after(2),
+                progress_every_s=0,
+                **args,
+            )
+    # The first snapshot is gone; the source moves on; a temporary slot provides the new snapshot.
+    pg.sql(f"UPDATE {s}.small SET v = 'new' WHERE id <= 10")
+    pg.sql(f"UPDATE {s}.big SET v = 'new' WHERE id % 3 = 0")
+    pg.sql(f"INSERT INTO {s}.big SELECT g, 'late' FROM generate_series(4001, 4500) g")
+    with SnapshotSlot.create(pg.dsn, f"{slot}_t", temporary=True) as second:
+        report = load_snapshot(
+            pg.dsn, second.snapshot_name, [big, small], sink, resume=True, consistent_lsn=second.consistent_lsn, **args
+        )
+    by_name = {t.table: t for t in report.tables}
+    kept = by_name[small.qualified]
+    assert kept.reused and kept.snapshot_lsn == first.consistent_lsn and kept.ranges == 0
+    assert _warehouse(sink, s, "small") == small_then  # as of the first snapshot; the stream brings the rest
+    again = by_name[big.qualified]
+    assert not again.reused and again.snapshot_lsn == second.consistent_lsn
+    assert again.ranges_skipped == 0 and again.rows == again.rows_total == 4500
+    assert _warehouse(sink, s, "big") == pg.sql(f"SELECT id, v FROM {s}.big ORDER BY id")
+    lsns = sink.con.execute(
+        'SELECT DISTINCT consistent_lsn FROM _pgbridge.load_progress WHERE "table" = ?', [big.qualified]
+    ).fetchall()
+    assert lsns == [(second.consistent_lsn.value,)]
+
+
+def test_fresh_load_replaces_earlier_data(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.items (id int PRIMARY KEY)")
+    pg.sql(f"INSERT INTO {s}.items SELECT generate_series(1, 10)")
+    tables = pg.tables([f"{s}.*"])
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        load_snapshot(pg.dsn, snap.snapshot_name, tables, sink)
+        report = load_snapshot(pg.dsn, snap.snapshot_name, tables, sink)
+    assert report.rows == 10
+    assert sink.con.execute(f'SELECT count(*) FROM "{s}".items').fetchone() == (10,)
+
+
+def test_empty_tables_and_empty_lines(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.empty (id int PRIMARY KEY)")
+    pg.sql(f"CREATE TABLE {s}.one (t text)")
+    pg.sql(f"ALTER TABLE {s}.one REPLICA IDENTITY FULL")
+    pg.sql(f"INSERT INTO {s}.one VALUES (''), (NULL), ('x'), (''), (E'\\\\N')")
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        report = load_snapshot(pg.dsn, snap.snapshot_name, pg.tables([f"{s}.*"]), sink)
+    assert {t.table: t.rows for t in report.tables} == {f"{s}.empty": 0, f"{s}.one": 5}
+    rows = sink.con.execute(f'SELECT t FROM "{s}".one').fetchall()
+    assert sorted(rows, key=repr) == sorted([("",), (None,), ("x",), ("",), ("\\N",)], key=repr)
+
+
+def test_failures_stop_the_load_and_leave_no_half_range(pg: Server, sink: DuckDBSink, slot: str) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.prices (id int PRIMARY KEY, p numeric(12,2), pad text)")
+    pg.sql(f"INSERT INTO {s}.prices SELECT g, g / 100.0, repeat('x', 100) FROM generate_series(1, 3000) g")
+    pg.sql(f"UPDATE {s}.prices SET p = 'NaN' WHERE id = 2999")  # DECIMAL(12,2) cannot hold it
+    pg.sql(f"CREATE TABLE {s}.gone (id int PRIMARY KEY)")
+    tables = {t.name: t for t in pg.tables([f"{s}.*"])}
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        with pytest.raises(SinkError, match=r"NaN"):
+            load_snapshot(pg.dsn, snap.snapshot_name, [tables["prices"]], sink, pages_per_range=4, workers=2)
+        loaded = sink.con.execute(f'SELECT count(*) FROM "{s}".prices').fetchone()
+        recorded = sink.con.execute(
+            'SELECT coalesce(sum(rows), 0) FROM _pgbridge.load_progress WHERE "table" = ?', [f"{s}.prices"]
+        ).fetchone()
+        assert loaded == recorded and loaded is not None and loaded[0] < 3000
+        pg.sql(f"DROP TABLE {s}.gone")
+        with pytest.raises(SnapshotError, match="does not exist"):
+            load_snapshot(pg.dsn, snap.snapshot_name, [tables["gone"]], sink)
