@@ -1,0 +1,349 @@
+"""The pipeline daemon: initial load, then the stream, applied to the warehouse it owns.
+
+One process per pipeline owns the DuckDB file (DuckDB allows one writer), so it also serves
+read-only queries for `pgbridge query` over a unix socket: readers never meet a lock error. It
+writes a small status file every second for `pipeline status`. A lost slot is never recreated:
+the pipeline reports it and waits for `pipeline resync`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psycopg
+
+from pgbridge.cdc.apply import Applier, BatchLimits
+from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink
+from pgbridge.cdc.snapshot import LoadProgress, SourceTable, discover_tables, load_snapshot, sink_table
+from pgbridge.cdc.source import (
+    ReplicationStream,
+    SlotMissingError,
+    StreamOptions,
+    create_slot,
+    slot_exists,
+    slot_status,
+)
+from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
+from pgbridge.errors import PgbridgeError
+from pgbridge.types import LSN
+
+QUERY_ROW_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    dsn: str  # no password: the daemon authenticates over the local socket by OS identity
+    slot: str
+    publication: str
+    warehouse: str
+    status_file: str
+    socket: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exclude_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    max_rows: int = 50_000
+    max_wait_ms: int = 500
+    load_workers: int = 2
+
+    @classmethod
+    def load(cls, path: Path) -> PipelineConfig:
+        raw = json.loads(path.read_text())
+        raw["include"] = tuple(raw.get("include", ()))
+        raw["exclude"] = tuple(raw.get("exclude", ()))
+        raw["exclude_columns"] = {k: tuple(v) for k, v in raw.get("exclude_columns", {}).items()}
+        return cls(**raw)
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class Status:
+    pipeline: str
+    state: str = "starting"  # starting | running | stopped | error
+    phase: str = "starting"  # initial-load | streaming | slot-lost
+    last_applied_lsn: str | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    changes_per_s: float = 0.0
+    transactions: int = 0
+    changes: int = 0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+    updated_at: float = 0.0
+    pid: int = field(default_factory=os.getpid)
+
+
+class StatusFile:
+    def __init__(self, path: Path, status: Status) -> None:
+        self.path = path
+        self.status = status
+        self._last = 0.0
+
+    def write(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < 1.0:
+            return
+        self._last = now
+        self.status.updated_at = now
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.status), default=str))
+        os.replace(tmp, self.path)
+
+
+# -- read-only queries, served by the process that owns the warehouse ------------------------------
+_READ_ONLY = {"SELECT", "EXPLAIN"}
+
+
+_CURSOR_LOCK = threading.Lock()
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    with _CURSOR_LOCK:  # a connection is not thread-safe; each query gets its own cursor
+        cur = con.cursor()
+    try:
+        statements = cur.extract_statements(sql)
+        if len(statements) != 1:
+            return {"error": "send exactly one statement"}
+        kind = statements[0].type.name
+        if kind not in _READ_ONLY:
+            return {"error": f"only read-only queries are allowed (got {kind})"}
+        cur.execute(sql)
+        columns = [d[0] for d in cur.description or []]
+        rows = cur.fetchmany(QUERY_ROW_LIMIT + 1)
+        truncated = len(rows) > QUERY_ROW_LIMIT
+        return {"columns": columns, "rows": [list(r) for r in rows[:QUERY_ROW_LIMIT]], "truncated": truncated}
+    except duckdb.Error as e:
+        return {"error": str(e).strip()}
+    finally:
+        cur.close()
+
+
+def serve_queries(owner: duckdb.DuckDBPyConnection, path: Path, stop: threading.Event) -> threading.Thread:
+    con = owner.cursor()  # made in the owner's thread; handler threads only take cursors of it
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    os.chmod(path, 0o660)
+    srv.listen(8)
+    srv.settimeout(0.5)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                sql = json.loads(data)["sql"]
+                answer = run_query(con, sql)
+            except (ValueError, KeyError, TypeError):
+                answer = {"error": 'malformed request: send one JSON line {"sql": "..."}'}
+            conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        srv.close()
+
+    t = threading.Thread(target=loop, name="pgbridge-query", daemon=True)
+    t.start()
+    return t
+
+
+def query(socket_path: Path, sql: str, timeout: float = 60) -> dict[str, Any]:
+    """Client side of `pgbridge query`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(socket_path))
+        s.sendall(json.dumps({"sql": sql}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+# -- the run loop ------------------------------------------------------------------------------------
+_STATE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.pipeline_state"
+    " (pipeline VARCHAR PRIMARY KEY, phase VARCHAR NOT NULL, slot VARCHAR, start_lsn UBIGINT)"
+)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.status = Status(cfg.name)
+        self.status_file = StatusFile(Path(cfg.status_file), self.status)
+        self.stop = threading.Event()
+        self.sink = DuckDBSink(cfg.warehouse, cfg.name)
+        self.sink.con.execute(_STATE_DDL)
+
+    def _phase(self) -> tuple[str | None, LSN | None]:
+        row = self.sink.con.execute(
+            f"SELECT phase, start_lsn FROM {META_SCHEMA}.pipeline_state WHERE pipeline = ?", [self.cfg.name]
+        ).fetchone()
+        return (row[0], LSN(int(row[1])) if row[1] is not None else None) if row else (None, None)
+
+    def _set_phase(self, phase: str, start: LSN | None) -> None:
+        self.sink.con.execute(
+            f"INSERT OR REPLACE INTO {META_SCHEMA}.pipeline_state VALUES (?, ?, ?, ?)",
+            [self.cfg.name, phase, self.cfg.slot, int(start) if start else None],
+        )
+        self.status.phase = phase
+
+    def tables(self) -> list[SourceTable]:
+        with psycopg.connect(self.cfg.dsn, connect_timeout=10) as c:
+            found = discover_tables(c, self.cfg.include, self.cfg.exclude, self.cfg.exclude_columns)
+        refused = [t for t in found if t.problem]
+        if refused:
+            self.status.last_error = "; ".join(t.problem or "" for t in refused)
+        return [t for t in found if not t.problem]
+
+    def run(self) -> None:
+        serve_queries(self.sink.con, Path(self.cfg.socket), self.stop)
+        self.status.state = "running"
+        tables = self.tables()
+        phase, _start = self._phase()
+        exists = slot_exists(self.cfg.dsn, self.cfg.slot)
+        if phase == "streaming" and not exists:
+            self._slot_lost("the replication slot is gone")
+            return
+        if phase != "streaming":
+            self._initial_load(tables, exists)
+        if not self.stop.is_set():
+            self._stream(tables)
+
+    def _slot_lost(self, why: str) -> None:
+        self.status.state, self.status.phase = "error", "slot-lost"
+        self.status.last_error = f"{why}; run `pgbridge pipeline resync` (the slot is never recreated silently)"
+        self.status_file.write(force=True)
+        while not self.stop.wait(1):
+            self.status_file.write()
+
+    def _initial_load(self, tables: list[SourceTable], slot_already: bool) -> None:
+        from pgbridge.cdc.source import drop_slot
+
+        if slot_already:  # a load that died: its snapshot is gone, start the load over
+            drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
+        self._set_phase("initial-load", None)
+        self.status_file.write(force=True)
+
+        def progress(p: LoadProgress) -> None:
+            self.status.load[p.table] = {"rows": p.rows_done, "estimate": p.rows_estimate, "eta_s": p.eta_s}
+            self.status_file.write()
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+
+        with create_slot(self.cfg.dsn, self.cfg.slot) as s:
+            load_snapshot(
+                self.cfg.dsn,
+                s.snapshot_name,
+                tables,
+                self.sink,
+                workers=self.cfg.load_workers,
+                consistent_lsn=s.consistent_lsn,
+                progress=progress,
+            )
+            self._set_phase("streaming", s.consistent_lsn)
+
+    def _stream(self, tables: list[SourceTable]) -> None:
+        sink_tables = {(t.schema, t.name): sink_table(t) for t in tables}
+        applier = Applier(self.sink, sink_tables, BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000))
+        opts = StreamOptions(publications=(self.cfg.publication,))
+        dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
+        window_start, window_changes = time.monotonic(), 0
+        try:
+            with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream:
+                self.status.state = "running"
+                while not self.stop.is_set():
+                    batch = stream.read_batch(max_messages=20_000, max_wait_s=0.2)
+                    for msg in batch.messages:
+                        confirm = applier.feed(msg)
+                        if confirm is not None:
+                            stream.confirm(confirm)
+                    if applier.due() or not batch.messages:
+                        confirm = applier.flush()
+                        if confirm is not None:
+                            stream.confirm(confirm)
+                    if applier.idle:
+                        stream.confirm_idle()
+                    st = self.status
+                    st.transactions, st.changes = applier.stats.transactions, applier.stats.changes
+                    st.rows_by_table = dict(applier.stats.rows_by_table)
+                    st.last_applied_lsn = str(applier.checkpoint) if applier.checkpoint else None
+                    if applier.applied_end is not None:
+                        st.lag_bytes = max(0, stream.server_wal_end - applier.applied_end)
+                    now = time.monotonic()
+                    if now - window_start >= 1:
+                        st.changes_per_s = (st.changes - window_changes) / (now - window_start)
+                        window_start, window_changes = now, st.changes
+                    self.status_file.write()
+                confirm = applier.flush()
+                if confirm is not None:
+                    stream.confirm(confirm)
+        except SlotMissingError as e:
+            self._slot_lost(e.message)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.status.state = "stopped"
+        with contextlib.suppress(Exception):
+            self.status_file.write(force=True)
+        self.sink.close()
+
+
+def slot_lag(dsn: str, slot: str) -> int | None:
+    try:
+        return slot_status(dsn, slot).retained_bytes
+    except PgbridgeError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pgbridge.cdc.pipeline CONFIG.json", file=sys.stderr)
+        return 2
+    cfg = PipelineConfig.load(Path(args[0]))
+    pipeline = Pipeline(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: pipeline.stop.set())
+    try:
+        pipeline.run()
+        return 0
+    except PgbridgeError as e:
+        pipeline.status.state, pipeline.status.last_error = "error", e.message
+        print(f"pipeline {cfg.name}: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        pipeline.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
