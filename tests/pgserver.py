@@ -8,12 +8,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
+from pgbridge.cdc.snapshot import SourceTable, discover_tables
+from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.types import LSN
 from tests.conftest import free_port
 
@@ -37,10 +40,19 @@ class Server:
     def dsn(self) -> str:
         return f"host={self.base} port={self.port} dbname=postgres user=postgres"
 
-    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(query.encode(), params)  # bytes: no placeholder parsing of ad-hoc SQL
+    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True, options=PG_SESSION_OPTIONS) as conn:
+            cur = conn.execute(query.encode(), params or None)  # no params: no placeholder parsing
             return cur.fetchall() if cur.description else []
+
+    def tables(
+        self,
+        include: Sequence[str],
+        exclude: Sequence[str] = (),
+        exclude_columns: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[SourceTable]:
+        with psycopg.connect(self.dsn) as conn:
+            return discover_tables(conn, include, exclude, exclude_columns or {})
 
     def lsn(self) -> LSN:
         return LSN.parse(str(self.sql("SELECT pg_current_wal_lsn()::text")[0][0]))

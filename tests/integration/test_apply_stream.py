@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from pgbridge.cdc.apply import Applier, BatchLimits
+from pgbridge.cdc.pipeline import pump
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.source import ReplicationStream, StreamOptions, create_slot
@@ -47,15 +48,7 @@ def warehouse_rows(sink: DuckDBSink, name: str) -> dict[int, tuple[object, ...]]
 def drain(pg: Server, stream: ReplicationStream, applier: Applier, until: LSN, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        batch = stream.read_batch(max_messages=20_000, max_wait_s=0.2)
-        for msg in batch.messages:
-            confirm = applier.feed(msg)
-            if confirm is not None:
-                stream.confirm(confirm)
-        if applier.due() or not batch.messages:
-            confirm = applier.flush()
-            if confirm is not None:
-                stream.confirm(confirm)
+        pump(stream, applier)
         if applier.applied_end is not None and applier.applied_end >= until and applier.idle:
             return
     raise AssertionError(f"did not catch up to {until} (applied {applier.applied_end})")

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,91 +16,21 @@ from pgbridge.cdc.snapshot import (
     LoadProgress,
     SnapshotError,
     SourceTable,
-    discover_tables,
     load_snapshot,
     plan_ranges,
     sink_table,
 )
 from pgbridge.cdc.source import SnapshotSlot, drop_slot
-from pgbridge.cdc.typemap import PG_SESSION_OPTIONS, duckdb_type
-from tests.conftest import free_port
+from pgbridge.cdc.typemap import duckdb_type
+from tests.pgserver import Server, bare_server
 
 pytestmark = pytest.mark.integration
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-@dataclass
-class Server:
-    base: Path
-    port: int
-
-    @property
-    def data(self) -> Path:
-        return self.base / "data"
-
-    @property
-    def dsn(self) -> str:
-        return f"host={self.base} port={self.port} dbname=postgres user=postgres"
-
-    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.dsn, autocommit=True, options=PG_SESSION_OPTIONS) as conn:
-            cur = conn.execute(query.encode(), params or None)  # no params: no placeholder parsing
-            return cur.fetchall() if cur.description else []
-
-    def tables(
-        self,
-        include: Sequence[str],
-        exclude: Sequence[str] = (),
-        exclude_columns: Mapping[str, Sequence[str]] | None = None,
-    ) -> list[SourceTable]:
-        with psycopg.connect(self.dsn) as conn:
-            return discover_tables(conn, include, exclude, exclude_columns or {})
-
-    def stop(self) -> None:
-        pidfile = self.data / "postmaster.pid"
-        if not pidfile.exists():
-            return
-        pid = int(pidfile.read_text().split()[0])
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"]),
-            capture_output=True,
-            check=False,
-        )
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 0)
-            os.kill(pid, 9)  # pg_ctl could not stop it: the postmaster by its own pid, nothing else
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[Server]:
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-snap-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    server = Server(base, free_port())
-    try:
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "initdb"), "-D", str(server.data), "-U", "postgres", "--auth-local=trust"]),
-            check=True,
-            capture_output=True,
-        )
-        opts = f"-c wal_level=logical -c listen_addresses='' -p {server.port} -k {base}"
-        subprocess.run(
-            _as_postgres(
-                [str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-l", str(base / "log"), "-w", "-o", opts, "start"]
-            ),
-            check=True,
-            capture_output=True,
-        )
+    with bare_server("snap") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -196,6 +196,26 @@ _STATE_DDL = (
 )
 
 
+def pump(stream: ReplicationStream, applier: Applier, *, max_messages: int = 20_000, max_wait_s: float = 0.2) -> int:
+    """One cycle: read a batch, fold it in, commit what is due, confirm only what is durable."""
+    batch = stream.read_batch(max_messages=max_messages, max_wait_s=max_wait_s)
+    for msg in batch.messages:
+        confirm = applier.feed(msg)
+        if confirm is not None:
+            stream.confirm(confirm)
+    if applier.due() or not batch.messages:
+        confirm = applier.flush()
+        if confirm is not None:
+            stream.confirm(confirm)
+    if applier.idle:
+        stream.confirm_idle()  # nothing in flight: let the slot advance so WAL is not pinned
+    return len(batch.messages)
+
+
+class _Stopping(Exception):
+    """Raised from the load's progress callback to abandon the load when asked to stop."""
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -236,7 +256,10 @@ class Pipeline:
             self._slot_lost("the replication slot is gone")
             return
         if phase != "streaming":
-            self._initial_load(tables, exists)
+            try:
+                self._initial_load(tables, exists)
+            except _Stopping:
+                return  # committed ranges stay recorded; the next start loads again
         if not self.stop.is_set():
             self._stream(tables)
 
@@ -259,7 +282,7 @@ class Pipeline:
             self.status.load[p.table] = {"rows": p.rows_done, "estimate": p.rows_estimate, "eta_s": p.eta_s}
             self.status_file.write()
             if self.stop.is_set():
-                raise KeyboardInterrupt
+                raise _Stopping
 
         with create_slot(self.cfg.dsn, self.cfg.slot) as s:
             load_snapshot(
@@ -283,17 +306,7 @@ class Pipeline:
             with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream:
                 self.status.state = "running"
                 while not self.stop.is_set():
-                    batch = stream.read_batch(max_messages=20_000, max_wait_s=0.2)
-                    for msg in batch.messages:
-                        confirm = applier.feed(msg)
-                        if confirm is not None:
-                            stream.confirm(confirm)
-                    if applier.due() or not batch.messages:
-                        confirm = applier.flush()
-                        if confirm is not None:
-                            stream.confirm(confirm)
-                    if applier.idle:
-                        stream.confirm_idle()
+                    pump(stream, applier)
                     st = self.status
                     st.transactions, st.changes = applier.stats.transactions, applier.stats.changes
                     st.rows_by_table = dict(applier.stats.rows_by_table)
