@@ -24,14 +24,17 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+
+from tests.pgserver import bare_server
 
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.snapshot import discover_tables, load_snapshot
@@ -42,50 +45,6 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SCHEMA = "bench"
 TABLE = f"{SCHEMA}.order_items"
 COPY_SQL = f"COPY (SELECT * FROM {TABLE}) TO STDOUT"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-@contextlib.contextmanager
-def throwaway_server() -> Iterator[str]:
-    """A PostgreSQL 15 on a unix socket in a fresh folder; yields its DSN, stops and removes it after."""
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data, port = base / "data", _free_port()
-    try:
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust"]),
-            check=True,
-            capture_output=True,
-        )
-        opts = (
-            f"-c wal_level=logical -c listen_addresses='' -p {port} -k {base} "
-            "-c max_wal_size=4GB -c shared_buffers=512MB"
-        )
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o", opts, "start"]),
-            check=True,
-            capture_output=True,
-        )
-        yield f"host={base} port={port} dbname=postgres user=postgres"
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                check=False,
-                capture_output=True,
-            )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def prepare(dsn: str, rows: int) -> int:
@@ -160,7 +119,10 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="pgbridge-bench-duck-"))
     try:
         with contextlib.ExitStack() as stack:
-            dsn = args.dsn or stack.enter_context(throwaway_server())
+            dsn = (
+                args.dsn
+                or stack.enter_context(bare_server("bench", settings="-c max_wal_size=4GB -c shared_buffers=512MB")).dsn
+            )
             size = prepare(dsn, args.rows)
             psql, pyc, ours, cpu = [], [], [], []
             for round_ in range(args.rounds):

@@ -22,19 +22,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import select
-import shutil
-import socket
 import subprocess
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import psycopg2
 import psycopg2.extras
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+
+from tests.pgserver import bare_server
 
 from pgbridge.cdc.pgoutput import Commit, Delete, Insert, Update
 from pgbridge.cdc.source import ReplicationStream, StreamOptions
@@ -47,47 +47,6 @@ READERS = ("a", "b", "c")
 
 def slot_name(reader: str, round_: int) -> str:
     return f"bench_{reader}_{round_}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-@contextlib.contextmanager
-def throwaway_server() -> Iterator[str]:
-    """A PostgreSQL 15 on a unix socket in a fresh folder; yields its DSN, stops and removes it after."""
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data, port = base / "data", _free_port()
-    try:
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust"]),
-            check=True,
-            capture_output=True,
-        )
-        opts = f"-c wal_level=logical -c listen_addresses='' -p {port} -k {base} -c max_wal_size=4GB"
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o", opts, "start"]),
-            check=True,
-            capture_output=True,
-        )
-        yield f"host={base} port={port} dbname=postgres user=postgres"
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                check=False,
-                capture_output=True,
-            )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def prepare(dsn: str, rows: int, txn_rows: int, slots: list[str]) -> str:
@@ -189,7 +148,12 @@ def main() -> None:
     slots = [slot_name(reader, r) for r in rounds for reader in READERS]
     times: dict[str, list[float]] = {reader: [] for reader in READERS}
     with contextlib.ExitStack() as stack:
-        dsn = args.dsn or stack.enter_context(throwaway_server())
+        dsn = (
+            args.dsn
+            or stack.enter_context(
+                bare_server("bench", settings="-c max_wal_size=4GB -c logical_decoding_work_mem=64MB")
+            ).dsn
+        )
         endpos = prepare(dsn, args.rows, args.txn_rows, slots)
         for r in rounds:
             times["a"].append(run_recvlogical(dsn, slot_name("a", r), endpos))

@@ -73,7 +73,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def bare_server(prefix: str = "pg") -> Iterator[Server]:
+def bare_server(prefix: str = "pg", settings: str = "") -> Iterator[Server]:
+    """Yields a started server; `settings` adds `-c name=value` options for benchmarks."""
     base = Path(tempfile.mkdtemp(prefix=f"pgbridge-{prefix}-", dir="/tmp"))
     os.chmod(base, 0o755)
     if os.geteuid() == 0:
@@ -89,7 +90,7 @@ def bare_server(prefix: str = "pg") -> Iterator[Server]:
         # transactions early, so the large-transaction paths are exercised with modest sizes.
         opts = (
             f"-c wal_level=logical -c listen_addresses='' -p {server.port} -k {base} "
-            "-c logical_decoding_work_mem=64kB -c max_wal_senders=20 -c max_replication_slots=20"
+            "-c logical_decoding_work_mem=64kB -c max_wal_senders=20 -c max_replication_slots=20 " + settings
         )
         subprocess.run(
             _as_postgres(
