@@ -41,3 +41,9 @@ def test_ident_map() -> None:
         "pgbridge postgres pgbridge_admin",
     ]
     assert render_ident("alice", "alice") == ["pgbridge alice postgres", "pgbridge alice pgbridge_admin"]
+
+
+def test_pipeline_daemon_gets_a_local_peer_rule_before_the_local_reject() -> None:
+    rules = render_hba(HbaInput(allowed_cidrs=(), tls_required=True, cdc_local=("shop", "shop_cdc")))
+    assert rules.index("local shop shop_cdc peer map=pgbridge") < rules.index("local all all reject")
+    assert render_ident("postgres", "root", "shop_cdc")[-1] == "pgbridge postgres shop_cdc"

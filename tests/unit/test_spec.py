@@ -78,3 +78,18 @@ def test_json_schema_exports_fields() -> None:
     schema = json_schema()
     assert {"name", "instance_class", "storage", "network", "tls", "database"} <= set(schema["properties"])
     assert "name" in schema["required"]
+
+
+def test_pipeline_section() -> None:
+    s = parse_spec({"name": "a", "database": {"schema": "shop"}, "pipeline": {}})
+    assert s.pipeline is not None and s.pipeline.name == "analytics"
+    assert s.pipeline_include() == ["shop.*"]
+    s = parse_spec({"name": "a", "pipeline": {"tables": {"include": ["sales.order*"], "exclude": ["sales.order_tmp"]}}})
+    assert s.pipeline_include() == ["sales.order*"]
+    assert parse_spec({"name": "a"}).pipeline is None
+    with pytest.raises(SpecError, match="schema part must be a plain name"):
+        parse_spec({"name": "a", "pipeline": {"tables": {"include": ["*.orders"]}}})
+    with pytest.raises(SpecError, match="must look like schema.table"):
+        parse_spec({"name": "a", "pipeline": {"tables": {"exclude": ["orders"]}}})
+    with pytest.raises(SpecError, match="pipeline.batch.max_rows"):
+        parse_spec({"name": "a", "pipeline": {"batch": {"max_rows": 1}}})

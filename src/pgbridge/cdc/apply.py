@@ -11,6 +11,7 @@ Transactions at or below the sink's checkpoint are skipped: a restart replays no
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgbridge.cdc.pgoutput import Begin, Commit, Delete, Insert, Message, Relation, Truncate, TupleData, Update
@@ -46,8 +47,16 @@ class ApplyStats:
 
 
 class Applier:
-    def __init__(self, sink: Sink, tables: dict[tuple[str, str], SinkTable], limits: BatchLimits) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        tables: dict[tuple[str, str], SinkTable],
+        limits: BatchLimits,
+        resolve: Callable[[str, str], SinkTable | None] | None = None,
+    ) -> None:
+        """`resolve` is asked about a table first seen in the stream (e.g. created after the load)."""
         self.sink = sink
+        self.resolve = resolve
         self.tables = tables
         self.limits = limits
         self.checkpoint: LSN | None = sink.checkpoint()  # commit LSN of the last applied transaction
@@ -164,7 +173,13 @@ class Applier:
 
     # -- internals --------------------------------------------------------------------------
     def _relation(self, msg: Relation) -> None:
-        table = self.tables.get((msg.namespace or "pg_catalog", msg.name))
+        ident = (msg.namespace or "pg_catalog", msg.name)
+        table = self.tables.get(ident)
+        if table is None and self.resolve is not None:
+            table = self.resolve(*ident)
+            if table is not None:
+                self.tables[ident] = table
+                self.sink.ensure_table(table)
         if table is None:
             self._rels[msg.oid] = None
             return

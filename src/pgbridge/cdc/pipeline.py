@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import duckdb
 import psycopg
 
 from pgbridge.cdc.apply import Applier, BatchLimits
+from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink
 from pgbridge.cdc.snapshot import LoadProgress, SourceTable, discover_tables, load_snapshot, sink_table
 from pgbridge.cdc.source import (
@@ -296,9 +298,28 @@ class Pipeline:
             )
             self._set_phase("streaming", s.consistent_lsn)
 
+    def _resolve(self, schema: str, name: str) -> SinkTable | None:
+        """A table first seen in the stream (created after the load): replicate it if selected."""
+        qualified = f"{schema}.{name}"
+        include = self.cfg.include or ("*.*",)
+        if not any(fnmatchcase(qualified, g) for g in include) or any(
+            fnmatchcase(qualified, g) for g in self.cfg.exclude
+        ):
+            return None
+        with psycopg.connect(self.cfg.dsn, connect_timeout=10) as c:
+            found = discover_tables(c, [qualified], (), self.cfg.exclude_columns)
+        if not found:
+            return None
+        if found[0].problem:
+            self.status.last_error = found[0].problem
+            return None
+        return sink_table(found[0])
+
     def _stream(self, tables: list[SourceTable]) -> None:
         sink_tables = {(t.schema, t.name): sink_table(t) for t in tables}
-        applier = Applier(self.sink, sink_tables, BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000))
+        limits = BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000)
+        applier = Applier(self.sink, sink_tables, limits, resolve=self._resolve)
+        self.status.phase = "streaming"
         opts = StreamOptions(publications=(self.cfg.publication,))
         dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
         window_start, window_changes = time.monotonic(), 0

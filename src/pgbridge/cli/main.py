@@ -350,6 +350,100 @@ def secrets_list(c: Ctx) -> None:
             print(n.removeprefix("role:"))
 
 
+@cli.group()
+def pipeline() -> None:
+    """Change-data-capture into the analytics warehouse."""
+
+
+@pipeline.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@handle_errors
+def pipeline_status(c: Ctx, as_json: bool) -> None:
+    """State, phase, last applied LSN, lag, throughput, per-table rows, last error."""
+    from pgbridge.ops import pipeline as ops
+
+    s = ops.status(c.deployment())
+    if as_json:
+        print_json(s)
+        return
+    t = Table(
+        title=f"pipeline {s.get('pipeline')}: {styled(str(s.get('state')))}", title_justify="left", show_header=False
+    )
+    t.add_column("key", style="bold")
+    t.add_column("value", overflow="fold")
+    slot = s.get("slot", {})
+    rows = [
+        ("phase", s.get("phase")),
+        ("process", f"{s['process'].get('state')} pid {s['process'].get('pid')}"),
+        ("last applied LSN", s.get("last_applied_lsn")),
+        ("lag", f"{s.get('lag_bytes')} bytes" if s.get("lag_bytes") is not None else "-"),
+        ("throughput", f"{s.get('changes_per_s', 0):.0f} changes/s"),
+        ("transactions / changes", f"{s.get('transactions', 0)} / {s.get('changes', 0)}"),
+        ("slot", f"{slot.get('name')} {'active' if slot.get('active') else 'inactive'}, "
+                 f"WAL retained {slot.get('retained_bytes')} bytes, {slot.get('wal_status')}"),
+    ]  # fmt: skip
+    for table, n in sorted((s.get("rows_by_table") or {}).items()):
+        rows.append((f"changes {table}", str(n)))
+    for table, info in sorted((s.get("load") or {}).items()):
+        rows.append((f"load {table}", f"{info.get('rows')} / ~{info.get('estimate')} rows"))
+    if s.get("last_error"):
+        rows.append(("last error", s["last_error"]))
+    for k, v in rows:
+        t.add_row(k, str(v) if v is not None else "-")
+    out.print(t)
+
+
+@pipeline.command("stop")
+@pass_ctx
+@handle_errors
+def pipeline_stop(c: Ctx) -> None:
+    """Stop the pipeline (its slot keeps the position; `up` leaves it stopped)."""
+    from pgbridge.ops import pipeline as ops
+
+    out.print(report_table("pipeline stop", ops.stop(c.deployment())))
+
+
+@pipeline.command("start")
+@pass_ctx
+@handle_errors
+def pipeline_start(c: Ctx) -> None:
+    """Start the pipeline again; it resumes from the warehouse's checkpoint."""
+    from pgbridge.ops import pipeline as ops
+
+    out.print(report_table("pipeline start", ops.start(c.deployment())))
+
+
+@cli.command("query")
+@click.argument("sql")
+@click.option("--json", "fmt", flag_value="json", help="rows as JSON objects")
+@click.option("--csv", "fmt", flag_value="csv", help="CSV with a header")
+@pass_ctx
+@handle_errors
+def query_cmd(c: Ctx, sql: str, fmt: str | None) -> None:
+    """Run read-only SQL on the warehouse (served by the pipeline, so it never meets a lock)."""
+    import csv
+
+    from pgbridge.ops import pipeline as ops
+
+    r = ops.query(c.deployment(), sql)
+    cols, rows = r["columns"], r["rows"]
+    if fmt == "json":
+        print_json([dict(zip(cols, row, strict=True)) for row in rows])
+    elif fmt == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+    else:
+        t = Table(title_justify="left")
+        for col in cols:
+            t.add_column(col, overflow="fold")
+        for row in rows:
+            t.add_row(*("NULL" if v is None else str(v) for v in row))
+        out.print(t)
+        out.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}" + (" (truncated)" if r.get("truncated") else ""))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

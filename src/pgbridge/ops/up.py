@@ -23,6 +23,7 @@ import yaml
 
 from pgbridge.errors import DeploymentError, HostError, PgbridgeError, TransientError
 from pgbridge.home import Home, atomic_write, write_if_changed
+from pgbridge.ops import pipeline as pipeline_ops
 from pgbridge.ops.context import (
     REST_SECRET,
     REST_USER,
@@ -154,6 +155,14 @@ def _tls(dep: Deployment, report: Report) -> None:
     os.chmod(home.tls / "ca.crt", 0o644)
 
 
+def hba_input(spec: Spec) -> HbaInput:
+    return HbaInput(
+        allowed_cidrs=tuple(spec.network.allowed_cidrs),
+        tls_required=spec.tls.mode == "required",
+        cdc_local=(spec.database.name, spec.database.users.cdc) if spec.pipeline else None,
+    )
+
+
 def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[str, Any]:
     operator = "root" if os.geteuid() == 0 else settings.user.name
     return {
@@ -163,10 +172,8 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[
             "use_pg_rewind": True,
             "use_slots": True,
             "parameters": {k: v.value for k, v in sorted(params.items())},
-            "pg_hba": render_hba(
-                HbaInput(allowed_cidrs=tuple(spec.network.allowed_cidrs), tls_required=spec.tls.mode == "required")
-            ),
-            "pg_ident": render_ident(settings.user.name, operator),
+            "pg_hba": render_hba(hba_input(spec)),
+            "pg_ident": render_ident(settings.user.name, operator, spec.database.users.cdc if spec.pipeline else None),
         },
     }
 
@@ -200,6 +207,9 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
         ),
         Program(f"patroni-{member}", [str(b.patroni), str(conf)], priority=20, stop_wait=120, stop_signal="TERM"),
     ]
+    pipeline_program = pipeline_ops.program(dep)
+    if pipeline_program is not None:
+        programs.append(pipeline_program)
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
     changed = patroni_changed or sup_changed
     if not changed:
@@ -267,9 +277,7 @@ def wait_dynamic_applied(dep: Deployment, params: dict[str, ParamValue], names: 
     dynamic = [n for n in names if n in params and not cat.is_static(n)]
     static = [n for n in names if n in params and cat.is_static(n)]
     hba_file = dep.home.pgdata(dep.primary_member) / "pg_hba.conf"
-    want_hba = render_hba(
-        HbaInput(allowed_cidrs=tuple(dep.spec.network.allowed_cidrs), tls_required=dep.spec.tls.mode == "required")
-    )
+    want_hba = render_hba(hba_input(dep.spec))
     timeout = PROFILES["default"]["loop_wait"] * 2 + 20
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -436,6 +444,10 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
 
             step("database, schema and users")
             _bootstrap_sql(dep, report)
+
+            if spec.pipeline is not None:
+                step("pipeline")
+                pipeline_ops.ensure(dep, report)
 
             report.pending_reboot = pending_reboot(dep, params, cat)
             if report.pending_reboot:

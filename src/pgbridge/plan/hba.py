@@ -20,6 +20,7 @@ class HbaInput:
     allowed_cidrs: tuple[str, ...]
     tls_required: bool
     replication_cidrs: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    cdc_local: tuple[str, str] | None = None  # (database, role): the pipeline daemon's peer login
 
 
 def render_hba(inp: HbaInput) -> list[str]:
@@ -28,6 +29,11 @@ def render_hba(inp: HbaInput) -> list[str]:
         # and only on the local socket.
         f"local all {SUPERUSER},{ADMIN_ROLE} peer map={IDENT_MAP}",
         f"local replication {SUPERUSER} peer map={IDENT_MAP}",
+    ]
+    if inp.cdc_local:
+        # The pipeline daemon runs as the service user and logs in as the CDC role by OS identity.
+        rules.append(f"local {inp.cdc_local[0]} {inp.cdc_local[1]} peer map={IDENT_MAP}")
+    rules += [
         "local all all reject",
         # Privileged roles never log in over the network.
         f"host all {SUPERUSER},{ADMIN_ROLE} 0.0.0.0/0 reject",
@@ -47,8 +53,10 @@ def render_hba(inp: HbaInput) -> list[str]:
     return rules
 
 
-def render_ident(service_user: str, operator_user: str) -> list[str]:
+def render_ident(service_user: str, operator_user: str, cdc_role: str | None = None) -> list[str]:
     lines = [f"{IDENT_MAP} {service_user} {SUPERUSER}", f"{IDENT_MAP} {operator_user} {ADMIN_ROLE}"]
     if service_user != operator_user:
         lines.append(f"{IDENT_MAP} {service_user} {ADMIN_ROLE}")
+    if cdc_role:
+        lines.append(f"{IDENT_MAP} {service_user} {cdc_role}")
     return lines

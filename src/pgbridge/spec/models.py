@@ -132,6 +132,42 @@ class Database(_Model):
         return v
 
 
+class PipelineTables(_Model):
+    """Table mappings, like DMS's: `schema.table` globs; excluded columns never leave the source."""
+
+    include: list[str] = Field(default_factory=list, description="globs; empty means every table of the app schema")
+    exclude: list[str] = Field(default_factory=list)
+    exclude_columns: dict[str, list[str]] = Field(
+        default_factory=dict, description="`schema.table` glob -> column names left out"
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for g in v:
+            schema, dot, table = g.partition(".")
+            if not dot or not schema or not table:
+                raise ValueError(f"{g!r} must look like schema.table (globs allowed in the table part)")
+            if any(c in schema for c in "*?["):
+                raise ValueError(f"{g!r}: the schema part must be a plain name")
+        return v
+
+
+class PipelineBatch(_Model):
+    max_rows: int = Field(50_000, ge=100, le=10_000_000, description="changes held before a warehouse commit")
+    max_wait_ms: int = Field(500, ge=10, le=60_000, description="longest wait before a committed change is applied")
+
+
+class Pipeline(_Model):
+    """Change-data-capture from the database into the analytics warehouse (DuckDB)."""
+
+    name: str = Field("analytics", pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    tables: PipelineTables = Field(default_factory=lambda: PipelineTables())
+    target: Literal["duckdb"] = "duckdb"
+    batch: PipelineBatch = Field(default_factory=lambda: PipelineBatch())
+    load_workers: int = Field(2, ge=1, le=16, description="parallel readers for the initial load")
+
+
 class Spec(_Model):
     """One deployment: a tuned, TLS-only, least-privilege PostgreSQL run by Patroni."""
 
@@ -147,6 +183,7 @@ class Spec(_Model):
         default_factory=list, description="groups applied in order over the computed values"
     )
     database: Database = Field(default_factory=lambda: Database())
+    pipeline: Pipeline | None = Field(None, description="CDC into the analytics warehouse")
 
     @field_validator("instance_class")
     @classmethod
@@ -167,6 +204,11 @@ class Spec(_Model):
                 known = ", ".join(self.parameter_groups) or "none defined"
                 raise ValueError(f"parameter_group {g!r} is not defined in parameter_groups ({known})")
         return self
+
+    def pipeline_include(self) -> list[str]:
+        if self.pipeline is None:
+            return []
+        return self.pipeline.tables.include or [f"{self.database.schema_}.*"]
 
     def group_settings(self) -> list[tuple[str, dict[str, ParamValue]]]:
         return [(g, self.parameter_groups[g]) for g in self.parameter_group]

@@ -1,0 +1,211 @@
+"""Services behind `pgbridge pipeline ...` and `pgbridge query`, and the pipeline's part of `up`.
+
+`up` creates the publication (as admin: FOR TABLES IN SCHEMA needs a superuser on PostgreSQL 15),
+writes the daemon's config and starts it under supervisord as the service user, who logs in as the
+CDC role by OS identity. The daemon creates the slot itself, because the initial load must read
+under the snapshot the slot exports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+
+from pgbridge.cdc.pipeline import PipelineConfig
+from pgbridge.cdc.pipeline import query as socket_query
+from pgbridge.cdc.source import slot_status
+from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
+from pgbridge.home import write_if_changed
+from pgbridge.ops.context import Deployment
+from pgbridge.ops.tasks import Report
+from pgbridge.platform import system
+from pgbridge.platform.postgres import admin_connection
+from pgbridge.platform.supervisor import Program
+
+
+@dataclass(frozen=True)
+class PipelinePaths:
+    config: Path
+    warehouse: Path
+    status: Path
+    socket: Path
+    program: str
+    slot: str
+    publication: str
+
+
+def paths(dep: Deployment) -> PipelinePaths:
+    p = dep.spec.pipeline
+    if p is None:
+        raise NotFoundError(
+            f"deployment {dep.spec.name} has no pipeline", hint="add a `pipeline:` section to the spec and run up"
+        )
+    h = dep.home
+    return PipelinePaths(
+        config=h.etc / f"pipeline-{p.name}.json",
+        warehouse=h.root / "warehouse" / f"{p.name}.duckdb",
+        status=h.run / f"pipeline-{p.name}.status.json",
+        socket=h.run / f"pipeline-{p.name}.sock",
+        program=f"pipeline-{p.name}",
+        slot=f"pgbridge_{p.name}",
+        publication=f"pgbridge_{p.name}",
+    )
+
+
+def program(dep: Deployment) -> Program | None:
+    if dep.spec.pipeline is None:
+        return None
+    pp = paths(dep)
+    argv = [str(dep.settings.binaries.python), "-m", "pgbridge.cdc.pipeline", str(pp.config)]
+    # Started by `up` once its publication exists; supervisord restarts it if it dies.
+    return Program(pp.program, argv, priority=30, stop_wait=60, autostart=False)
+
+
+def config(dep: Deployment) -> PipelineConfig:
+    spec, p, pp = dep.spec, dep.spec.pipeline, paths(dep)
+    assert p is not None
+    dsn = (
+        f"host={dep.home.socket_dir} port={spec.network.port} dbname={spec.database.name}"
+        f" user={spec.database.users.cdc} application_name=pgbridge-{pp.program}"
+    )
+    return PipelineConfig(
+        name=p.name,
+        dsn=dsn,
+        slot=pp.slot,
+        publication=pp.publication,
+        warehouse=str(pp.warehouse),
+        status_file=str(pp.status),
+        socket=str(pp.socket),
+        include=tuple(spec.pipeline_include()),
+        exclude=tuple(p.tables.exclude),
+        exclude_columns={k: tuple(v) for k, v in p.tables.exclude_columns.items()},
+        max_rows=p.batch.max_rows,
+        max_wait_ms=p.batch.max_wait_ms,
+        load_workers=p.load_workers,
+    )
+
+
+def _ensure_publication(dep: Deployment, name: str, schemas: list[str]) -> str:
+    with admin_connection(dep.admin, dep.spec.database.name) as c:
+        row = c.execute("SELECT oid FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+        targets = sql.SQL(", ").join(sql.Identifier(s) for s in schemas)
+        for s in schemas:
+            c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(s)))
+        if row is None:
+            c.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(sql.Identifier(name), targets))
+            return "created"
+        have = {
+            r[0]
+            for r in c.execute(
+                "SELECT n.nspname FROM pg_publication_namespace pn JOIN pg_namespace n ON n.oid = pn.pnnspid"
+                " WHERE pn.pnpubid = %s",
+                (row[0],),
+            ).fetchall()
+        }
+        if have == set(schemas):
+            return "unchanged"
+        c.execute(sql.SQL("ALTER PUBLICATION {} SET TABLES IN SCHEMA {}").format(sql.Identifier(name), targets))
+        return "changed"
+
+
+def ensure(dep: Deployment, report: Report) -> None:
+    """The pipeline's part of `up`: publication, folders, config, and the daemon running."""
+    if dep.spec.pipeline is None:
+        return
+    pp, user = paths(dep), dep.settings.user
+    schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
+    report.add(f"publication {pp.publication}", _ensure_publication(dep, pp.publication, schemas))  # type: ignore[arg-type]
+    system.make_dir(pp.warehouse.parent, 0o750, user)
+    changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
+    system.chown(pp.config, user)
+    sup = dep.supervisor
+    state = sup.processes().get(pp.program, {}).get("statename")
+    if dep.state.get("pipeline_stopped"):
+        report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged", "stopped by `pipeline stop`")
+        return
+    if state == "RUNNING" and changed:
+        sup.stop_program(pp.program)
+        state = "STOPPED"
+    if state != "RUNNING":
+        sup.start_program(pp.program)
+        report.add(f"pipeline {dep.spec.pipeline.name}", "started")
+    else:
+        report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged")
+
+
+def status(dep: Deployment) -> dict[str, Any]:
+    dep.home.require()
+    pp = paths(dep)
+    out: dict[str, Any] = {"pipeline": dep.spec.pipeline.name if dep.spec.pipeline else None}
+    try:
+        out.update(json.loads(pp.status.read_text()))
+    except (OSError, ValueError):
+        out.update(state="not started", phase=None)
+    proc = dep.supervisor.processes().get(pp.program)
+    out["process"] = {"state": proc["statename"], "pid": proc["pid"] or None} if proc else {"state": "absent"}
+    if out["process"]["state"] != "RUNNING" and out.get("state") == "running":
+        out["state"] = "stopped"
+    admin_dsn = dep.admin.conninfo(dep.spec.database.name)
+    try:
+        s = slot_status(admin_dsn, pp.slot)
+        out["slot"] = {
+            "name": pp.slot,
+            "exists": s.exists,
+            "active": s.active,
+            "wal_status": s.wal_status,
+            "retained_bytes": s.retained_bytes,
+            "confirmed_flush_lsn": str(s.confirmed_flush_lsn) if s.confirmed_flush_lsn else None,
+        }
+        if not s.exists and out.get("phase") == "streaming":
+            out["state"], out["phase"] = "error", "slot-lost"
+    except PgbridgeError as e:
+        out["slot"] = {"name": pp.slot, "error": e.message}
+    return out
+
+
+def stop(dep: Deployment) -> Report:
+    pp, report = paths(dep), Report()
+    dep.supervisor.stop_program(pp.program)
+    state = dep.state
+    state["pipeline_stopped"] = True
+    dep.home.write_state(state)
+    report.add(pp.program, "stopped")
+    return report
+
+
+def start(dep: Deployment) -> Report:
+    pp, report = paths(dep), Report()
+    if not dep.supervisor.running():
+        raise DeploymentError("the deployment is stopped", hint="run `pgbridge up` first")
+    state = dep.state
+    state.pop("pipeline_stopped", None)
+    dep.home.write_state(state)
+    dep.supervisor.start_program(pp.program)
+    report.add(pp.program, "started")
+    return report
+
+
+def query(dep: Deployment, text: str, timeout: float = 120) -> dict[str, Any]:
+    pp = paths(dep)
+    if not text.strip():
+        raise UsageError("empty query")
+    deadline = time.monotonic() + 10
+    while not pp.socket.exists():
+        if time.monotonic() > deadline:
+            raise DeploymentError(
+                f"pipeline {dep.spec.pipeline.name if dep.spec.pipeline else ''} is not serving queries",
+                hint="`pgbridge pipeline status` says why; `pgbridge pipeline start` starts it",
+            )
+        time.sleep(0.2)
+    try:
+        result = socket_query(pp.socket, text, timeout=timeout)
+    except (OSError, ValueError) as e:
+        raise DeploymentError(f"the pipeline did not answer the query: {e}") from None
+    if "error" in result:
+        raise UsageError(f"query failed: {result['error']}")
+    return result
