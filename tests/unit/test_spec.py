@@ -89,7 +89,7 @@ def test_pipeline_section() -> None:
     assert parse_spec({"name": "a"}).pipeline is None
     with pytest.raises(SpecError, match="schema part must be a plain name"):
         parse_spec({"name": "a", "pipeline": {"tables": {"include": ["*.orders"]}}})
-    with pytest.raises(SpecError, match="must look like schema.table"):
+    with pytest.raises(SpecError, match=r"must look like schema\.table"):
         parse_spec({"name": "a", "pipeline": {"tables": {"exclude": ["orders"]}}})
-    with pytest.raises(SpecError, match="pipeline.batch.max_rows"):
+    with pytest.raises(SpecError, match=r"pipeline\.batch\.max_rows"):
         parse_spec({"name": "a", "pipeline": {"batch": {"max_rows": 1}}})
