@@ -93,6 +93,7 @@ def test_status_reports_streaming_and_slot(dep: Env) -> None:
     assert s["slot"]["exists"] and s["slot"]["active"]
     assert s["process"]["state"] == "RUNNING"
     assert s["last_applied_lsn"]
+    assert s["lag_seconds"] is not None and s["lag_seconds"] < 60
 
 
 def test_kill_9_of_the_daemon_loses_nothing(dep: Env) -> None:

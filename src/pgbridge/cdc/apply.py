@@ -71,6 +71,7 @@ class Applier:
         self._committed_lsn: LSN | None = None  # last source commit folded into the open batch
         self._confirm_lsn: LSN | None = None  # its end LSN: what the server may forget once committed
         self._first_commit_at: float | None = None
+        self._oldest_pending_commit: float | None = None  # source commit time (epoch s) not yet applied
         for t in tables.values():
             sink.ensure_table(t)
 
@@ -95,6 +96,7 @@ class Applier:
             self._confirm_lsn = msg.end_lsn
             if self._first_commit_at is None:
                 self._first_commit_at = time.monotonic()
+                self._oldest_pending_commit = msg.commit_time.timestamp()
             if self._pending_changes >= self.limits.max_rows:
                 return self.flush()
             return None
@@ -137,6 +139,12 @@ class Applier:
             and time.monotonic() - self._first_commit_at >= self.limits.max_wait_s
         )
 
+    def lag_seconds(self, now: float | None = None) -> float:
+        """Age of the oldest source commit received but not yet in the warehouse (0 when none)."""
+        if self._oldest_pending_commit is None:
+            return 0.0
+        return max(0.0, (now if now is not None else time.time()) - self._oldest_pending_commit)
+
     @property
     def idle(self) -> bool:
         """Nothing in flight: the caller may let the slot advance to the server's WAL end."""
@@ -157,7 +165,7 @@ class Applier:
         self.checkpoint = lsn
         confirm = self.applied_end = self._confirm_lsn
         self._committed_lsn = self._confirm_lsn = None
-        self._first_commit_at = None
+        self._first_commit_at = self._oldest_pending_commit = None
         self.stats.batches += 1
         return confirm
 
@@ -168,7 +176,7 @@ class Applier:
         self._deltas.clear()
         self._pending_changes = 0
         self._committed_lsn = None
-        self._first_commit_at = None
+        self._first_commit_at = self._oldest_pending_commit = None
         self._in_txn = self._skipping = False
 
     # -- internals --------------------------------------------------------------------------

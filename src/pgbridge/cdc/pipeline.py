@@ -334,6 +334,7 @@ class Pipeline:
                     st.last_applied_lsn = str(applier.checkpoint) if applier.checkpoint else None
                     if applier.applied_end is not None:
                         st.lag_bytes = max(0, stream.server_wal_end - applier.applied_end)
+                    st.lag_seconds = round(applier.lag_seconds(), 3)
                     now = time.monotonic()
                     if now - window_start >= 1:
                         st.changes_per_s = (st.changes - window_changes) / (now - window_start)

@@ -377,7 +377,7 @@ def pipeline_status(c: Ctx, as_json: bool) -> None:
         ("phase", s.get("phase")),
         ("process", f"{s['process'].get('state')} pid {s['process'].get('pid')}"),
         ("last applied LSN", s.get("last_applied_lsn")),
-        ("lag", f"{s.get('lag_bytes')} bytes" if s.get("lag_bytes") is not None else "-"),
+        ("lag", f"{s.get('lag_bytes') or 0} bytes, {s.get('lag_seconds') or 0:.1f} s"),
         ("throughput", f"{s.get('changes_per_s', 0):.0f} changes/s"),
         ("transactions / changes", f"{s.get('transactions', 0)} / {s.get('changes', 0)}"),
         ("slot", f"{slot.get('name')} {'active' if slot.get('active') else 'inactive'}, "
