@@ -52,7 +52,10 @@ def wait_same(e: Env, source_sql: str, warehouse_sql: str, timeout: float = 60) 
         if got is not None and [[str(v) for v in row] for row in got] == [[str(v) for v in row] for row in want]:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"warehouse {got} != source {want}\n{r.stderr}")
+            log = e.home / "logs" / "pipeline-analytics.log"
+            tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+            status = e.run("pipeline", "status", "--json", check=False).stdout
+            raise AssertionError(f"warehouse {got} != source {want}\n{r.stderr}\nstatus: {status}\nlog:\n{tail}")
         time.sleep(0.3)
 
 
@@ -110,6 +113,9 @@ def test_stop_start_and_up_keeps_it_stopped(dep: Env) -> None:
     dep.run("pipeline", "stop")
     with app(dep) as c:
         c.execute("INSERT INTO customers (email, total) VALUES ('while-stopped', 5)")
+    # Longer than Patroni's HA cycle: Patroni drops slots it does not know unless told to ignore them.
+    time.sleep(12)
+    assert json.loads(dep.run("pipeline", "status", "--json").stdout)["slot"]["exists"]
     dep.run("up")  # a stopped pipeline stays stopped
     assert json.loads(dep.run("pipeline", "status", "--json").stdout)["process"]["state"] != "RUNNING"
     dep.run("pipeline", "start")

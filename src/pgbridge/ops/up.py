@@ -165,9 +165,24 @@ def hba_input(spec: Spec) -> HbaInput:
 
 def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[str, Any]:
     operator = "root" if os.geteuid() == 0 else settings.user.name
+    # Patroni drops replication slots it does not know; the pipeline's slot is created by its
+    # daemon (it needs the exported snapshot), so Patroni is told to leave it alone.
+    ignore = (
+        [
+            {
+                "name": f"pgbridge_{spec.pipeline.name}",
+                "type": "logical",
+                "database": spec.database.name,
+                "plugin": "pgoutput",
+            }
+        ]
+        if spec.pipeline
+        else []
+    )
     return {
         **PROFILES["default"],
         "maximum_lag_on_failover": 1048576,
+        "ignore_slots": ignore,
         "postgresql": {
             "use_pg_rewind": True,
             "use_slots": True,
