@@ -28,6 +28,11 @@ from pgbridge.settings import ServiceUser
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
+# supervisord XML-RPC fault codes that mean "already in the state you asked for".
+_ALREADY_STARTED = 60
+_NOT_RUNNING = 70
+
+
 @dataclass(frozen=True)
 class Program:
     name: str
@@ -188,12 +193,21 @@ class Supervisor:
         return {i["name"]: i for i in infos}
 
     def start_program(self, name: str) -> None:
-        with contextlib.suppress(xmlrpc.client.Fault):
+        try:
             self._proxy().supervisor.startProcess(name, True)
+        except xmlrpc.client.Fault as f:
+            if f.faultCode != _ALREADY_STARTED:
+                raise DeploymentError(
+                    f"supervisord could not start {name}: {f.faultString}",
+                    hint=f"see {self.home.logs / (name + '.log')}",
+                ) from None
 
     def stop_program(self, name: str) -> None:
-        with contextlib.suppress(xmlrpc.client.Fault):
+        try:
             self._proxy().supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as f:
+            if f.faultCode != _NOT_RUNNING:
+                raise DeploymentError(f"supervisord could not stop {name}: {f.faultString}") from None
 
     def shutdown(self, timeout: float = 180) -> None:
         """Stop every program cleanly, then supervisord itself; wait for its pid to go away."""
