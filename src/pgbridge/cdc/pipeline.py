@@ -34,7 +34,6 @@ from pgbridge.cdc.source import (
     StreamOptions,
     create_slot,
     slot_exists,
-    slot_status,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.errors import PgbridgeError
@@ -348,17 +347,11 @@ class Pipeline:
 
     def close(self) -> None:
         self.stop.set()
-        self.status.state = "stopped"
-        with contextlib.suppress(Exception):
+        if self.status.state != "error":  # an error stays visible to `pipeline status`
+            self.status.state = "stopped"
+        with contextlib.suppress(OSError):
             self.status_file.write(force=True)
         self.sink.close()
-
-
-def slot_lag(dsn: str, slot: str) -> int | None:
-    try:
-        return slot_status(dsn, slot).retained_bytes
-    except PgbridgeError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     except PgbridgeError as e:
         pipeline.status.state, pipeline.status.last_error = "error", e.message
         print(f"pipeline {cfg.name}: {e.message}", file=sys.stderr)
+        return 1
+    except (psycopg.Error, duckdb.Error, OSError) as e:
+        # Not ours, but not a bug either (server gone, disk full): record it; supervisord restarts us.
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        pipeline.status.state, pipeline.status.last_error = "error", message
+        print(f"pipeline {cfg.name}: {message}", file=sys.stderr)
         return 1
     finally:
         pipeline.close()

@@ -495,6 +495,18 @@ def _text_like(note: str | None = None) -> _Scalar:
     return _scalar("VARCHAR", "text", native=True, raw=_decode, text=_same, bulk=_bulk_text, note=note)
 
 
+def _float_like(sql_type: str) -> _Scalar:
+    return _scalar(
+        sql_type,
+        "float",
+        native=True,
+        raw=_float_b,
+        text=float,
+        bulk=_bulk_float,
+        note="NaN, Infinity, -Infinity and -0 are kept",
+    )
+
+
 _INET_NOTE: Final = (
     "kept as text: DuckDB's inet extension is not available offline; network operators and ordering are lost"
 )
@@ -510,24 +522,8 @@ _FIXED: Final[dict[str, _Scalar]] = {
     "int4": _scalar("INTEGER", "int", native=True, raw=_int_b, text=int, bulk=_bulk_int),
     "int8": _scalar("BIGINT", "int", native=True, raw=_int_b, text=int, bulk=_bulk_int),
     "oid": _scalar("UINTEGER", "int", native=True, raw=_int_b, text=int, bulk=_bulk_int),
-    "float4": _scalar(
-        "REAL",
-        "float",
-        native=True,
-        raw=_float_b,
-        text=float,
-        bulk=_bulk_float,
-        note="NaN, Infinity, -Infinity and -0 are kept",
-    ),
-    "float8": _scalar(
-        "DOUBLE",
-        "float",
-        native=True,
-        raw=_float_b,
-        text=float,
-        bulk=_bulk_float,
-        note="NaN, Infinity, -Infinity and -0 are kept",
-    ),
+    "float4": _float_like("REAL"),
+    "float8": _float_like("DOUBLE"),
     "text": _text_like(),
     "varchar": _text_like("the length limit is not enforced by DuckDB"),
     "bpchar": _text_like(

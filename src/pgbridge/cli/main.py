@@ -19,8 +19,7 @@ from rich.table import Table
 
 from pgbridge import __version__
 from pgbridge.cli.render import err, out, print_json, report_table, styled
-from pgbridge.errors import CheckFailed, NotFoundError, PgbridgeError, SpecError, UsageError
-from pgbridge.home import Home
+from pgbridge.errors import CheckFailed, NotFoundError, PgbridgeError, UsageError
 from pgbridge.settings import Settings, load_settings
 from pgbridge.spec.load import json_schema, load_spec
 from pgbridge.spec.models import Spec
@@ -445,11 +444,4 @@ def query_cmd(c: Ctx, sql: str, fmt: str | None) -> None:
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=True)
-    except SpecError as e:  # raised while click parses (should not happen), kept for safety
-        err.print(f"error: {e}")
-        sys.exit(e.exit_code)
-
-
-_ = Home  # re-exported for type users
+    cli(standalone_mode=True)

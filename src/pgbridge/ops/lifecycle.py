@@ -9,7 +9,7 @@ from pgbridge.errors import DeploymentError, NotFoundError, UsageError
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.tasks import Report
-from pgbridge.ops.up import _kill_leftovers, catalogue_for, deployment_lock, pending_reboot
+from pgbridge.ops.up import catalogue_for, deployment_lock, pending_reboot, stop_leftover_postgres
 
 
 def down(dep: Deployment) -> Report:
@@ -23,7 +23,7 @@ def down(dep: Deployment) -> Report:
         else:
             sup.shutdown()
             report.add("processes", "stopped")
-        _kill_leftovers(dep)
+        stop_leftover_postgres(dep)
         state = dep.state
         state["phase"] = "stopped"
         dep.home.write_state(state)
@@ -45,7 +45,7 @@ def destroy(dep: Deployment, *, yes: bool) -> Report:
             dep.supervisor.shutdown()
             report.add("processes", "stopped")
         if dep.home.spec_file.exists():
-            _kill_leftovers(dep)
+            stop_leftover_postgres(dep)
         shutil.rmtree(root)
         report.add("home", "removed", str(root))
     lock = root.parent / f".{root.name}.lock"

@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -356,7 +355,7 @@ def _bootstrap_sql(dep: Deployment, report: Report) -> None:
         report.add(resource, action)  # type: ignore[arg-type]
 
 
-def _kill_leftovers(dep: Deployment) -> None:
+def stop_leftover_postgres(dep: Deployment) -> None:
     """After supervisord is gone, stop any PostgreSQL it left behind (by pid, never by name)."""
     pidfile = dep.home.pgdata(member_name(dep.spec.name)) / "postmaster.pid"
     pid = system.read_pid(pidfile)
@@ -435,7 +434,7 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
 
                 def stop_all() -> None:
                     sup.shutdown()
-                    _kill_leftovers(dep)
+                    stop_leftover_postgres(dep)
 
                 undo.push("stop processes", stop_all)
             if sup.running():
@@ -476,7 +475,3 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
                 step("rolling back")
                 undo.run()
             raise
-
-
-def ensure_spec_readable(path: Path) -> str:
-    return path.read_text()
