@@ -11,18 +11,50 @@ Transactions at or below the sink's checkpoint are skipped: a restart replays no
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pgbridge.cdc.pgoutput import Begin, Commit, Delete, Insert, Message, Relation, Truncate, TupleData, Update
+from pgbridge.cdc import ddl
+from pgbridge.cdc.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Relation,
+    Truncate,
+    TupleData,
+    Update,
+)
 from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta
 from pgbridge.cdc.sinks.base import Sink, SinkTable
 from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
 
+if TYPE_CHECKING:
+    from pgbridge.cdc.snapshot import SourceTable
+
 
 class SchemaMismatch(PgbridgeError):
     """The source table no longer has the shape the warehouse table was made for."""
+
+
+class Catalog(Protocol):
+    """What the applier asks the pipeline about tables it meets in the stream."""
+
+    def lookup(self, schema: str, name: str) -> SourceTable | None:
+        """A table first seen in the stream, from the source catalog; None when it is not replicated."""
+
+    def shape(self, definition: Mapping[str, Any]) -> SourceTable | None:
+        """A DDL message's table definition with the spec's exclusions (``problem`` set when it cannot be
+        replicated); None when the pipeline does not select it."""
+
+    def sink_table(self, st: SourceTable) -> SinkTable: ...
+
+    def recopy(self, st: SourceTable, stt: SinkTable) -> None:
+        """Copy the table's current rows into the sink's open transaction (the table is empty)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +84,17 @@ class Applier:
         sink: Sink,
         tables: dict[tuple[str, str], SinkTable],
         limits: BatchLimits,
-        resolve: Callable[[str, str], SinkTable | None] | None = None,
+        catalog: Catalog | None = None,
+        sources: dict[tuple[str, str], SourceTable] | None = None,
     ) -> None:
-        """`resolve` is asked about a table first seen in the stream (e.g. created after the load)."""
+        """``catalog`` answers for tables first seen in the stream and for DDL messages; ``sources`` are
+        the source shapes of ``tables`` (needed to follow renames and type changes)."""
         self.sink = sink
-        self.resolve = resolve
+        self.catalog = catalog
         self.tables = tables
+        self.sources = dict(sources or {})
+        self.broken: dict[str, str] = {}  # schema.table -> why its changes are not applied (needs resync)
+        self._rewritten: set[int] = set()  # oids PostgreSQL rewrote in the open source transaction
         self.limits = limits
         self.checkpoint: LSN | None = sink.checkpoint()  # commit LSN of the last applied transaction
         self.applied_end: LSN | None = None  # its end LSN (what was confirmed to the server)
@@ -101,6 +138,10 @@ class Applier:
                 return self.flush()
             return None
         if self._skipping:
+            return None
+        if isinstance(msg, LogicalMessage):
+            if msg.prefix == ddl.PREFIX and msg.transactional and self.catalog is not None:
+                self._ddl(ddl.parse(msg.content))
             return None
         if isinstance(msg, Insert):
             rel = self._rels.get(msg.relation_oid)
@@ -183,22 +224,111 @@ class Applier:
     def _relation(self, msg: Relation) -> None:
         ident = (msg.namespace or "pg_catalog", msg.name)
         table = self.tables.get(ident)
-        if table is None and self.resolve is not None:
-            table = self.resolve(*ident)
-            if table is not None:
-                self.tables[ident] = table
-                self.sink.ensure_table(table)
-        if table is None:
+        if table is None and self.catalog is not None:
+            st = self.catalog.lookup(*ident)
+            if st is not None:
+                table = self._adopt(st)
+        qualified = f"{ident[0]}.{ident[1]}"
+        if table is None or qualified in self.broken:
             self._rels[msg.oid] = None
             return
         names = [c.name for c in msg.columns]
         missing = [c.name for c in table.columns if c.name not in names]
         if missing:
-            raise SchemaMismatch(
-                f"{msg.namespace}.{msg.name} no longer has column(s) {', '.join(missing)}",
-                hint="schema changes are applied from DDL messages; run `pgbridge pipeline resync` for this table",
+            # The shape changed without a DDL message (the capture was off): never guess a mapping.
+            self.broken[qualified] = (
+                f"{qualified} no longer has column(s) {', '.join(missing)} and no DDL message said why;"
+                f" its changes are not applied: run `pgbridge pipeline resync {qualified}`"
             )
+            self._rels[msg.oid] = None
+            return
         self._rels[msg.oid] = _Rel(table, tuple(names.index(c.name) for c in table.columns))
+
+    def _adopt(self, st: SourceTable) -> SinkTable:
+        """Start replicating a table: create it in the warehouse and record its shape (open transaction)."""
+        assert self.catalog is not None
+        table = self.catalog.sink_table(st)
+        self._open_sink()
+        self.sink.ensure_table(table)
+        self._register(st, table)
+        return table
+
+    def _register(self, st: SourceTable, table: SinkTable) -> None:
+        ident = (st.schema, st.name)
+        self.tables[ident], self.sources[ident] = table, st
+        self.sink.save_definition(st.schema, st.name, st.to_json())
+        for oid, rel in list(self._rels.items()):  # column positions come from the next Relation message
+            if rel is not None and (rel.table.schema, rel.table.name) == ident:
+                del self._rels[oid]
+
+    def _forget(self, ident: tuple[str, str]) -> None:
+        table = self.tables.pop(ident, None)
+        self.sources.pop(ident, None)
+        if table is not None:
+            self.sink.drop_table(table)
+            self.sink.save_definition(*ident, None)
+        for oid, rel in list(self._rels.items()):
+            if rel is not None and (rel.table.schema, rel.table.name) == ident:
+                del self._rels[oid]
+
+    def _by_oid(self, oid: int) -> tuple[str, str] | None:
+        return next((ident for ident, st in self.sources.items() if st.oid == oid), None)
+
+    def _ddl(self, event: ddl.Event) -> None:
+        """A schema change, applied at its place in the stream: earlier changes go in first."""
+        assert self.catalog is not None
+        self._apply_deltas()
+        self._open_sink()
+        if isinstance(event, ddl.Rewrite):
+            self._rewritten.add(event.oid)
+            return
+        if isinstance(event, ddl.Drop):
+            self._forget(self._by_oid(event.oid) or (event.schema, event.name))
+            return
+        st = self.catalog.shape(event.definition)
+        before = self._by_oid(event.oid)
+        if st is None:  # not selected (any more): e.g. moved to a schema the pipeline does not include
+            if before is not None:
+                self._forget(before)
+            return
+        if st.problem:  # e.g. its primary key was dropped: stop applying to it, say so, keep its rows
+            self.broken[st.qualified] = f"{st.problem}; then run `pgbridge pipeline resync {st.qualified}`"
+            return
+        ident, new = (st.schema, st.name), self.catalog.sink_table(st)
+        recopy = event.oid in self._rewritten or event.tag in ("CREATE TABLE AS", "SELECT INTO")
+        self._rewritten.discard(event.oid)
+        old = self.tables.get(before or ident)
+        if old is None:
+            self.sink.ensure_table(new)
+        else:
+            if before is not None and before != ident:  # ALTER TABLE ... RENAME TO / SET SCHEMA
+                if before[0] == ident[0]:
+                    self.sink.rename_table(old, st.name)
+                    self.sink.save_definition(*before, None)
+                    self.tables.pop(before)
+                    self.sources.pop(before, None)
+                    old = replace(old, name=st.name)
+                else:
+                    self._forget(before)
+                    self.sink.ensure_table(new)
+                    old, recopy = None, True
+            if old is not None:
+                steps = ddl.plan_alter(old, new, {c.attnum: c.missing for c in st.columns})
+                recopy = self.sink.alter_table(old, steps) or recopy
+        self._register(st, new)
+        qualified = f"{st.schema}.{st.name}"
+        self.broken.pop(qualified, None)
+        if recopy:
+            self.sink.replace_rows(new)
+            try:
+                self.catalog.recopy(st, new)
+            except PgbridgeError as e:
+                self.broken[qualified] = f"re-copying {qualified} after a rewrite failed ({e.message}); run resync"
+
+    def _open_sink(self) -> None:
+        if not self._sink_open:
+            self.sink.begin()
+            self._sink_open = True
 
     def _delta(self, oid: int, rel: _Rel) -> TableDelta:
         d = self._deltas.get(oid)
@@ -227,9 +357,7 @@ class Applier:
     def _apply_deltas(self) -> None:
         if not self._deltas:
             return
-        if not self._sink_open:
-            self.sink.begin()
-            self._sink_open = True
+        self._open_sink()
         for oid, delta in self._deltas.items():
             rel = self._rels[oid]
             if rel is not None and not delta.is_empty():

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -27,7 +28,15 @@ import psycopg
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink
-from pgbridge.cdc.snapshot import LoadProgress, SourceTable, discover_tables, load_snapshot, sink_table
+from pgbridge.cdc.snapshot import (
+    LoadProgress,
+    SourceTable,
+    copy_rows,
+    discover_tables,
+    load_snapshot,
+    sink_table,
+    table_from_definition,
+)
 from pgbridge.cdc.source import (
     ReplicationStream,
     SlotMissingError,
@@ -84,6 +93,7 @@ class Status:
     rows_by_table: dict[str, int] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None
+    needs_resync: dict[str, str] = field(default_factory=dict)  # table -> why its changes are not applied
     updated_at: float = 0.0
     pid: int = field(default_factory=os.getpid)
 
@@ -262,7 +272,7 @@ class Pipeline:
             except _Stopping:
                 return  # committed ranges stay recorded; the next start loads again
         if not self.stop.is_set():
-            self._stream(tables)
+            self._stream()
 
     def _slot_lost(self, why: str) -> None:
         self.status.state, self.status.phase = "error", "slot-lost"
@@ -295,15 +305,23 @@ class Pipeline:
                 consistent_lsn=s.consistent_lsn,
                 progress=progress,
             )
+            self.sink.begin()
+            for t in tables:
+                self.sink.save_definition(t.schema, t.name, t.to_json())
             self._set_phase("streaming", s.consistent_lsn)
+            self.sink.commit_meta()
 
-    def _resolve(self, schema: str, name: str) -> SinkTable | None:
-        """A table first seen in the stream (created after the load): replicate it if selected."""
-        qualified = f"{schema}.{name}"
+    # -- the applier's Catalog ----------------------------------------------------------------
+    def _selected(self, qualified: str) -> bool:
         include = self.cfg.include or ("*.*",)
-        if not any(fnmatchcase(qualified, g) for g in include) or any(
+        return any(fnmatchcase(qualified, g) for g in include) and not any(
             fnmatchcase(qualified, g) for g in self.cfg.exclude
-        ):
+        )
+
+    def lookup(self, schema: str, name: str) -> SourceTable | None:
+        """A table first seen in the stream (created before DDL capture was on): replicate it if selected."""
+        qualified = f"{schema}.{name}"
+        if not self._selected(qualified):
             return None
         with psycopg.connect(self.cfg.dsn, connect_timeout=10) as c:
             found = discover_tables(c, [qualified], (), self.cfg.exclude_columns)
@@ -312,12 +330,26 @@ class Pipeline:
         if found[0].problem:
             self.status.last_error = found[0].problem
             return None
-        return sink_table(found[0])
+        return found[0]
 
-    def _stream(self, tables: list[SourceTable]) -> None:
-        sink_tables = {(t.schema, t.name): sink_table(t) for t in tables}
+    def shape(self, definition: Mapping[str, Any]) -> SourceTable | None:
+        st = table_from_definition(definition, self.cfg.exclude_columns)
+        return st if st is not None and self._selected(st.qualified) else None
+
+    def sink_table(self, st: SourceTable) -> SinkTable:
+        return sink_table(st)
+
+    def recopy(self, st: SourceTable, stt: SinkTable) -> None:
+        with psycopg.connect(self.cfg.dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as c:
+            copy_rows(c, st, stt, self.sink.con, self.sink.target(stt))
+
+    def _stream(self) -> None:
+        # The shapes the warehouse holds as of its checkpoint, not today's catalog: the stream
+        # replays from the checkpoint, and DDL messages carry each table forward from there.
+        sources = {ident: SourceTable.from_json(d) for ident, d in self.sink.definitions().items()}
+        sink_tables = {ident: sink_table(st) for ident, st in sources.items()}
         limits = BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000)
-        applier = Applier(self.sink, sink_tables, limits, resolve=self._resolve)
+        applier = Applier(self.sink, sink_tables, limits, catalog=self, sources=sources)
         self.status.phase = "streaming"
         opts = StreamOptions(publications=(self.cfg.publication,))
         dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
@@ -330,6 +362,7 @@ class Pipeline:
                     st = self.status
                     st.transactions, st.changes = applier.stats.transactions, applier.stats.changes
                     st.rows_by_table = dict(applier.stats.rows_by_table)
+                    st.needs_resync = dict(applier.broken)
                     st.last_applied_lsn = str(applier.checkpoint) if applier.checkpoint else None
                     if applier.applied_end is not None:
                         st.lag_bytes = max(0, stream.server_wal_end - applier.applied_end)

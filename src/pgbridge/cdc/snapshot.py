@@ -31,13 +31,14 @@ as pgoutput on PostgreSQL 15 leaves them out of the stream.
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any, Final
 
@@ -49,7 +50,7 @@ import pyarrow.csv as pcsv
 from psycopg import pq, sql
 
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
-from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, SinkError
+from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, SinkError, qi
 from pgbridge.cdc.typemap import (
     PG_SESSION_OPTIONS,
     ColumnType,
@@ -64,7 +65,8 @@ from pgbridge.secrets.redact import redact_dsn
 from pgbridge.types import LSN
 
 __all__ = ["LoadProgress", "LoadReport", "SnapshotError", "SnapshotSourceError", "SourceColumn", "SourceTable"]
-__all__ += ["TableReport", "discover_tables", "load_snapshot", "plan_ranges", "sink_table"]
+__all__ += ["TableReport", "copy_rows", "definition_function_sql", "discover_tables", "load_snapshot", "plan_ranges"]
+__all__ += ["sink_table", "table_from_definition"]
 
 PROGRESS_TABLE: Final = f"{META_SCHEMA}.load_progress"
 _CHUNK_BYTES: Final = 16 << 20  # a chunk also ends at this size, whatever chunk_rows says
@@ -100,6 +102,8 @@ class SourceColumn:
     element_oid: int | None = None
     enum_labels: tuple[str, ...] | None = None
     excluded: bool = False
+    attnum: int = 0  # its position in pg_attribute: a rename keeps it, a drop and re-add does not
+    missing: str | None = None  # the value rows written before an ADD COLUMN ... DEFAULT read (attmissingval)
 
     def ctype(self, policy: MappingPolicy | None = None) -> ColumnType:
         """The DuckDB mapping, called the way the stream's Relation and Type messages would call it."""
@@ -133,6 +137,18 @@ class SourceTable:
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SourceTable:
+        raw = json.loads(text)
+        cols = []
+        for c in raw.pop("columns"):
+            c["enum_labels"] = tuple(c["enum_labels"]) if c["enum_labels"] is not None else None
+            cols.append(SourceColumn(**c))
+        return cls(**{**raw, "columns": tuple(cols), "key": tuple(raw["key"])})
+
     @property
     def rows_estimate(self) -> int:
         if self.reltuples < 0 or self.relpages <= 0:
@@ -140,11 +156,15 @@ class SourceTable:
         return int(self.reltuples / self.relpages * max(self.pages, self.relpages))
 
 
+# ``%(only)s``: one table's oid, or NULL for all. The same text, with the parameters bound to the
+# function's argument, is the body of the source-side `_pgbridge.table_definition(oid)` that the DDL
+# event trigger calls: the stream and the initial load read a table's shape with the same queries.
 _TABLES_SQL: Final = """
 SELECT c.oid, n.nspname, c.relname, c.relpages, c.reltuples, c.relreplident,
-       pg_relation_size(c.oid) / current_setting('block_size')::int
+       pg_relation_size(c.oid) / current_setting('block_size')::int AS pages
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  AND (%(only)s::oid IS NULL OR c.oid = %(only)s::oid)
 ORDER BY n.nspname, c.relname"""
 
 # Domains are followed down to their base type (pgoutput's Type message names the base type too).
@@ -154,16 +174,35 @@ WITH RECURSIVE chain(start, cur) AS (
   UNION ALL
     SELECT c.start, t.typbasetype FROM chain c JOIN pg_type t ON t.oid = c.cur WHERE t.typtype = 'd')
 SELECT a.attrelid, a.attname, a.atttypid, a.atttypmod, a.attndims, b.typname,
-       CASE WHEN b.typcategory = 'A' THEN nullif(b.typelem, 0) END,
+       CASE WHEN b.typcategory = 'A' THEN nullif(b.typelem, 0) END AS elem,
        (SELECT array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_enum
-        WHERE enumtypid = CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE b.oid END),
-       a.attnum
+        WHERE enumtypid = CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE b.oid END) AS labels,
+       a.attnum, CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END AS missing
 FROM pg_attribute a JOIN chain ch ON ch.start = a.atttypid JOIN pg_type b ON b.oid = ch.cur AND b.typtype <> 'd'
 WHERE a.attrelid = ANY(%(oids)s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 ORDER BY a.attrelid, a.attnum"""
 
-_KEYS_SQL: Final = """SELECT indrelid, indisprimary, indisreplident, indkey::int2[] FROM pg_index
+_KEYS_SQL: Final = """SELECT indrelid, indisprimary, indisreplident, indkey::int2[] AS indkey FROM pg_index
 WHERE indrelid = ANY(%(oids)s::oid[]) AND (indisprimary OR indisreplident) AND indisvalid"""
+
+
+def definition_function_sql(schema: str) -> str:
+    """``CREATE FUNCTION <schema>.table_definition(oid) RETURNS jsonb``: one table's catalog rows.
+
+    The DDL event trigger puts its result into the WAL, so the stream learns a table's new shape at
+    the exact point of the change; :func:`table_from_definition` reads it back.
+    """
+
+    def bind(query: str) -> str:
+        return query.replace("%(only)s", "$1").replace("%(oids)s", "ARRAY[$1]")
+
+    return f"""CREATE OR REPLACE FUNCTION {schema}.table_definition(oid) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+SELECT jsonb_build_object(
+  'table', (SELECT to_jsonb(t) FROM ({bind(_TABLES_SQL)}) t),
+  'columns', (SELECT coalesce(jsonb_agg(to_jsonb(c)), '[]') FROM ({bind(_COLUMNS_SQL)}) c),
+  'keys', (SELECT coalesce(jsonb_agg(to_jsonb(k)), '[]') FROM ({bind(_KEYS_SQL)}) k))
+$fn$"""
 
 
 def discover_tables(
@@ -185,28 +224,60 @@ def discover_tables(
     try:
         found = [
             r
-            for r in conn.execute(_TABLES_SQL).fetchall()
+            for r in conn.execute(_TABLES_SQL, {"only": None}).fetchall()
             if (not include or matches(f"{r[1]}.{r[2]}", include)) and not matches(f"{r[1]}.{r[2]}", exclude)
         ]
         params = {"oids": [r[0] for r in found]}
-        columns: dict[int, list[tuple[int, SourceColumn]]] = {r[0]: [] for r in found}
-        for relid, name, typid, typmod, ndims, typname, elem, labels, attnum in conn.execute(_COLUMNS_SQL, params):
-            enum = tuple(labels) if labels is not None else None
-            ndims = ndims if elem is not None else 0
-            elem = None if typname in _BUILTIN else elem  # a builtin array maps by its own name
-            col = SourceColumn(name, typid, typmod, typname, ndims, elem, enum)
-            columns[relid].append((attnum, col))
-        keys: dict[int, dict[str, list[int]]] = {r[0]: {} for r in found}
-        for relid, primary, replident, indkey in conn.execute(_KEYS_SQL, params):
-            keys[relid].update({k: list(indkey) for k, flag in (("p", primary), ("i", replident)) if flag})
+        column_rows = conn.execute(_COLUMNS_SQL, params).fetchall()
+        key_rows = conn.execute(_KEYS_SQL, params).fetchall()
     except psycopg.Error as exc:
         raise _source_error(exc.sqlstate, str(exc), "cannot read the source catalog") from None
+    return _assemble(found, column_rows, key_rows, exclude_columns)
+
+
+def table_from_definition(
+    definition: Mapping[str, Any], exclude_columns: Mapping[str, Sequence[str]] | None = None
+) -> SourceTable | None:
+    """The :class:`SourceTable` of a ``table_definition()`` result (None: the table is not a plain table)."""
+    if not definition.get("table"):
+        return None
+    t = dict(definition["table"])
+
+    def oid(v: Any) -> int | None:  # jsonb renders oid as a string
+        return None if v is None else int(v)
+
+    t["oid"], t["reltuples"] = oid(t["oid"]), float(t["reltuples"])
+    found = [[t[k] for k in ("oid", "nspname", "relname", "relpages", "reltuples", "relreplident", "pages")]]
+    names = ("attrelid", "attname", "atttypid", "atttypmod", "attndims", "typname", "elem", "labels", "attnum")
+    cols = []
+    for c in definition.get("columns") or ():
+        c = {**c, "attrelid": oid(c["attrelid"]), "atttypid": oid(c["atttypid"]), "elem": oid(c["elem"])}
+        cols.append([c[k] for k in (*names, "missing")])
+    keys = [(oid(k["indrelid"]), k["indisprimary"], k["indisreplident"], k["indkey"]) for k in definition["keys"] or ()]
+    return _assemble(found, cols, keys, exclude_columns)[0]
+
+
+def _assemble(
+    found: Sequence[Sequence[Any]],
+    column_rows: Sequence[Sequence[Any]],
+    key_rows: Sequence[Sequence[Any]],
+    exclude_columns: Mapping[str, Sequence[str]] | None,
+) -> list[SourceTable]:
+    columns: dict[int, list[SourceColumn]] = {r[0]: [] for r in found}
+    for relid, name, typid, typmod, ndims, typname, elem, labels, attnum, missing in column_rows:
+        enum = tuple(labels) if labels is not None else None
+        ndims = ndims if elem is not None else 0
+        elem = None if typname in _BUILTIN else elem  # a builtin array maps by its own name
+        columns[relid].append(SourceColumn(name, typid, typmod, typname, ndims, elem, enum, False, attnum, missing))
+    keys: dict[int, dict[str, list[int]]] = {r[0]: {} for r in found}
+    for relid, primary, replident, indkey in key_rows:
+        keys[relid].update({k: list(indkey) for k, flag in (("p", primary), ("i", replident)) if flag})
     tables = []
     for oid, schema, name, relpages, reltuples, replident, pages in found:
         qualified = f"{schema}.{name}"
         drop = {c for glob, cols in (exclude_columns or {}).items() if fnmatchcase(qualified, glob) for c in cols}
-        cols = tuple(replace(c, excluded=c.name in drop) for _, c in columns[oid])
-        key, problem = _key(qualified, replident, keys[oid], [a for a, _ in columns[oid]], cols)
+        cols = tuple(replace(c, excluded=c.name in drop) for c in columns[oid])
+        key, problem = _key(qualified, replident, keys[oid], [c.attnum for c in cols], cols)
         tables.append(SourceTable(schema, name, oid, relpages, reltuples, pages, cols, replident, key, problem))
     return tables
 
@@ -240,7 +311,7 @@ def sink_table(st: SourceTable, policy: MappingPolicy | None = None) -> SinkTabl
     if st.problem:
         raise SnapshotError(st.problem)
     kept = [i for i, c in enumerate(st.columns) if not c.excluded]
-    columns = tuple(SinkColumn(st.columns[i].name, st.columns[i].ctype(policy)) for i in kept)
+    columns = tuple(SinkColumn(st.columns[i].name, st.columns[i].ctype(policy), st.columns[i].attnum) for i in kept)
     return SinkTable(st.schema, st.name, columns, tuple(kept.index(i) for i in st.key))
 
 
@@ -449,6 +520,57 @@ def _copy_out(
             _raise_result(pgconn, result)
 
 
+def _statements(st: SourceTable, stt: SinkTable, target: str) -> tuple[sql.Composed, str, int]:
+    """The source SELECT of ``st``'s replicated columns, the warehouse INSERT from ``_pgb_load``, the width."""
+    casts = [duckdb_cast_expr(c.ctype, f"c{i}") for i, c in enumerate(stt.columns)]
+    names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stt.columns)
+    select_sql = sql.SQL("SELECT {} FROM ONLY {}").format(names, sql.Identifier(st.schema, st.name))
+    into = ", ".join(qi(c.name) for c in stt.columns)
+    return select_sql, f"INSERT INTO {target} ({into}) SELECT {', '.join(casts)} FROM _pgb_load", len(casts)
+
+
+def copy_rows(
+    conn: psycopg.Connection[Any],
+    st: SourceTable,
+    stt: SinkTable,
+    con: duckdb.DuckDBPyConnection,
+    target: str,
+    where: sql.Composable | None = None,
+    *,
+    chunk_rows: int = 100_000,
+) -> int:
+    """Copy ``st``'s rows (those matching ``where``) into ``target`` inside ``con``'s open transaction.
+
+    One reader, as the source connection ``conn`` sees the table now (its transaction's snapshot):
+    used to re-copy a table after a rewrite, for ``pipeline resync TABLE`` and ``validate --repair``.
+    Returns the rows copied.
+    """
+    select_sql, insert_sql, ncols = _statements(st, stt, target)
+    if where is not None:
+        select_sql = sql.SQL("{} WHERE {}").format(select_sql, where)
+    check_utf8 = conn.info.parameter_status("server_encoding") != "UTF8"
+    rows = 0
+
+    def emit(buf: bytearray) -> None:
+        nonlocal rows
+        try:
+            table = _parse(buf, ncols, check_utf8)
+        except (pa.ArrowInvalid, UnicodeError) as exc:
+            raise SnapshotError(f"unexpected COPY output from {st.qualified}: {exc}") from None
+        con.register("_pgb_load", table)
+        try:
+            con.execute(insert_sql)
+        except duckdb.Error as exc:
+            raise SinkError(f"copying {st.qualified} into the warehouse failed: {exc}") from None
+        finally:
+            con.unregister("_pgb_load")
+        rows += table.num_rows
+
+    query = sql.SQL("COPY ({}) TO STDOUT").format(select_sql).as_bytes(conn)
+    _copy_out(conn.pgconn, query, threading.Event(), chunk_rows, emit)
+    return rows
+
+
 def _where(start: int, end: int | None) -> str:
     parts = [f"ctid >= '({start},0)'::tid"] if start > 0 else []
     parts += [f"ctid < '({end},0)'::tid"] if end is not None else []
@@ -524,10 +646,8 @@ class _Loader:
         """The ranges to copy for ``st``, under the resume rules of the module docstring."""
         stt, con, where = sink_table(st, policy), self.sink.con, [self.sink.pipeline, st.qualified]
         self.sink.ensure_table(stt)
-        target, casts = self.sink.target(stt), [duckdb_cast_expr(c.ctype, f"c{i}") for i, c in enumerate(stt.columns)]
-        names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stt.columns)
-        select_sql = sql.SQL("SELECT {} FROM ONLY {}").format(names, sql.Identifier(st.schema, st.name))
-        state = _State(st, select_sql, f"INSERT INTO {target} SELECT {', '.join(casts)} FROM _pgb_load", len(casts))
+        target = self.sink.target(stt)
+        state = _State(st, *_statements(st, stt, target))
         self.states.append(state)
         query = (
             f"SELECT range_start, range_end, rows, snapshot, consistent_lsn FROM {PROGRESS_TABLE} WHERE pipeline = ?"

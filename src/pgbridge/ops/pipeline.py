@@ -16,13 +16,14 @@ from typing import Any
 
 from psycopg import sql
 
+from pgbridge.cdc import ddl
 from pgbridge.cdc.pipeline import PipelineConfig
 from pgbridge.cdc.pipeline import query as socket_query
 from pgbridge.cdc.source import slot_status
 from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
 from pgbridge.home import write_if_changed
 from pgbridge.ops.context import Deployment
-from pgbridge.ops.tasks import Report
+from pgbridge.ops.tasks import Action, Report
 from pgbridge.platform import system
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
@@ -113,6 +114,15 @@ def _ensure_publication(dep: Deployment, name: str, schemas: list[str]) -> str:
         return "changed"
 
 
+def _ensure_ddl_capture(dep: Deployment) -> Action:
+    """The event triggers that put DDL into the WAL (see pgbridge.cdc.ddl); functions are refreshed."""
+    with admin_connection(dep.admin, dep.spec.database.name) as c:
+        have = c.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgbridge\\_%%'").fetchone()
+        for statement in ddl.install_sql():
+            c.execute(statement.encode())  # rendered by us, not user input
+    return "unchanged" if have and have[0] == 3 else "created"
+
+
 def ensure(dep: Deployment, report: Report) -> None:
     """The pipeline's part of `up`: publication, folders, config, and the daemon running."""
     if dep.spec.pipeline is None:
@@ -120,6 +130,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     pp, user = paths(dep), dep.settings.user
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
     report.add(f"publication {pp.publication}", _ensure_publication(dep, pp.publication, schemas))  # type: ignore[arg-type]
+    report.add("ddl capture", _ensure_ddl_capture(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)

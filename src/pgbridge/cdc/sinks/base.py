@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pgbridge.cdc.reduce import TableDelta
 from pgbridge.cdc.typemap import ColumnType
 from pgbridge.types import LSN
+
+if TYPE_CHECKING:
+    from pgbridge.cdc.ddl import Step
 
 
 @dataclass(frozen=True)
 class SinkColumn:
     name: str
     ctype: ColumnType
+    attnum: int = 0  # the source column's pg_attribute.attnum: tells a RENAME from a DROP and ADD
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,17 @@ class Sink(Protocol):
     def ensure_table(self, table: SinkTable) -> None: ...
 
     def apply(self, table: SinkTable, delta: TableDelta) -> None: ...
+
+    # Schema changes, inside the open transaction (see pgbridge.cdc.ddl).
+    def alter_table(self, old: SinkTable, steps: Sequence[Step]) -> bool: ...
+
+    def drop_table(self, table: SinkTable) -> None: ...
+
+    def rename_table(self, table: SinkTable, name: str) -> None: ...
+
+    def replace_rows(self, table: SinkTable) -> None: ...
+
+    def save_definition(self, schema: str, name: str, definition: str | None) -> None: ...
 
     def commit(self, lsn: LSN) -> None: ...
 

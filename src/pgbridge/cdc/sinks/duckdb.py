@@ -9,12 +9,14 @@ pipeline skips exactly what the warehouse already holds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from pgbridge.cdc.ddl import DropColumn, RenameColumn, RetypeColumn, Step
 from pgbridge.cdc.reduce import UNCHANGED, Cell, TableDelta
 from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable
 from pgbridge.cdc.typemap import duckdb_cast_expr
@@ -53,6 +55,12 @@ class DuckDBSink:
             f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.checkpoint"
             " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
         )
+        # The shape of each replicated table, as of the checkpoint: written in the same transaction
+        # as the data, so a restart resumes with the shapes the stream expects at that position.
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.tables (pipeline VARCHAR NOT NULL,"
+            " schema_name VARCHAR NOT NULL, table_name VARCHAR NOT NULL, definition VARCHAR NOT NULL)"
+        )
         self._in_tx = False
 
     # -- transactions ---------------------------------------------------------------------
@@ -73,6 +81,11 @@ class DuckDBSink:
         self.con.execute("COMMIT")
         self._in_tx = False
 
+    def commit_meta(self) -> None:
+        """Commit without moving the checkpoint (bookkeeping, a re-copy outside the stream)."""
+        self.con.execute("COMMIT")
+        self._in_tx = False
+
     def rollback(self) -> None:
         if self._in_tx:
             self.con.execute("ROLLBACK")
@@ -86,10 +99,71 @@ class DuckDBSink:
     def target(self, t: SinkTable) -> str:
         return f"{qi(t.schema)}.{qi(t.name)}"
 
+    @staticmethod
+    def column_list(t: SinkTable) -> str:
+        return ", ".join(qi(c.name) for c in t.columns)
+
     def ensure_table(self, t: SinkTable) -> None:
         cols = ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in t.columns)
         self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {qi(t.schema)}")
         self.con.execute(f"CREATE TABLE IF NOT EXISTS {self.target(t)} ({cols})")
+
+    def alter_table(self, old: SinkTable, steps: Sequence[Step]) -> bool:
+        """Apply ``steps`` (from :func:`~pgbridge.cdc.ddl.plan_alter`) inside the open transaction.
+
+        Returns True when the caller must re-copy the table's rows: a changed column type is taken
+        to NULL in place (keeping its position), because only the source knows how PostgreSQL
+        converted each value (``USING`` expressions, rounding, ...).
+        """
+        target, recopy = self.target(old), False
+        try:
+            for step in steps:
+                if isinstance(step, DropColumn):
+                    self.con.execute(f"ALTER TABLE {target} DROP COLUMN {qi(step.name)}")
+                elif isinstance(step, RenameColumn):
+                    self.con.execute(f"ALTER TABLE {target} RENAME COLUMN {qi(step.old)} TO {qi(step.new)}")
+                elif isinstance(step, RetypeColumn):
+                    c, recopy = step.column, True
+                    self.con.execute(
+                        f"ALTER TABLE {target} ALTER COLUMN {qi(c.name)} TYPE {c.ctype.sql_type} USING NULL"
+                    )
+                else:
+                    c = step.column
+                    self.con.execute(f"ALTER TABLE {target} ADD COLUMN {qi(c.name)} {c.ctype.sql_type}")
+                    if step.missing is not None:
+                        value = duckdb_cast_expr(c.ctype, "?::VARCHAR")
+                        self.con.execute(f"UPDATE {target} SET {qi(c.name)} = {value}", [step.missing])
+        except duckdb.Error as e:
+            raise SinkError(f"changing the shape of {old.schema}.{old.name} in the warehouse failed: {e}") from None
+        return recopy
+
+    def drop_table(self, t: SinkTable) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS {self.target(t)}")
+
+    def rename_table(self, t: SinkTable, name: str) -> None:
+        self.con.execute(f"ALTER TABLE {self.target(t)} RENAME TO {qi(name)}")
+
+    def replace_rows(self, t: SinkTable) -> None:
+        """Empty ``t`` before a re-copy (inside the open transaction)."""
+        self.con.execute(f"DELETE FROM {self.target(t)}")
+
+    # -- the registry of table shapes -----------------------------------------------------------
+    def definitions(self) -> dict[tuple[str, str], str]:
+        rows = self.con.execute(
+            f"SELECT schema_name, table_name, definition FROM {META_SCHEMA}.tables WHERE pipeline = ?", [self.pipeline]
+        ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def save_definition(self, schema: str, name: str, definition: str | None) -> None:
+        """Record (or with None, forget) a table's source shape; call inside the open transaction."""
+        self.con.execute(
+            f"DELETE FROM {META_SCHEMA}.tables WHERE pipeline = ? AND schema_name = ? AND table_name = ?",
+            [self.pipeline, schema, name],
+        )
+        if definition is not None:
+            self.con.execute(
+                f"INSERT INTO {META_SCHEMA}.tables VALUES (?, ?, ?, ?)", [self.pipeline, schema, name, definition]
+            )
 
     # -- apply ------------------------------------------------------------------------------
     def _key_match(self, t: SinkTable, left: str, right: str) -> str:
@@ -136,5 +210,5 @@ class DuckDBSink:
             con.execute(f"DELETE FROM {target} AS o USING _pgb_del d WHERE {self._key_match(t, 'o', 'd')}")
             con.unregister("_pgb_del")
         if rows:
-            con.execute(f"INSERT INTO {target} SELECT * FROM _pgb_res")
+            con.execute(f"INSERT INTO {target} ({self.column_list(t)}) SELECT * FROM _pgb_res")
             con.execute("DROP TABLE _pgb_res")
