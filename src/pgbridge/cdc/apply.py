@@ -100,6 +100,7 @@ class Applier:
         self.applied_end: LSN | None = None  # its end LSN (what was confirmed to the server)
         self.stats = ApplyStats()
         self._rels: dict[int, _Rel | None] = {}
+        self._relmsgs: dict[int, Relation] = {}  # the last Relation message of each oid
         self._deltas: dict[int, TableDelta] = {}
         self._pending_changes = 0
         self._in_txn = False
@@ -210,6 +211,38 @@ class Applier:
         self.stats.batches += 1
         return confirm
 
+    @property
+    def in_transaction(self) -> bool:
+        """Inside a source transaction: the warehouse may hold part of it in an open transaction."""
+        return self._in_txn
+
+    def reset_table(self, st: SourceTable) -> None:
+        """Re-create a table from its current source shape and rows (``pipeline resync TABLE``).
+
+        Call between source transactions, after :meth:`flush`. The rows are read now, later than
+        the warehouse's position, so the changes the stream replays afterwards only move them
+        forward; the checkpoint does not move.
+        """
+        assert self.catalog is not None and not self._in_txn
+        ident = (st.schema, st.name)
+        self._open_sink()
+        try:
+            self._forget(ident)
+            table = self._adopt(st)
+            for msg in [m for m in self._relmsgs.values() if (m.namespace, m.name) == ident]:
+                self._relation(msg)  # no Relation message will come again: map the columns now
+            self.catalog.recopy(st, table)
+            self.broken.pop(st.qualified, None)
+            if self.checkpoint is not None:
+                self.sink.commit(self.checkpoint)
+            else:
+                self.sink.commit_meta()
+        except BaseException:
+            self.sink.rollback()
+            raise
+        finally:
+            self._sink_open = False
+
     def abort(self) -> None:
         """Drop everything not yet committed (the caller restarts from the sink's checkpoint)."""
         self.sink.rollback()
@@ -222,6 +255,7 @@ class Applier:
 
     # -- internals --------------------------------------------------------------------------
     def _relation(self, msg: Relation) -> None:
+        self._relmsgs[msg.oid] = msg
         ident = (msg.namespace or "pg_catalog", msg.name)
         table = self.tables.get(ident)
         if table is None and self.catalog is not None:

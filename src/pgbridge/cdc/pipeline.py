@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,6 +28,7 @@ import duckdb
 import psycopg
 
 from pgbridge.cdc.apply import Applier, BatchLimits
+from pgbridge.cdc.pgoutput import Begin, Message
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink
 from pgbridge.cdc.snapshot import (
@@ -45,7 +48,8 @@ from pgbridge.cdc.source import (
     slot_exists,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
-from pgbridge.errors import PgbridgeError
+from pgbridge.cdc.validate import validate_table
+from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.types import LSN
 
 QUERY_ROW_LIMIT = 10_000
@@ -143,7 +147,13 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
         cur.close()
 
 
-def serve_queries(owner: duckdb.DuckDBPyConnection, path: Path, stop: threading.Event) -> threading.Thread:
+def serve_queries(
+    owner: duckdb.DuckDBPyConnection,
+    path: Path,
+    stop: threading.Event,
+    control: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> threading.Thread:
+    """Answer ``{"sql": ...}`` read-only queries, and ``{"op": ...}`` requests through ``control``."""
     con = owner.cursor()  # made in the owner's thread; handler threads only take cursors of it
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -162,8 +172,11 @@ def serve_queries(owner: duckdb.DuckDBPyConnection, path: Path, stop: threading.
                     return
                 data += chunk
             try:
-                sql = json.loads(data)["sql"]
-                answer = run_query(con, sql)
+                request = json.loads(data)
+                if isinstance(request, dict) and "op" in request and control is not None:
+                    answer = control(request)
+                else:
+                    answer = run_query(con, request["sql"])
             except (ValueError, KeyError, TypeError):
                 answer = {"error": 'malformed request: send one JSON line {"sql": "..."}'}
             conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
@@ -186,10 +199,15 @@ def serve_queries(owner: duckdb.DuckDBPyConnection, path: Path, stop: threading.
 
 def query(socket_path: Path, sql: str, timeout: float = 60) -> dict[str, Any]:
     """Client side of `pgbridge query`."""
+    return request(socket_path, {"sql": sql}, timeout)
+
+
+def request(socket_path: Path, payload: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    """One JSON request to the daemon's socket, one JSON answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(socket_path))
-        s.sendall(json.dumps({"sql": sql}).encode() + b"\n")
+        s.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(1 << 20)
@@ -207,20 +225,50 @@ _STATE_DDL = (
 )
 
 
-def pump(stream: ReplicationStream, applier: Applier, *, max_messages: int = 20_000, max_wait_s: float = 0.2) -> int:
-    """One cycle: read a batch, fold it in, commit what is due, confirm only what is durable."""
-    batch = stream.read_batch(max_messages=max_messages, max_wait_s=max_wait_s)
-    for msg in batch.messages:
+def pump(
+    stream: ReplicationStream,
+    applier: Applier,
+    *,
+    max_messages: int = 20_000,
+    max_wait_s: float = 0.2,
+    held: deque[Message] | None = None,
+    until: LSN | None = None,
+) -> int:
+    """One cycle: read a batch, fold it in, commit what is due, confirm only what is durable.
+
+    With ``until``, no transaction committing at or after it is fed: its messages and everything
+    after them wait in ``held``, which the next call feeds first (``validate`` compares the warehouse
+    exactly as of a source snapshot this way).
+    """
+    if held:
+        messages, fresh = list(held), False
+        held.clear()
+    else:
+        messages, fresh = stream.read_batch(max_messages=max_messages, max_wait_s=max_wait_s).messages, True
+    for i, msg in enumerate(messages):
+        if until is not None and held is not None and isinstance(msg, Begin) and msg.final_lsn >= until:
+            held.extend(messages[i:])
+            break
         confirm = applier.feed(msg)
         if confirm is not None:
             stream.confirm(confirm)
-    if applier.due() or not batch.messages:
-        confirm = applier.flush()
+    if applier.due() or (fresh and not messages) or held:
+        confirm = applier.flush() if not applier.in_transaction else None
         if confirm is not None:
             stream.confirm(confirm)
-    if applier.idle:
+    if applier.idle and not held:
         stream.confirm_idle()  # nothing in flight: let the slot advance so WAL is not pinned
-    return len(batch.messages)
+    return len(messages)
+
+
+@dataclass
+class _Job:
+    """A request that needs the warehouse writer: run by the stream loop between transactions."""
+
+    op: str
+    args: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] = field(default_factory=dict)
 
 
 class _Stopping(Exception):
@@ -235,6 +283,97 @@ class Pipeline:
         self.stop = threading.Event()
         self.sink = DuckDBSink(cfg.warehouse, cfg.name)
         self.sink.con.execute(_STATE_DDL)
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.held: deque[Message] = deque()  # read from the stream, not yet fed (see pump)
+
+    # -- requests from `pgbridge pipeline validate|resync` --------------------------------------
+    def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op not in ("validate", "resync"):
+            return {"error": f"unknown request {op!r}"}
+        if self.status.phase != "streaming":
+            return {"error": f"the pipeline is {self.status.phase}; {op} needs it streaming"}
+        job = _Job(str(op), {k: v for k, v in req.items() if k != "op"})
+        self.jobs.put(job)
+        if not job.done.wait(float(req.get("timeout", 3600))):
+            return {"error": f"{op} did not finish in time; it goes on in the pipeline"}
+        return job.result
+
+    def _run_jobs(self, stream: ReplicationStream, applier: Applier) -> None:
+        confirm = applier.flush()
+        if confirm is not None:
+            stream.confirm(confirm)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                job.result = self._job(job, stream, applier)
+            except PgbridgeError as e:
+                job.result = {"error": e.message}
+            except (psycopg.Error, duckdb.Error) as e:
+                job.result = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
+            finally:
+                job.done.set()
+
+    def _job(self, job: _Job, stream: ReplicationStream, applier: Applier) -> dict[str, Any]:
+        wanted = job.args.get("tables") or []
+        known = {f"{schema}.{name}": (schema, name) for schema, name in applier.sources}
+        unknown = [t for t in wanted if t not in known]
+        if job.op == "resync":
+            results = []
+            for name in wanted:
+                schema, _, table = name.partition(".")
+                st = self.lookup(schema, table)
+                if st is None:
+                    return {"error": f"{name} is not a table this pipeline replicates"}
+                applier.reset_table(st)
+                results.append({"table": name, "rows": self._count(applier.tables[(st.schema, st.name)])})
+            return {"tables": results}
+        if unknown:
+            return {"error": f"not replicated by this pipeline: {', '.join(unknown)}"}
+
+        def catch_up(lsn: LSN) -> None:
+            """Apply exactly the transactions that committed before ``lsn``, then hold the stream."""
+            deadline = time.monotonic() + 600
+            while True:
+                nxt = self.held[0] if self.held else None
+                caught = isinstance(nxt, Begin) and nxt.final_lsn >= lsn
+                caught = caught or (not self.held and applier.idle and stream.server_wal_end >= lsn)
+                if caught and not applier.in_transaction:
+                    confirm = applier.flush()
+                    if confirm is not None:
+                        stream.confirm(confirm)
+                    return
+                if time.monotonic() > deadline:
+                    raise TransientError(f"the warehouse did not reach {lsn} within 10 minutes")
+                if applier.idle:
+                    stream.send_status(reply=True)  # ask for a keepalive carrying the server's WAL end
+                pump(stream, applier, held=self.held, until=lsn)
+
+        results = []
+        for name in sorted(wanted or known):
+            if name in applier.broken:
+                results.append({"table": name, "ok": False, "error": applier.broken[name]})
+                continue
+            ident = known[name]
+            stt = applier.tables[ident]
+            r = validate_table(
+                self.cfg.dsn,
+                applier.sources[ident],
+                stt,
+                self.sink.con,
+                self.sink.target(stt),
+                catch_up,
+                repair=bool(job.args.get("repair")),
+            )
+            results.append(r.as_dict())
+        return {"tables": results}
+
+    def _count(self, t: SinkTable) -> int:
+        row = self.sink.con.execute(f"SELECT count(*) FROM {self.sink.target(t)}").fetchone()
+        return int(row[0]) if row else 0
 
     def _phase(self) -> tuple[str | None, LSN | None]:
         row = self.sink.con.execute(
@@ -258,7 +397,7 @@ class Pipeline:
         return [t for t in found if not t.problem]
 
     def run(self) -> None:
-        serve_queries(self.sink.con, Path(self.cfg.socket), self.stop)
+        serve_queries(self.sink.con, Path(self.cfg.socket), self.stop, self.control)
         self.status.state = "running"
         tables = self.tables()
         phase, _start = self._phase()
@@ -358,7 +497,7 @@ class Pipeline:
             with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream:
                 self.status.state = "running"
                 while not self.stop.is_set():
-                    pump(stream, applier)
+                    pump(stream, applier, held=self.held)
                     st = self.status
                     st.transactions, st.changes = applier.stats.transactions, applier.stats.changes
                     st.rows_by_table = dict(applier.stats.rows_by_table)
@@ -372,6 +511,8 @@ class Pipeline:
                         st.changes_per_s = (st.changes - window_changes) / (now - window_start)
                         window_start, window_changes = now, st.changes
                     self.status_file.write()
+                    if not self.jobs.empty() and not applier.in_transaction:
+                        self._run_jobs(stream, applier)
                 confirm = applier.flush()
                 if confirm is not None:
                     stream.confirm(confirm)
@@ -380,6 +521,10 @@ class Pipeline:
 
     def close(self) -> None:
         self.stop.set()
+        while not self.jobs.empty():
+            job = self.jobs.get_nowait()
+            job.result = {"error": "the pipeline stopped before it could run this"}
+            job.done.set()
         if self.status.state != "error":  # an error stays visible to `pipeline status`
             self.status.state = "stopped"
         with contextlib.suppress(OSError):
