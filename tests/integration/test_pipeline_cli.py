@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -120,3 +123,73 @@ def test_stop_start_and_up_keeps_it_stopped(dep: Env) -> None:
     assert json.loads(dep.run("pipeline", "status", "--json").stdout)["process"]["state"] != "RUNNING"
     dep.run("pipeline", "start")
     wait_same(dep, CHECK_SRC, CHECK_WH)
+
+
+def test_ddl_reaches_the_warehouse(dep: Env) -> None:
+    with app(dep) as c:
+        c.execute("ALTER TABLE customers ADD COLUMN tier text DEFAULT 'basic'")
+        c.execute("UPDATE customers SET tier = 'gold' WHERE id <= 10")
+        c.execute("ALTER TABLE customers RENAME COLUMN total TO lifetime_total")
+    src = "SELECT count(*), sum(lifetime_total), count(*) FILTER (WHERE tier = 'gold') FROM customers"
+    wait_same(dep, src, src.replace("FROM customers", "FROM shop.customers"))
+
+
+def as_service_user(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def test_validate_catches_a_row_changed_in_the_warehouse_and_repair_fixes_it(dep: Env) -> None:
+    assert dep.run("pipeline", "validate").returncode == 0
+    dep.run("pipeline", "stop")
+    warehouse_file = dep.home / "warehouse" / "analytics.duckdb"
+    tamper = (
+        f"import duckdb; c = duckdb.connect({str(warehouse_file)!r});"
+        " c.execute('UPDATE shop.customers SET email = email || \\'!\\' WHERE id = 42'); c.close()"
+    )
+    subprocess.run(as_service_user([sys.executable, "-c", tamper]), check=True)
+    dep.run("pipeline", "start")
+    r = dep.run("pipeline", "validate", check=False)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "shop.customers" in r.stdout and "contents differ" in r.stdout
+    r = dep.run("pipeline", "validate", "--repair", "--json")
+    (customers,) = [t for t in json.loads(r.stdout) if t["table"] == "shop.customers"]
+    assert customers["repaired"] and customers["ok"]
+    assert dep.run("pipeline", "validate", "shop.customers").returncode == 0
+    bad = dep.run("pipeline", "validate", "shop.nope", check=False)
+    assert bad.returncode == 5 and "not replicated" in bad.stderr
+
+
+def test_lost_slot_is_reported_and_a_full_resync_killed_mid_load_still_converges(dep: Env) -> None:
+    with app(dep) as c:
+        c.execute("CREATE TABLE bulk (id bigint PRIMARY KEY, pad text)")
+        c.execute("INSERT INTO bulk SELECT g, repeat('x', 40) FROM generate_series(1, 600000) g")
+    wait_same(dep, "SELECT count(*) FROM bulk", "SELECT count(*) FROM shop.bulk", timeout=120)
+    dep.run("pipeline", "stop")
+    with psycopg.connect(dep.dsn("shop_cdc"), autocommit=True) as c:  # the slot vanishes (an operator, a bug)
+        c.execute("SELECT pg_drop_replication_slot('pgbridge_analytics')")
+    dep.run("pipeline", "start")
+    deadline = time.monotonic() + 60
+    while (s := json.loads(dep.run("pipeline", "status", "--json").stdout))["phase"] != "slot-lost":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.3)
+    assert s["state"] == "error" and "pipeline resync" in s["last_error"]
+    assert not s["slot"]["exists"]  # never recreated silently
+    status_file = dep.home / "run" / "pipeline-analytics.status.json"
+    status_file.unlink()
+    dep.run("pipeline", "resync")
+    deadline = time.monotonic() + 60
+    while True:  # the status file, not the CLI: the load takes about a second
+        with contextlib.suppress(OSError, ValueError):
+            s = json.loads(status_file.read_text())
+            if s["phase"] == "initial-load":
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(s["pid"], signal.SIGKILL)  # mid-load: supervisord restarts it, the load starts over
+    with app(dep) as c:
+        c.execute("UPDATE bulk SET pad = 'changed' WHERE id % 1000 = 0")
+    wait_same(dep, "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM bulk",
+              "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM shop.bulk", timeout=180)  # fmt: skip
+    wait_same(dep, CHECK_SRC.replace("total", "lifetime_total"), CHECK_WH.replace("total", "lifetime_total"))
+    assert dep.run("pipeline", "validate").returncode == 0

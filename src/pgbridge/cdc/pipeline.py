@@ -30,7 +30,7 @@ import psycopg
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.pgoutput import Begin, Message
 from pgbridge.cdc.sinks.base import SinkTable
-from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink
+from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
 from pgbridge.cdc.snapshot import (
     LoadProgress,
     SourceTable,
@@ -64,6 +64,7 @@ class PipelineConfig:
     warehouse: str
     status_file: str
     socket: str
+    resync_file: str = ""  # present: start over (new slot, empty warehouse, initial load)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     exclude_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -399,6 +400,9 @@ class Pipeline:
     def run(self) -> None:
         serve_queries(self.sink.con, Path(self.cfg.socket), self.stop, self.control)
         self.status.state = "running"
+        if self.cfg.resync_file and Path(self.cfg.resync_file).exists():
+            self._reset()
+            Path(self.cfg.resync_file).unlink()
         tables = self.tables()
         phase, _start = self._phase()
         exists = slot_exists(self.cfg.dsn, self.cfg.slot)
@@ -412,6 +416,25 @@ class Pipeline:
                 return  # committed ranges stay recorded; the next start loads again
         if not self.stop.is_set():
             self._stream()
+
+    def _reset(self) -> None:
+        """Forget everything replicated so far: the next steps create a new slot and load again."""
+        from pgbridge.cdc.snapshot import PROGRESS_TABLE
+        from pgbridge.cdc.source import drop_slot
+
+        drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
+        con = self.sink.con
+        con.execute("BEGIN TRANSACTION")
+        for schema, name in self.sink.definitions():
+            con.execute(f"DROP TABLE IF EXISTS {qi(schema)}.{qi(name)}")
+        for table in ("pipeline_state", "checkpoint", "tables"):
+            con.execute(f"DELETE FROM {META_SCHEMA}.{table} WHERE pipeline = ?", [self.cfg.name])
+        schema, table = PROGRESS_TABLE.split(".")
+        if con.execute(
+            "SELECT 1 FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?", [schema, table]
+        ).fetchone():
+            con.execute(f"DELETE FROM {PROGRESS_TABLE} WHERE pipeline = ?", [self.cfg.name])
+        con.execute("COMMIT")
 
     def _slot_lost(self, why: str) -> None:
         self.status.state, self.status.phase = "error", "slot-lost"

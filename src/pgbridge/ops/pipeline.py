@@ -18,7 +18,7 @@ from psycopg import sql
 
 from pgbridge.cdc import ddl
 from pgbridge.cdc.pipeline import PipelineConfig
-from pgbridge.cdc.pipeline import query as socket_query
+from pgbridge.cdc.pipeline import request as socket_request
 from pgbridge.cdc.source import slot_status
 from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
 from pgbridge.home import write_if_changed
@@ -35,6 +35,7 @@ class PipelinePaths:
     warehouse: Path
     status: Path
     socket: Path
+    resync: Path
     program: str
     slot: str
     publication: str
@@ -52,6 +53,7 @@ def paths(dep: Deployment) -> PipelinePaths:
         warehouse=h.root / "warehouse" / f"{p.name}.duckdb",
         status=h.run / f"pipeline-{p.name}.status.json",
         socket=h.run / f"pipeline-{p.name}.sock",
+        resync=h.run / f"pipeline-{p.name}.resync",
         program=f"pipeline-{p.name}",
         slot=f"pgbridge_{p.name}",
         publication=f"pgbridge_{p.name}",
@@ -82,6 +84,7 @@ def config(dep: Deployment) -> PipelineConfig:
         warehouse=str(pp.warehouse),
         status_file=str(pp.status),
         socket=str(pp.socket),
+        resync_file=str(pp.resync),
         include=tuple(spec.pipeline_include()),
         exclude=tuple(p.tables.exclude),
         exclude_columns={k: tuple(v) for k, v in p.tables.exclude_columns.items()},
@@ -201,10 +204,9 @@ def start(dep: Deployment) -> Report:
     return report
 
 
-def query(dep: Deployment, text: str, timeout: float = 120) -> dict[str, Any]:
+def _ask(dep: Deployment, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to the running pipeline daemon over its socket."""
     pp = paths(dep)
-    if not text.strip():
-        raise UsageError("empty query")
     deadline = time.monotonic() + 10
     while not pp.socket.exists():
         if time.monotonic() > deadline:
@@ -214,9 +216,48 @@ def query(dep: Deployment, text: str, timeout: float = 120) -> dict[str, Any]:
             )
         time.sleep(0.2)
     try:
-        result = socket_query(pp.socket, text, timeout=timeout)
+        return socket_request(pp.socket, payload, timeout=timeout)
     except (OSError, ValueError) as e:
-        raise DeploymentError(f"the pipeline did not answer the query: {e}") from None
+        raise DeploymentError(f"the pipeline did not answer: {e}") from None
+
+
+def query(dep: Deployment, text: str, timeout: float = 120) -> dict[str, Any]:
+    if not text.strip():
+        raise UsageError("empty query")
+    result = _ask(dep, {"sql": text}, timeout)
     if "error" in result:
         raise UsageError(f"query failed: {result['error']}")
     return result
+
+
+def validate(dep: Deployment, tables: list[str], repair: bool = False) -> list[dict[str, Any]]:
+    """`pipeline validate`: per-table results from the daemon (see pgbridge.cdc.validate)."""
+    result = _ask(dep, {"op": "validate", "tables": tables, "repair": repair, "timeout": 3600}, 3700)
+    if "error" in result:
+        raise DeploymentError(f"validation could not run: {result['error']}")
+    tables_out: list[dict[str, Any]] = result["tables"]
+    return tables_out
+
+
+def resync(dep: Deployment, tables: list[str]) -> Report:
+    """`pipeline resync [TABLE...]`: re-copy tables in the running daemon, or everything from a new slot."""
+    pp, report = paths(dep), Report()
+    if tables:
+        result = _ask(dep, {"op": "resync", "tables": tables, "timeout": 3600}, 3700)
+        if "error" in result:
+            raise DeploymentError(f"resync failed: {result['error']}")
+        for t in result["tables"]:
+            report.add(t["table"], "changed", f"re-copied {t['rows']} rows")
+        return report
+    if not dep.supervisor.running():
+        raise DeploymentError("the deployment is stopped", hint="run `pgbridge up` first")
+    # The daemon does it at start: drop the old slot (if any), clear the warehouse, load afresh.
+    dep.supervisor.stop_program(pp.program)
+    pp.resync.write_text("requested\n")
+    system.chown(pp.resync, dep.settings.user)
+    state = dep.state
+    state.pop("pipeline_stopped", None)
+    dep.home.write_state(state)
+    dep.supervisor.start_program(pp.program)
+    report.add(pp.program, "started", "full resync: new slot, initial load of every table")
+    return report
