@@ -193,3 +193,19 @@ def test_lost_slot_is_reported_and_a_full_resync_killed_mid_load_still_converges
               "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM shop.bulk", timeout=180)  # fmt: skip
     wait_same(dep, CHECK_SRC.replace("total", "lifetime_total"), CHECK_WH.replace("total", "lifetime_total"))
     assert dep.run("pipeline", "validate").returncode == 0
+
+
+def test_an_idle_pipeline_lets_its_slot_advance(dep: Env) -> None:
+    with app(dep) as c:  # WAL the pipeline has no use for: a table the spec excludes
+        c.execute("INSERT INTO secret_notes SELECT g, 'x' FROM generate_series(100, 5000) g")
+        row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    target = [int(x, 16) for x in row[0].split("/")]
+    deadline = time.monotonic() + 90
+    while True:
+        slot = json.loads(dep.run("pipeline", "status", "--json").stdout)["slot"]
+        confirmed = [int(x, 16) for x in (slot["confirmed_flush_lsn"] or "0/0").split("/")]
+        if confirmed >= target:
+            break
+        assert time.monotonic() < deadline, f"slot stuck at {slot} below {row[0]}"
+        time.sleep(1)
