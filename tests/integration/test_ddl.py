@@ -164,3 +164,90 @@ def test_ddl_reaches_the_warehouse_in_order_with_the_data(pg: Server, tmp_path: 
         d.stop()
         with psycopg.connect(pg.dsn, autocommit=True) as c:
             c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+
+
+def test_random_dml_interleaved_with_random_ddl(pg: Server, tmp_path: Path) -> None:
+    """The differential oracle with schema changes in the mix, a TOASTed column left unchanged by
+    updates, key moves, a TRUNCATE and one transaction larger than the batch limit."""
+    import random
+
+    rng = random.Random(20261121)
+    s = f"r_{uuid.uuid4().hex[:6]}"
+    t = f"{s}.t"
+    pg.sql(f"CREATE SCHEMA {s}")
+    pg.sql(f"CREATE TABLE {t} (id int PRIMARY KEY, doc text, c0 int)")
+    pg.sql(f"CREATE PUBLICATION pub_{s} FOR TABLES IN SCHEMA {s}")
+    cfg = PipelineConfig(
+        name="rnd",
+        dsn=pg.dsn,
+        slot=f"slot_{s}",
+        publication=f"pub_{s}",
+        warehouse=str(tmp_path / "w.duckdb"),
+        status_file=str(tmp_path / "status.json"),
+        socket=str(tmp_path / "q.sock"),
+        include=(f"{s}.*",),
+        max_rows=2000,
+        max_wait_ms=50,
+    )
+    d = Daemon(cfg)
+    d.start()
+    big = "".join(uuid.uuid4().hex for _ in range(400))  # stored out of line
+    extra: list[str] = ["c0"]
+    next_id, serial = 1, 1
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            for step in range(120):
+                op = rng.random()
+                with c.transaction():
+                    if op < 0.08:  # schema change, sometimes with rows around it in the same transaction
+                        c.execute(f"INSERT INTO {t} (id, doc) VALUES (%s, 'pre')", (next_id,))
+                        next_id += 1
+                        kind = rng.choice(["add", "drop", "rename", "type"] if extra else ["add"])
+                        if kind == "add":
+                            name = f"c{serial}"
+                            serial += 1
+                            c.execute(f"ALTER TABLE {t} ADD COLUMN {name} int DEFAULT {rng.randint(0, 9)}")
+                            extra.append(name)
+                        elif kind == "drop":
+                            c.execute(f"ALTER TABLE {t} DROP COLUMN {extra.pop(rng.randrange(len(extra)))}")
+                        elif kind == "rename":
+                            i, name = rng.randrange(len(extra)), f"c{serial}"
+                            serial += 1
+                            c.execute(f"ALTER TABLE {t} RENAME COLUMN {extra[i]} TO {name}")
+                            extra[i] = name
+                        else:
+                            col = rng.choice(extra)
+                            c.execute(f"ALTER TABLE {t} ALTER COLUMN {col} TYPE bigint USING {col} * 3")
+                    elif op < 0.45 or next_id < 20:
+                        for _ in range(rng.randint(1, 8)):
+                            cols = ["id", "doc", *extra]
+                            vals = [next_id, rng.choice([None, big, "small"])] + [
+                                rng.choice([None, rng.randint(-5, 5)]) for _ in extra
+                            ]
+                            c.execute(
+                                f"INSERT INTO {t} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})", vals
+                            )
+                            next_id += 1
+                    elif op < 0.7 and extra:  # leaves doc (maybe TOASTed) unchanged
+                        c.execute(f"UPDATE {t} SET {rng.choice(extra)} = %s WHERE id %% 5 = %s", (step, step % 5))
+                    elif op < 0.78:
+                        c.execute(f"UPDATE {t} SET id = id + 100000 WHERE id = (SELECT min(id) FROM {t})")
+                    elif op < 0.95:
+                        c.execute(f"DELETE FROM {t} WHERE id %% 7 = %s", (step % 7,))
+                    elif op < 0.97:
+                        c.execute(f"TRUNCATE {t}")
+                    else:
+                        c.execute(f"UPDATE {t} SET doc = %s WHERE id %% 3 = 0", (big[::-1],))
+            with c.transaction():  # larger than max_rows: applied in chunks inside one warehouse transaction
+                c.execute(
+                    f"INSERT INTO {t} (id, doc) SELECT g, 'bulk' FROM generate_series(%s::int, %s::int) g",
+                    (next_id, next_id + 7000),
+                )
+                c.execute(f"UPDATE {t} SET doc = 'bulk2' WHERE id > %s", (next_id + 3500,))
+        converge(pg, Path(cfg.socket), f"(SELECT * FROM {t} ORDER BY id LIMIT 10000) q")
+        converge(pg, Path(cfg.socket), f"(SELECT count(*) AS n, sum(length(doc)) AS l FROM {t}) q")
+        assert d.pipeline is not None and not d.pipeline.status.needs_resync
+    finally:
+        d.stop()
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")

@@ -89,6 +89,8 @@ def test_tables_created_after_up_replicate_and_are_queryable(dep: Env) -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr  # excluded by the spec
     r = dep.run("query", "DROP TABLE shop.customers", check=False)
     assert r.returncode == 2 and "read-only" in r.stderr
+    ts = json.loads(dep.run("query", "SELECT TIMESTAMPTZ '2026-01-01 12:00:00+00' AS t", "--json").stdout)
+    assert ts[0]["t"].startswith("2026-01-01 12:00:00")
     csv_out = dep.run("query", "SELECT 1 AS a, 'x' AS b", "--csv").stdout
     assert csv_out.splitlines() == ["a,b", "1,x"]
 

@@ -181,6 +181,12 @@ class Applier:
             and time.monotonic() - self._first_commit_at >= self.limits.max_wait_s
         )
 
+    def due_in(self) -> float | None:
+        """Seconds until the pending batch is due (0: now); None when nothing committed is pending."""
+        if self._first_commit_at is None:
+            return None
+        return max(0.0, self.limits.max_wait_s - (time.monotonic() - self._first_commit_at))
+
     def lag_seconds(self, now: float | None = None) -> float:
         """Age of the oldest source commit received but not yet in the warehouse (0 when none)."""
         if self._oldest_pending_commit is None:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,13 +26,16 @@ from typing import Any
 
 import duckdb
 import psycopg
+from psycopg import sql
 
-from pgbridge.cdc.apply import Applier, BatchLimits
+from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
 from pgbridge.cdc.pgoutput import Begin, Message
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
 from pgbridge.cdc.snapshot import (
+    LOAD_LOCK_TIMEOUT,
     LoadProgress,
+    SnapshotSourceError,
     SourceTable,
     copy_rows,
     discover_tables,
@@ -245,7 +248,9 @@ def pump(
         messages, fresh = list(held), False
         held.clear()
     else:
-        messages, fresh = stream.read_batch(max_messages=max_messages, max_wait_s=max_wait_s).messages, True
+        due_in = applier.due_in()  # a committed batch waiting: read no longer than until it is due
+        wait = max_wait_s if due_in is None else min(max_wait_s, max(due_in, 0.005))
+        messages, fresh = stream.read_batch(max_messages=max_messages, max_wait_s=wait).messages, True
     for i, msg in enumerate(messages):
         if until is not None and held is not None and isinstance(msg, Begin) and msg.final_lsn >= until:
             held.extend(messages[i:])
@@ -270,6 +275,10 @@ class _Job:
     args: dict[str, Any]
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] = field(default_factory=dict)
+
+
+class _ShapeChanged(Exception):
+    """DDL committed between the slot's snapshot and the load's locks: start over."""
 
 
 class _Stopping(Exception):
@@ -389,9 +398,10 @@ class Pipeline:
         )
         self.status.phase = phase
 
-    def tables(self) -> list[SourceTable]:
-        with psycopg.connect(self.cfg.dsn, connect_timeout=10) as c:
-            found = discover_tables(c, self.cfg.include, self.cfg.exclude, self.cfg.exclude_columns)
+    def _discover(self, conn: psycopg.Connection[Any], only: list[str] | None = None) -> list[SourceTable]:
+        found = discover_tables(
+            conn, only or self.cfg.include, () if only else self.cfg.exclude, self.cfg.exclude_columns
+        )
         refused = [t for t in found if t.problem]
         if refused:
             self.status.last_error = "; ".join(t.problem or "" for t in refused)
@@ -403,7 +413,6 @@ class Pipeline:
         if self.cfg.resync_file and Path(self.cfg.resync_file).exists():
             self._reset()
             Path(self.cfg.resync_file).unlink()
-        tables = self.tables()
         phase, _start = self._phase()
         exists = slot_exists(self.cfg.dsn, self.cfg.slot)
         if phase == "streaming" and not exists:
@@ -411,7 +420,7 @@ class Pipeline:
             return
         if phase != "streaming":
             try:
-                self._initial_load(tables, exists)
+                self._initial_load(exists)
             except _Stopping:
                 return  # committed ranges stay recorded; the next start loads again
         if not self.stop.is_set():
@@ -443,7 +452,7 @@ class Pipeline:
         while not self.stop.wait(1):
             self.status_file.write()
 
-    def _initial_load(self, tables: list[SourceTable], slot_already: bool) -> None:
+    def _initial_load(self, slot_already: bool) -> None:
         from pgbridge.cdc.source import drop_slot
 
         if slot_already:  # a load that died: its snapshot is gone, start the load over
@@ -457,21 +466,66 @@ class Pipeline:
             if self.stop.is_set():
                 raise _Stopping
 
-        with create_slot(self.cfg.dsn, self.cfg.slot) as s:
-            load_snapshot(
-                self.cfg.dsn,
-                s.snapshot_name,
-                tables,
-                self.sink,
-                workers=self.cfg.load_workers,
-                consistent_lsn=s.consistent_lsn,
-                progress=progress,
-            )
-            self.sink.begin()
+        for attempt in range(20):
+            try:
+                with create_slot(self.cfg.dsn, self.cfg.slot) as s:
+                    with self._snapshot_tables(s.snapshot_name) as tables:
+                        load_snapshot(
+                            self.cfg.dsn,
+                            s.snapshot_name,
+                            tables,
+                            self.sink,
+                            workers=self.cfg.load_workers,
+                            consistent_lsn=s.consistent_lsn,
+                            progress=progress,
+                        )
+                    self.sink.begin()
+                    for t in tables:
+                        self.sink.save_definition(t.schema, t.name, t.to_json())
+                    self._set_phase("streaming", s.consistent_lsn)
+                    self.sink.commit_meta()
+                    return
+            except (_ShapeChanged, SnapshotSourceError, psycopg.errors.LockNotAvailable) as e:
+                # The slot was dropped on the way out of `with`; a waiting ALTER TABLE goes first.
+                self.status.last_error = str(e) or "a table changed shape as the load started; starting over"
+                if self.stop.wait(min(0.1 * 2**attempt, 5)):
+                    raise _Stopping from None
+        raise SchemaMismatch(
+            "tables kept changing shape while the initial load started (20 attempts)",
+            hint="pause schema changes on the replicated tables until `pipeline status` says streaming",
+        )
+
+    @contextlib.contextmanager
+    def _snapshot_tables(self, snapshot: str) -> Iterator[list[SourceTable]]:
+        """The tables as of the slot's snapshot, locked against DDL for the whole load.
+
+        The load's COPY is planned with today's catalog but reads rows as of the snapshot, so the
+        two must agree: discover under the snapshot, lock (ACCESS SHARE, as PostgreSQL's own table
+        sync does: ALTER TABLE waits until the load ends), then check nothing changed in between.
+        """
+        with psycopg.connect(self.cfg.dsn, connect_timeout=10, autocommit=True) as guard:
+            guard.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")
+            guard.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            guard.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            tables = self._discover(guard)
             for t in tables:
-                self.sink.save_definition(t.schema, t.name, t.to_json())
-            self._set_phase("streaming", s.consistent_lsn)
-            self.sink.commit_meta()
+                guard.execute(
+                    sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(sql.Identifier(t.schema, t.name))
+                )
+            with psycopg.connect(self.cfg.dsn, connect_timeout=10, autocommit=True) as fresh:
+                fresh.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")  # may queue behind a waiting ALTER
+                now = self._discover(fresh, [t.qualified for t in tables]) if tables else []
+
+            def shape(ts: list[SourceTable]) -> list[Any]:
+                return [
+                    (t.oid, t.key, t.replica_identity, [(c.name, c.attnum, c.type_oid, c.atttypmod) for c in t.columns])
+                    for t in ts
+                ]
+
+            if shape(now) != shape(tables):
+                raise _ShapeChanged
+            yield tables
+            guard.execute("COMMIT")
 
     # -- the applier's Catalog ----------------------------------------------------------------
     def _selected(self, qualified: str) -> bool:

@@ -69,6 +69,7 @@ __all__ += ["TableReport", "copy_rows", "definition_function_sql", "discover_tab
 __all__ += ["sink_table", "table_from_definition"]
 
 PROGRESS_TABLE: Final = f"{META_SCHEMA}.load_progress"
+LOAD_LOCK_TIMEOUT: Final = "5s"
 _CHUNK_BYTES: Final = 16 << 20  # a chunk also ends at this size, whatever chunk_rows says
 _BUILTIN: Final = frozenset(pg_type_names.values())
 
@@ -85,6 +86,8 @@ def _source_error(code: str | None, text: str, doing: str) -> PgbridgeError:
     message = f"{doing}: {redact_dsn(' '.join(text.split()))}"
     if code == "22023" and "snapshot" in text:
         return SnapshotError(message, hint="keep the slot's connection open (inside its `with`) for the whole load")
+    if code == "55P03":  # lock_timeout: an ALTER TABLE is queued behind the load's locks
+        return SnapshotSourceError(message, hint="a schema change was waiting for the load; the load starts over")
     if code is None or code[:2] in ("08", "53", "57", "58") or code in ("40001", "40P01"):
         return SnapshotSourceError(message)
     return SnapshotError(message)
@@ -659,7 +662,8 @@ class _Loader:
             state.reused = idents != {self.ident}
         else:
             con.execute("BEGIN TRANSACTION")
-            con.execute(f"DELETE FROM {target}")
+            con.execute(f"DROP TABLE {target}")  # re-made: an earlier attempt may have had another shape
+            self.sink.ensure_table(stt)
             con.execute(f'DELETE FROM {PROGRESS_TABLE} WHERE pipeline = ? AND "table" = ?', where)
             con.execute("COMMIT")
             ranges, lsn = plan_ranges(st.pages, per_range), self.ident[1]
@@ -672,6 +676,9 @@ class _Loader:
         conn: psycopg.Connection[Any] | None = None
         try:
             conn = psycopg.connect(self.dsn, options=PG_SESSION_OPTIONS, autocommit=True, application_name="pgbridge")
+            # Never wait long for a table lock: an ALTER TABLE queued behind a lock the caller holds
+            # for the whole load would wait for us while we wait for it. Failing lets the caller retry.
+            conn.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.ident[0])))
             check_utf8 = conn.info.parameter_status("server_encoding") != "UTF8"

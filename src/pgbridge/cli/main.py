@@ -509,3 +509,7 @@ def query_cmd(c: Ctx, sql: str, fmt: str | None) -> None:
 
 def main() -> None:
     cli(standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()
