@@ -14,11 +14,7 @@ around switchovers (PAUSE / RESUME) and by ``status`` (SHOW POOLS).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import re
-import secrets
 import select
 import time
 from collections.abc import Sequence
@@ -30,6 +26,7 @@ import psycopg
 from psycopg import pq
 
 from pgbridge.errors import DeploymentError, SpecError, TransientError
+from pgbridge.platform.postgres import SCRAM_ITERATIONS, scram_verifier
 
 READER_SUFFIX = "_ro"
 ADMIN_DATABASE = "pgbouncer"
@@ -217,7 +214,7 @@ GRANT EXECUTE ON FUNCTION {AUTH_FUNCTION}(text) TO {auth_user};
 """
 
 
-def scram_secret(password: str, *, salt: bytes | None = None, iterations: int = 4096) -> str:
+def scram_secret(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
     """A PostgreSQL-format SCRAM-SHA-256 secret (RFC 5803), as stored in pg_authid.
 
     Used for console users in userlist.txt, so their clear password is never on disk. Passwords
@@ -225,15 +222,7 @@ def scram_secret(password: str, *, salt: bytes | None = None, iterations: int = 
     """
     if not password or not all(" " <= c <= "~" for c in password):
         raise DeploymentError("a SCRAM secret can only be computed here for a printable ASCII password")
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    stored_key = hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-
-    def b64(raw: bytes) -> str:
-        return base64.b64encode(raw).decode()
-
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+    return scram_verifier(password, salt=salt, iterations=iterations)
 
 
 def _quote(field: str) -> str:
