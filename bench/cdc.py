@@ -48,7 +48,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,13 +59,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+
+from tests.pgserver import kill_home_processes
 
 from pgbridge.cdc.pipeline import query as socket_query
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.snapshot import discover_tables, load_snapshot
 from pgbridge.cdc.source import SnapshotSlot
+from pgbridge.platform.system import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ADMIN_ROLE = "pgbridge_admin"
@@ -93,12 +96,6 @@ QUICK |= {"load_rounds": 1, "latency_seconds": 6}
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pgbridge_argv() -> list[str]:
@@ -198,22 +195,6 @@ pipeline:
             status = f"(status failed: {e})"
         return f"pipeline status: {status}\npipeline log tail:\n{tail}"
 
-    def kill_everything(self) -> None:
-        """Last resort: the process trees of the deployment's pid files (never by process name)."""
-        pids: list[int] = []
-        for pidfile in [self.home / "run" / "supervisord.pid", *self.home.glob("data/*/postmaster.pid")]:
-            with contextlib.suppress(Exception):
-                pids.append(int(pidfile.read_text().split()[0]))
-        procs: list[psutil.Process] = []
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                procs += [p, *p.children(recursive=True)]
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(procs, timeout=10)
-
     def destroy(self) -> None:
         if self.home.exists():
             proc = subprocess.run(
@@ -225,7 +206,7 @@ pipeline:
             )
             if proc.returncode != 0:
                 say(f"destroy exited {proc.returncode}: {proc.stderr.strip()[-500:]}; killing by pid")
-                self.kill_everything()
+                kill_home_processes(self.home)
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,14 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from pgbridge.platform.system import free_port
+from tests.pgserver import kill_home_processes
+
 BIN = Path(sys.executable).parent
 PGBRIDGE = str(BIN / "pgbridge")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spec_text(name: str, port: int, extra: str = "") -> str:
@@ -93,24 +88,6 @@ class Env:
     def dsn(self, user: str = "shop_app") -> str:
         return self.run("secrets", "get", user, "--dsn").stdout.strip()
 
-    def kill_everything(self) -> None:
-        """Last-resort cleanup by pid files and their process trees (never by process name)."""
-        import psutil
-
-        pids: list[int] = []
-        for pidfile in [self.home / "run" / "supervisord.pid", *self.home.glob("data/*/postmaster.pid")]:
-            with contextlib.suppress(Exception):
-                pids.append(int(pidfile.read_text().split()[0]))
-        procs = []
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                procs += [p, *p.children(recursive=True)]
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(procs, timeout=10)
-
     def cleanup(self) -> None:
         if self.home.exists():
             proc = subprocess.run(
@@ -122,7 +99,7 @@ class Env:
                 check=False,
             )
             if proc.returncode != 0:
-                self.kill_everything()
+                kill_home_processes(self.home)
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -17,8 +17,8 @@ import psycopg
 
 from pgbridge.cdc.snapshot import SourceTable, discover_tables
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
+from pgbridge.platform.system import free_port
 from pgbridge.types import LSN
-from tests.conftest import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -103,3 +103,22 @@ def bare_server(prefix: str = "pg", settings: str = "") -> Iterator[Server]:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def kill_home_processes(home: Path) -> None:
+    """Last resort: kill the process trees of a deployment's pid files (never by process name)."""
+    import psutil
+
+    pids: list[int] = []
+    for pidfile in [home / "run" / "supervisord.pid", *home.glob("data/*/postmaster.pid")]:
+        with contextlib.suppress(Exception):
+            pids.append(int(pidfile.read_text().split()[0]))
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)

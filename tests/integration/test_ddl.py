@@ -4,7 +4,6 @@ pipeline daemon and DuckDB, on a bare server. Each step is checked against the s
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ import psycopg
 import pytest
 
 from pgbridge.cdc import ddl
-from pgbridge.cdc.pipeline import Pipeline, PipelineConfig, query
+from pgbridge.cdc.pipeline import query
+from tests.integration.daemon import Daemon, drop_inactive_slots, pipeline_config
 from tests.pgserver import Server, bare_server
 
 pytestmark = pytest.mark.integration
@@ -76,28 +76,6 @@ def gone(sock: Path, table: str, timeout: float = 30) -> None:
     raise AssertionError(f"{table} still in the warehouse")
 
 
-class Daemon:
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.pipeline: Pipeline | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        Path(self.cfg.socket).unlink(missing_ok=True)
-        self.pipeline = Pipeline(self.cfg)
-        self.thread = threading.Thread(target=self.pipeline.run)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not Path(self.cfg.socket).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        assert self.pipeline is not None and self.thread is not None
-        self.pipeline.stop.set()
-        self.thread.join(60)
-        self.pipeline.close()
-
-
 def test_ddl_reaches_the_warehouse_in_order_with_the_data(pg: Server, tmp_path: Path) -> None:
     s = f"d_{uuid.uuid4().hex[:6]}"
     a, b = f"{s}.a", f"{s}.b"
@@ -105,17 +83,7 @@ def test_ddl_reaches_the_warehouse_in_order_with_the_data(pg: Server, tmp_path: 
     pg.sql(f"CREATE TABLE {a} (id int PRIMARY KEY, v text, n numeric(10,2))")
     pg.sql(f"INSERT INTO {a} SELECT g, 'v' || g, g / 4.0 FROM generate_series(1, 500) g")
     pg.sql(f"CREATE PUBLICATION pub_{s} FOR TABLES IN SCHEMA {s}")
-    cfg = PipelineConfig(
-        name="ddl",
-        dsn=pg.dsn,
-        slot=f"slot_{s}",
-        publication=f"pub_{s}",
-        warehouse=str(tmp_path / "w.duckdb"),
-        status_file=str(tmp_path / "status.json"),
-        socket=str(tmp_path / "q.sock"),
-        include=(f"{s}.*",),
-        max_wait_ms=50,
-    )
+    cfg = pipeline_config(pg, s, tmp_path, "ddl")
     sock = Path(cfg.socket)
     d = Daemon(cfg)
     d.start()
@@ -162,8 +130,7 @@ def test_ddl_reaches_the_warehouse_in_order_with_the_data(pg: Server, tmp_path: 
         assert not d.pipeline or not d.pipeline.status.needs_resync
     finally:
         d.stop()
-        with psycopg.connect(pg.dsn, autocommit=True) as c:
-            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+        drop_inactive_slots(pg)
 
 
 def test_random_dml_interleaved_with_random_ddl(pg: Server, tmp_path: Path) -> None:
@@ -177,18 +144,7 @@ def test_random_dml_interleaved_with_random_ddl(pg: Server, tmp_path: Path) -> N
     pg.sql(f"CREATE SCHEMA {s}")
     pg.sql(f"CREATE TABLE {t} (id int PRIMARY KEY, doc text, c0 int)")
     pg.sql(f"CREATE PUBLICATION pub_{s} FOR TABLES IN SCHEMA {s}")
-    cfg = PipelineConfig(
-        name="rnd",
-        dsn=pg.dsn,
-        slot=f"slot_{s}",
-        publication=f"pub_{s}",
-        warehouse=str(tmp_path / "w.duckdb"),
-        status_file=str(tmp_path / "status.json"),
-        socket=str(tmp_path / "q.sock"),
-        include=(f"{s}.*",),
-        max_rows=2000,
-        max_wait_ms=50,
-    )
+    cfg = pipeline_config(pg, s, tmp_path, "rnd", max_rows=2000)
     d = Daemon(cfg)
     d.start()
     big = "".join(uuid.uuid4().hex for _ in range(400))  # stored out of line
@@ -249,5 +205,4 @@ def test_random_dml_interleaved_with_random_ddl(pg: Server, tmp_path: Path) -> N
         assert d.pipeline is not None and not d.pipeline.status.needs_resync
     finally:
         d.stop()
-        with psycopg.connect(pg.dsn, autocommit=True) as c:
-            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+        drop_inactive_slots(pg)

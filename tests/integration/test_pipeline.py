@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pgbridge.cdc.pipeline import Pipeline, PipelineConfig, query
+from pgbridge.cdc.pipeline import Pipeline, query
+from tests.integration.daemon import pipeline_config
 from tests.pgserver import Server, bare_server
 
 pytestmark = pytest.mark.integration
@@ -48,18 +49,7 @@ def test_load_then_stream_and_query_while_writing(pg: Server, tmp_path: Path) ->
     pg.sql(f"CREATE TABLE {schema}.skipme (id int PRIMARY KEY)")
     pg.sql(f"INSERT INTO {schema}.items SELECT g, mod(g, 7), 'n' || g FROM generate_series(1, 20000) g")
     pg.sql(f"CREATE PUBLICATION pub_{schema} FOR TABLES IN SCHEMA {schema}")
-    cfg = PipelineConfig(
-        name="t",
-        dsn=pg.dsn,
-        slot=f"slot_{schema}",
-        publication=f"pub_{schema}",
-        warehouse=str(tmp_path / "w.duckdb"),
-        status_file=str(tmp_path / "status.json"),
-        socket=str(tmp_path / "q.sock"),
-        include=(f"{schema}.*",),
-        exclude=(f"{schema}.skip*",),
-        max_wait_ms=100,
-    )
+    cfg = pipeline_config(pg, schema, tmp_path, "t", exclude=(f"{schema}.skip*",), max_wait_ms=100)
     p = Pipeline(cfg)
     t = threading.Thread(target=p.run)
     t.start()

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgbridge.cdc.pipeline import Pipeline, PipelineConfig, query, request
-from tests.integration.test_ddl import Daemon
+from pgbridge.cdc.pipeline import Pipeline, query, request
+from tests.integration.daemon import Daemon, drop_inactive_slots, pipeline_config
 from tests.pgserver import Server, bare_server
 
 pytestmark = pytest.mark.integration
@@ -35,17 +35,7 @@ def running(pg: Server, tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
     pg.sql(f"INSERT INTO {s}.items SELECT g, g % 7, 'n' || g FROM generate_series(1, 30000) g")
     pg.sql(f"INSERT INTO {s}.tags SELECT 't' || g, g FROM generate_series(1, 300) g")
     pg.sql(f"CREATE PUBLICATION pub_{s} FOR TABLES IN SCHEMA {s}")
-    cfg = PipelineConfig(
-        name="v",
-        dsn=pg.dsn,
-        slot=f"slot_{s}",
-        publication=f"pub_{s}",
-        warehouse=str(tmp_path / "w.duckdb"),
-        status_file=str(tmp_path / "status.json"),
-        socket=str(tmp_path / "q.sock"),
-        include=(f"{s}.*",),
-        max_wait_ms=50,
-    )
+    cfg = pipeline_config(pg, s, tmp_path, "v")
     d = Daemon(cfg)
     d.start()
     try:
@@ -53,8 +43,7 @@ def running(pg: Server, tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
         yield s, d
     finally:
         d.stop()
-        with psycopg.connect(pg.dsn, autocommit=True) as c:
-            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+        drop_inactive_slots(pg)
 
 
 def converge(pg: Server, sock: Path, table: str, timeout: float = 60) -> None:

@@ -359,7 +359,7 @@ class Applier:
         qualified = f"{st.schema}.{st.name}"
         self.broken.pop(qualified, None)
         if recopy:
-            self.sink.replace_rows(new)
+            self.sink.clear_rows(new)
             try:
                 self.catalog.recopy(st, new)
             except PgbridgeError as e:

@@ -34,6 +34,7 @@ from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
 from pgbridge.cdc.snapshot import (
     LOAD_LOCK_TIMEOUT,
+    PROGRESS_TABLE,
     LoadProgress,
     SnapshotSourceError,
     SourceTable,
@@ -48,6 +49,7 @@ from pgbridge.cdc.source import (
     SlotMissingError,
     StreamOptions,
     create_slot,
+    drop_slot,
     slot_exists,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
@@ -324,6 +326,9 @@ class Pipeline:
                 job.result = {"error": e.message}
             except (psycopg.Error, duckdb.Error) as e:
                 job.result = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
+            except BaseException as e:  # a bug: answer the waiting client, then fail as usual
+                job.result = {"error": f"internal error in the pipeline ({type(e).__name__}); see its log"}
+                raise
             finally:
                 job.done.set()
 
@@ -428,9 +433,6 @@ class Pipeline:
 
     def _reset(self) -> None:
         """Forget everything replicated so far: the next steps create a new slot and load again."""
-        from pgbridge.cdc.snapshot import PROGRESS_TABLE
-        from pgbridge.cdc.source import drop_slot
-
         drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
         con = self.sink.con
         con.execute("BEGIN TRANSACTION")
@@ -453,8 +455,6 @@ class Pipeline:
             self.status_file.write()
 
     def _initial_load(self, slot_already: bool) -> None:
-        from pgbridge.cdc.source import drop_slot
-
         if slot_already:  # a load that died: its snapshot is gone, start the load over
             drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
         self._set_phase("initial-load", None)
@@ -540,13 +540,8 @@ class Pipeline:
         if not self._selected(qualified):
             return None
         with psycopg.connect(self.cfg.dsn, connect_timeout=10) as c:
-            found = discover_tables(c, [qualified], (), self.cfg.exclude_columns)
-        if not found:
-            return None
-        if found[0].problem:
-            self.status.last_error = found[0].problem
-            return None
-        return found[0]
+            found = self._discover(c, [qualified])  # a table that cannot be replicated is reported there
+        return found[0] if found else None
 
     def shape(self, definition: Mapping[str, Any]) -> SourceTable | None:
         st = table_from_definition(definition, self.cfg.exclude_columns)

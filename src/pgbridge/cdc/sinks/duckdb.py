@@ -143,7 +143,7 @@ class DuckDBSink:
     def rename_table(self, t: SinkTable, name: str) -> None:
         self.con.execute(f"ALTER TABLE {self.target(t)} RENAME TO {qi(name)}")
 
-    def replace_rows(self, t: SinkTable) -> None:
+    def clear_rows(self, t: SinkTable) -> None:
         """Empty ``t`` before a re-copy (inside the open transaction)."""
         self.con.execute(f"DELETE FROM {self.target(t)}")
 
