@@ -45,6 +45,11 @@ def warehouse(e: Env, sql: str) -> list[dict[str, object]]:
     return json.loads(e.run("query", sql, "--json").stdout)  # type: ignore[no-any-return]
 
 
+def log_tail(e: Env) -> str:
+    log = e.home / "logs" / "pipeline-analytics.log"
+    return log.read_text()[-3000:] if log.exists() else "(no log)"
+
+
 def wait_same(e: Env, source_sql: str, warehouse_sql: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -55,10 +60,8 @@ def wait_same(e: Env, source_sql: str, warehouse_sql: str, timeout: float = 60) 
         if got is not None and [[str(v) for v in row] for row in got] == [[str(v) for v in row] for row in want]:
             return
         if time.monotonic() > deadline:
-            log = e.home / "logs" / "pipeline-analytics.log"
-            tail = log.read_text()[-3000:] if log.exists() else "(no log)"
             status = e.run("pipeline", "status", "--json", check=False).stdout
-            raise AssertionError(f"warehouse {got} != source {want}\n{r.stderr}\nstatus: {status}\nlog:\n{tail}")
+            raise AssertionError(f"warehouse {got} != source {want}\n{r.stderr}\nstatus: {status}\nlog:\n{log_tail(e)}")
         time.sleep(0.3)
 
 
@@ -185,7 +188,7 @@ def test_lost_slot_is_reported_and_a_full_resync_killed_mid_load_still_converges
             s = json.loads(status_file.read_text())
             if s["phase"] == "initial-load":
                 break
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"no initial load seen; status {s}\nlog:\n{log_tail(dep)}"
         time.sleep(0.01)
     time.sleep(0.3)
     os.kill(s["pid"], signal.SIGKILL)  # mid-load: supervisord restarts it, the load starts over
@@ -193,7 +196,6 @@ def test_lost_slot_is_reported_and_a_full_resync_killed_mid_load_still_converges
         c.execute("UPDATE bulk SET pad = 'changed' WHERE id % 1000 = 0")
     wait_same(dep, "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM bulk",
               "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM shop.bulk", timeout=180)  # fmt: skip
-    wait_same(dep, CHECK_SRC.replace("total", "lifetime_total"), CHECK_WH.replace("total", "lifetime_total"))
     assert dep.run("pipeline", "validate").returncode == 0
 
 
