@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${PGBRIDGE_VENV:-/opt/pgbridge/venv}"
-PACKAGES=(postgresql-15 postgresql-contrib postgresql-client-15 etcd-server python3 python3-venv ca-certificates)
+PACKAGES=(postgresql-15 postgresql-contrib postgresql-client-15 etcd-server haproxy pgbouncer python3 python3-venv ca-certificates)
 
 log() { echo "[setup] $*" >&2; }
 

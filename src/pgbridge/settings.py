@@ -25,9 +25,19 @@ class Binaries:
     patroni: Path
     supervisord: Path
     python: Path
+    haproxy: Path | None = None  # needed only by deployments with endpoints
+    pgbouncer: Path | None = None
 
     def pg(self, name: str) -> Path:
         return self.pg_bindir / name
+
+    def endpoint_tools(self) -> tuple[Path, Path]:
+        """HAProxy and PgBouncer, or an error naming the Debian package that is missing."""
+        if self.haproxy is None:
+            raise MissingBinaryError("haproxy", "haproxy")
+        if self.pgbouncer is None:
+            raise MissingBinaryError("pgbouncer", "pgbouncer")
+        return self.haproxy, self.pgbouncer
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,13 @@ def _which(env: str, default: Path, program: str, package: str) -> Path:
     return path
 
 
+def _optional(env: str, default: Path, program: str) -> Path | None:
+    try:
+        return _which(env, default, program, program)
+    except MissingBinaryError:
+        return None
+
+
 def find_binaries() -> Binaries:
     bindir = Path(os.environ.get("PGBRIDGE_PG_BINDIR", f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
     for prog in ("postgres", "initdb", "pg_ctl", "pg_rewind"):
@@ -78,6 +95,8 @@ def find_binaries() -> Binaries:
         patroni=_which("PGBRIDGE_PATRONI", venv_bin / "patroni", "patroni", "patroni (pip: patroni[etcd3])"),
         supervisord=_which("PGBRIDGE_SUPERVISORD", venv_bin / "supervisord", "supervisord", "supervisor (pip)"),
         python=Path(sys.executable),
+        haproxy=_optional("PGBRIDGE_HAPROXY", Path("/usr/sbin/haproxy"), "haproxy"),
+        pgbouncer=_optional("PGBRIDGE_PGBOUNCER", Path("/usr/sbin/pgbouncer"), "pgbouncer"),
     )
 
 

@@ -187,10 +187,23 @@ def status(c: Ctx, as_json: bool) -> None:
         + (f", {used / 1024**2:.0f} MiB used" if used is not None else ""),
     )
     for m in s["members"]:
-        t.add_row(f"member {m['name']}", f"{m.get('role')} / {m.get('state')} (timeline {m.get('timeline')})")
+        detail = f"{m.get('role')} / {m.get('state')}"
+        if m.get("timeline") is not None:
+            detail += f" (timeline {m['timeline']})"
+        if m.get("lag_bytes") is not None and m.get("role") != "primary":
+            detail += f", replay lag {m['lag_bytes']} bytes"
+        if m.get("kind") == "replica":
+            detail += f", region {m.get('region')}" + ("" if m.get("promotable") else ", never promoted")
+        t.add_row(f"member {m['name']}", detail)
     for name, p in s["processes"].items():
         t.add_row(f"process {name}", f"{p['state']} pid {p['pid']}")
-    t.add_row("writer endpoint", s["endpoints"]["writer"])
+    for kind in ("writer", "reader"):
+        if kind in s["endpoints"]:
+            reaches = s["endpoints"].get(f"{kind}_reaches")
+            suffix = f"  (now: {', '.join(reaches) or 'none'})" if reaches is not None else ""
+            t.add_row(f"{kind} endpoint", s["endpoints"][kind] + suffix)
+    if "instance" in s["endpoints"]:
+        t.add_row("instance endpoint", s["endpoints"]["instance"])
     if "tls" in s:
         t.add_row("tls", f"{s['tls'].get('mode')}, certificate expires in {s['tls'].get('days_left', '?')} days")
     t.add_row("pending-reboot", ", ".join(s["pending_reboot"]) or "none")
@@ -201,7 +214,13 @@ def status(c: Ctx, as_json: bool) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--user", "-U", "user", help="role to connect as (default: the application user)")
-@click.option("--endpoint", type=click.Choice(["writer"]), default="writer", show_default=True)
+@click.option(
+    "--endpoint",
+    type=click.Choice(["writer", "reader", "instance"]),
+    default="writer",
+    show_default=True,
+    help="writer/reader: through the pooler (when the deployment has endpoints); instance: member 1 directly",
+)
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 @handle_errors
@@ -215,7 +234,13 @@ def connect(c: Ctx, user: str | None, endpoint: str, psql_args: tuple[str, ...])
     password = dep.secrets.get(secret_name_for_role(role)).reveal()
     psql = shutil.which("psql") or str(dep.settings.binaries.pg("psql"))
     env = {**os.environ, "PGPASSWORD": password}
-    os.execvpe(psql, [psql, dep.dsn(role), *psql_args], env)
+    from pgbridge.ops import endpoints
+
+    if endpoint == "instance" or (endpoint == "writer" and not endpoints.enabled(dep)):
+        dsn = dep.dsn(role)
+    else:
+        dsn = endpoints.dsn(dep, role, "reader" if endpoint == "reader" else "writer")
+    os.execvpe(psql, [psql, dsn, *psql_args], env)
 
 
 @cli.command()

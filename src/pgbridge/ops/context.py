@@ -11,8 +11,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pgbridge.errors import NotFoundError
+from pgbridge.errors import NotFoundError, TransientError
 from pgbridge.home import Home
+from pgbridge.plan.topology import MemberPlan, member_name, members
 from pgbridge.platform.patroni import PatroniAPI
 from pgbridge.platform.postgres import AdminTarget
 from pgbridge.platform.supervisor import Supervisor
@@ -29,10 +30,6 @@ def secret_name_for_role(role: str) -> str:
 
 
 REST_SECRET = "patroni:rest"
-
-
-def member_name(spec_name: str, index: int = 1) -> str:
-    return f"{spec_name}-{index}"
 
 
 @dataclass
@@ -60,7 +57,36 @@ class Deployment:
 
     @property
     def primary_member(self) -> str:
+        """The member the deployment started with (the leader is `leader()`)."""
         return member_name(self.spec.name)
+
+    @property
+    def members(self) -> list[MemberPlan]:
+        return members(self.spec)
+
+    def recorded_members(self) -> list[str]:
+        """Members this host runs now (those of the last `up`), which may differ from the spec."""
+        ports: dict[str, int] = self.state.get("ports", {})
+        found = [k.split(":", 1)[1] for k in ports if k.startswith("patroni:")]
+        return found or [self.primary_member]
+
+    def member_port(self, member: str) -> int:
+        """PostgreSQL's port on a member: the spec's port for member 1, recorded ones for the rest."""
+        if member == self.primary_member:
+            return self.spec.network.port
+        return self.port(f"postgres:{member}")
+
+    def leader(self) -> str:
+        """The member that holds the leader key now (asks each member's REST API in turn)."""
+        for m in self.recorded_members():
+            try:
+                cluster = self.patroni(m, timeout=3).cluster()
+            except (TransientError, NotFoundError):
+                continue
+            for member in cluster.get("members", []):
+                if member.get("role") in ("leader", "primary"):
+                    return str(member["name"])
+        return self.primary_member  # no leader now: callers then fail on a clear connection error
 
     @cached_property
     def secrets(self) -> SecretStore:
@@ -70,13 +96,19 @@ class Deployment:
     def supervisor(self) -> Supervisor:
         return Supervisor(self.home, self.settings.binaries.supervisord)
 
-    def patroni(self, member: str | None = None) -> PatroniAPI:
+    def patroni(self, member: str | None = None, timeout: float = 10) -> PatroniAPI:
         m = member or self.primary_member
-        return PatroniAPI(self.port(f"patroni:{m}"), REST_USER, self.secrets.get(REST_SECRET).reveal())
+        return PatroniAPI(self.port(f"patroni:{m}"), REST_USER, self.secrets.get(REST_SECRET).reveal(), timeout)
 
     @property
     def admin(self) -> AdminTarget:
-        return AdminTarget(self.home.socket_dir, self.spec.network.port)
+        """The primary over its unix socket (member 1 unless a failover moved the leader)."""
+        members = self.recorded_members()
+        port = self.spec.network.port if len(members) == 1 else self.member_port(self.leader())
+        return AdminTarget(self.home.socket_dir, port)
+
+    def member_admin(self, member: str) -> AdminTarget:
+        return AdminTarget(self.home.socket_dir, self.member_port(member))
 
     def client_host(self) -> str:
         """The address a local client should use to reach the instance."""

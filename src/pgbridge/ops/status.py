@@ -5,16 +5,19 @@ Returns plain data (dicts and dataclasses); the CLI renders it as a table or JSO
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pgbridge.errors import PgbridgeError, TransientError
+from pgbridge.ops import endpoints, ha
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.up import catalogue_for, pending_reboot
 from pgbridge.plan.params import ParamValue, with_defaults
+from pgbridge.platform import haproxy
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.tls import cert_info
 
@@ -28,6 +31,36 @@ def _dir_size(path: Any) -> int:
         except OSError:
             continue
     return total
+
+
+def _members(dep: Deployment) -> list[dict[str, Any]]:
+    """Every member with its role, state and replay lag, from Patroni's cluster view."""
+    plans = {m.name: m for m in dep.members}
+    try:
+        view = ha.cluster(dep)
+    except TransientError as e:
+        return [{"name": n, "state": "unreachable", "error": e.message} for n in dep.recorded_members()]
+    rows = []
+    for m in view.get("members", []):
+        name = str(m.get("name"))
+        role = {"leader": "primary", "sync_standby": "sync standby"}.get(str(m.get("role")), m.get("role"))
+        lag = m.get("lag")
+        plan = plans.get(name)
+        rows.append(
+            {
+                "name": name,
+                "role": role,
+                "state": "running" if m.get("state") in ("running", "streaming") else m.get("state"),
+                "timeline": m.get("timeline"),
+                "lag_bytes": lag if isinstance(lag, int) else None,
+                "kind": plan.kind if plan else "leaving",
+                "region": plan.region if plan else None,
+                "promotable": not plan.nofailover if plan else None,
+            }
+        )
+    seen = {r["name"] for r in rows}
+    rows += [{"name": n, "state": "stopped", "kind": p.kind} for n, p in plans.items() if n not in seen]
+    return rows
 
 
 def status(dep: Deployment) -> dict[str, Any]:
@@ -57,20 +90,18 @@ def status(dep: Deployment) -> dict[str, Any]:
     }
     if not procs:
         return out
-    try:
-        m = dep.patroni().member()
-        out["members"].append(
-            {
-                "name": dep.primary_member,
-                "role": m.get("role"),
-                "state": m.get("state"),
-                "timeline": m.get("timeline"),
-                "server_version": m.get("server_version"),
-                "pending_restart": bool(m.get("pending_restart")),
-            }
-        )
-    except TransientError as e:
-        out["members"].append({"name": dep.primary_member, "state": "unreachable", "error": e.message})
+    out["members"] = _members(dep)
+    if endpoints.enabled(dep):
+        u = spec.database.users
+        out["endpoints"] = {
+            "writer": endpoints.dsn(dep, u.app, "writer"),
+            "reader": endpoints.dsn(dep, u.app, "reader"),
+            "instance": dep.dsn(u.app),
+        }
+        with contextlib.suppress(PgbridgeError, OSError):
+            hp = endpoints.haproxy_state(dep)
+            out["endpoints"]["writer_reaches"] = list(hp.targets(haproxy.WRITER))
+            out["endpoints"]["reader_reaches"] = list(hp.targets(haproxy.READER))
     try:
         cat = catalogue_for(dep.settings)
         out["pending_reboot"] = pending_reboot(dep, desired_parameters(spec, dep.home, cat), cat)
@@ -85,8 +116,11 @@ def status(dep: Deployment) -> dict[str, Any]:
                 out["started_at"] = row[2].isoformat()
     except PgbridgeError as e:
         out["error"] = e.message
-    running = out["members"] and out["members"][0].get("state") == "running"
-    out["status"] = ("pending-reboot" if out["pending_reboot"] else "available") if running else "degraded"
+    running = any(m.get("role") == "primary" and m.get("state") == "running" for m in out["members"])
+    if running and any(m.get("state") != "running" for m in out["members"]):
+        out["status"] = "degraded"
+    if out["status"] != "degraded" or not running:
+        out["status"] = ("pending-reboot" if out["pending_reboot"] else "available") if running else "degraded"
     data = dep.home.data
     out["storage"]["used_bytes"] = _dir_size(data)
     out["storage"]["filesystem_free_bytes"] = shutil.disk_usage(data).free

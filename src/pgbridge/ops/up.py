@@ -16,25 +16,27 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from pgbridge.errors import DeploymentError, HostError, PgbridgeError, TransientError
 from pgbridge.home import Home, atomic_write, write_if_changed
+from pgbridge.ops import endpoints, ha
 from pgbridge.ops import pipeline as pipeline_ops
 from pgbridge.ops.context import (
     REST_SECRET,
     REST_USER,
     Deployment,
-    member_name,
     secret_name_for_role,
 )
 from pgbridge.ops.parameters import desired_parameters, host_resources
 from pgbridge.ops.tasks import Report, Undo, interruptible
-from pgbridge.plan.hba import ADMIN_ROLE, REPLICATION_ROLE, HbaInput, render_hba, render_ident
+from pgbridge.plan.hba import ADMIN_ROLE, REPLICATION_ROLE, REWIND_ROLE, HbaInput, render_hba, render_ident
 from pgbridge.plan.instance_classes import resolve_class
 from pgbridge.plan.params import ParamValue
+from pgbridge.plan.topology import member_name, members
 from pgbridge.platform import etcd, system
 from pgbridge.platform.catalogue import Catalogue, load_catalogue
 from pgbridge.platform.patroni import PROFILES, MemberConfig, PatroniAPI, post_bootstrap_script, render_member
@@ -91,13 +93,36 @@ def check_python_for_service_user(settings: Settings) -> None:
 
 
 def _ports(state: dict[str, Any], spec: Spec, running: bool) -> dict[str, int]:
-    """Recorded internal ports, reallocated if the deployment is down and one is now taken."""
-    ports: dict[str, int] = dict(state.get("ports", {}))
-    member = member_name(spec.name)
-    ports["postgres"] = spec.network.port
-    used = {spec.network.port}
-    for key in ("etcd_client", "etcd_peer", f"patroni:{member}"):
-        port = ports.get(key)
+    """Recorded internal ports, reallocated if the deployment is down and one is now taken.
+
+    Member 1's PostgreSQL port is the spec's; other members, their REST APIs, etcd and the
+    endpoints get free ports once and keep them (endpoint ports the spec names win).
+    """
+    old: dict[str, int] = dict(state.get("ports", {}))
+    first = member_name(spec.name)
+    keys = ["etcd_client", "etcd_peer"]
+    for m in members(spec):
+        keys.append(f"patroni:{m.name}")
+        if m.name != first:
+            keys.append(f"postgres:{m.name}")
+    ep = spec.effective_endpoints()
+    fixed: dict[str, int] = {}
+    if ep is not None:
+        keys += list(endpoints.PORT_KEYS)
+        for key, value in zip(endpoints.PORT_KEYS, (ep.writer_port, ep.reader_port, ep.pooler.port), strict=True):
+            if value is not None:
+                fixed[key] = value
+    ports: dict[str, int] = {"postgres": spec.network.port}
+    used = {spec.network.port, *fixed.values()}
+    if len(used) != 1 + len(fixed):
+        raise HostError(f"the spec uses one port twice: {sorted([spec.network.port, *fixed.values()])}")
+    for key in keys:
+        if key in fixed:
+            if fixed[key] != old.get(key) or not running:
+                system.check_port_free(fixed[key], ["127.0.0.1"], key)
+            ports[key] = fixed[key]
+            continue
+        port = old.get(key)
         if port is not None and not running:
             try:
                 system.check_port_free(port, ["127.0.0.1"], key)
@@ -159,10 +184,11 @@ def hba_input(spec: Spec) -> HbaInput:
         allowed_cidrs=tuple(spec.network.allowed_cidrs),
         tls_required=spec.tls.mode == "required",
         cdc_local=(spec.database.name, spec.database.users.cdc) if spec.pipeline else None,
+        endpoint_cidrs=("127.0.0.1/32",) if spec.effective_endpoints() else (),
     )
 
 
-def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[str, Any]:
+def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on: bool = True) -> dict[str, Any]:
     operator = "root" if os.geteuid() == 0 else settings.user.name
     # Patroni drops replication slots it does not know; the pipeline's slot is created by its
     # daemon (it needs the exported snapshot), so Patroni is told to leave it alone.
@@ -179,7 +205,14 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[
         else []
     )
     return {
-        **PROFILES["default"],
+        **PROFILES[spec.failover_profile],
+        # With a synchronous standby it has every acknowledged commit, so a crashed primary is
+        # failed over at once rather than restarted in place (crash recovery can take long);
+        # a lone instance can only be restarted where it is.
+        "primary_start_timeout": 0 if spec.multi_az else 300,
+        "synchronous_mode": bool(spec.multi_az and sync_on),
+        "synchronous_mode_strict": bool(spec.multi_az and sync_on),
+        "synchronous_node_count": 1,
         "maximum_lag_on_failover": 1048576,
         "ignore_slots": ignore,
         "postgresql": {
@@ -192,45 +225,70 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings) -> dict[
     }
 
 
-def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report: Report) -> bool:
-    """Write the configs; returns True when Patroni's local file changed."""
+@dataclass
+class Rendered:
+    members_changed: set[str]  # members whose Patroni file changed
+    endpoints_changed: set[str]  # endpoint programs whose files changed
+
+
+def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report: Report, first: bool) -> Rendered:
+    """Write every config file and the supervisor config."""
     spec, home, settings, store = dep.spec, dep.home, dep.settings, dep.secrets
-    member = member_name(spec.name)
     b = settings.binaries
     write_if_changed(home.etc / "post_bootstrap.sh", post_bootstrap_script(b.pg_bindir, ADMIN_ROLE), mode=0o755)
-    cfg = MemberConfig(
-        scope=spec.name,
-        member=member,
-        rest_port=ports[f"patroni:{member}"],
-        pg_port=spec.network.port,
-        listen_addresses=tuple(spec.network.listen_addresses),
-        connect_address=dep.client_host(),
-        etcd_hosts=(f"127.0.0.1:{ports['etcd_client']}",),
-        bindir=b.pg_bindir,
-        rest_user=REST_USER,
-        rest_password=store.get(REST_SECRET).reveal(),
-        replication_password=store.get(secret_name_for_role(REPLICATION_ROLE)).reveal(),
-        dcs=dcs,
-    )
-    conf = home.patroni_conf(member)
-    patroni_changed = write_if_changed(conf, render_member(home, cfg), mode=0o600)
-    system.chown(conf, settings.user)
+    listen = list(spec.network.listen_addresses)
+    if spec.effective_endpoints() and "127.0.0.1" not in listen and "*" not in listen:
+        listen.append("127.0.0.1")  # HAProxy reaches every member on loopback
+    changed: set[str] = set()
     programs = [
         Program(
             "etcd", etcd.etcd_command(b.etcd, home, spec.name, ports["etcd_client"], ports["etcd_peer"]), priority=10
-        ),
-        Program(f"patroni-{member}", [str(b.patroni), str(conf)], priority=20, stop_wait=120, stop_signal="TERM"),
+        )
     ]
+    for m in dep.members:
+        cfg = MemberConfig(
+            scope=spec.name,
+            member=m.name,
+            rest_port=ports[f"patroni:{m.name}"],
+            pg_port=spec.network.port if m.name == dep.primary_member else ports[f"postgres:{m.name}"],
+            listen_addresses=tuple(listen),
+            connect_address=dep.client_host(),
+            etcd_hosts=(f"127.0.0.1:{ports['etcd_client']}",),
+            bindir=b.pg_bindir,
+            rest_user=REST_USER,
+            rest_password=store.get(REST_SECRET).reveal(),
+            replication_password=store.get(secret_name_for_role(REPLICATION_ROLE)).reveal(),
+            rewind_password=store.get(secret_name_for_role(REWIND_ROLE)).reveal(),
+            dcs=dcs,
+            tags=m.tags(),
+        )
+        conf = home.patroni_conf(m.name)
+        if write_if_changed(conf, render_member(home, cfg), mode=0o600):
+            changed.add(m.name)
+        system.chown(conf, settings.user)
+        programs.append(
+            Program(
+                ha.patroni_program(m.name),
+                [str(b.patroni), str(conf)],
+                priority=20,
+                stop_wait=120,
+                stop_signal="TERM",
+                # Member 1 bootstraps the cluster; the others join once a leader exists (`up`
+                # starts them), so none of them can win the race to initialize it.
+                autostart=m.name == dep.primary_member,
+            )
+        )
+    endpoint_programs, endpoints_changed = endpoints.render(dep, ports)
+    programs += endpoint_programs
     pipeline_program = pipeline_ops.program(dep)
     if pipeline_program is not None:
         programs.append(pipeline_program)
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
-    changed = patroni_changed or sup_changed
-    if not changed:
+    if not (changed or sup_changed or endpoints_changed):
         report.add("process config", "unchanged")
     else:
-        report.add("process config", "created" if dep.state.get("phase") == "creating" else "changed")
-    return patroni_changed
+        report.add("process config", "created" if first else "changed")
+    return Rendered(changed, endpoints_changed)
 
 
 def _normalized_params(raw: dict[str, Any]) -> dict[str, str]:
@@ -290,7 +348,7 @@ def wait_dynamic_applied(dep: Deployment, params: dict[str, ParamValue], names: 
     """Wait until Patroni has reloaded PostgreSQL with the new dynamic values (one HA cycle)."""
     dynamic = [n for n in names if n in params and not cat.is_static(n)]
     static = [n for n in names if n in params and cat.is_static(n)]
-    hba_file = dep.home.pgdata(dep.primary_member) / "pg_hba.conf"
+    hba_file = dep.home.pgdata(dep.leader()) / "pg_hba.conf"
     want_hba = render_hba(hba_input(dep.spec))
     timeout = PROFILES["default"]["loop_wait"] * 2 + 20
     deadline = time.monotonic() + timeout
@@ -333,6 +391,14 @@ def pending_reboot(dep: Deployment, params: dict[str, ParamValue], cat: Catalogu
     return sorted(out)
 
 
+REWIND_FUNCTIONS = (
+    "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    "pg_catalog.pg_stat_file(text, boolean)",
+    "pg_catalog.pg_read_binary_file(text)",
+    "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+)
+
+
 def _bootstrap_sql(dep: Deployment, report: Report) -> None:
     spec, store = dep.spec, dep.secrets
     u = spec.database.users
@@ -349,6 +415,11 @@ def _bootstrap_sql(dep: Deployment, report: Report) -> None:
     with admin_connection(dep.admin) as conn:
         for r in roles:
             report.add(f"role {r.name}", ensure_role(conn, r))  # type: ignore[arg-type]
+        # pg_rewind (and Patroni's copy of logical slots) read the leader's files as this role:
+        # the four file functions pg_rewind documents, nothing else.
+        report.add(f"role {REWIND_ROLE}", ensure_role(conn, RoleSpec(REWIND_ROLE, pw(REWIND_ROLE), LEAST)))  # type: ignore[arg-type]
+        for fn in REWIND_FUNCTIONS:
+            conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {REWIND_ROLE}")
     for resource, action in ensure_database(
         dep.admin, db=spec.database.name, schema=spec.database.schema_, app=u.app, readonly=u.readonly, cdc=u.cdc
     ).items():
@@ -357,14 +428,51 @@ def _bootstrap_sql(dep: Deployment, report: Report) -> None:
 
 def stop_leftover_postgres(dep: Deployment) -> None:
     """After supervisord is gone, stop any PostgreSQL it left behind (by pid, never by name)."""
-    pidfile = dep.home.pgdata(member_name(dep.spec.name)) / "postmaster.pid"
-    pid = system.read_pid(pidfile)
-    if pid and system.pid_alive(pid):
+    data = dep.home.data
+    folders = [f for f in data.iterdir() if f.is_dir()] if data.is_dir() else []
+    pids = [pid for f in folders if (pid := system.read_pid(f / "postmaster.pid")) and system.pid_alive(pid)]
+    for pid in pids:
         os.kill(pid, signal.SIGINT)  # fast shutdown
-        for _ in range(300):
-            if not system.pid_alive(pid):
-                break
-            time.sleep(0.1)
+    for _ in range(300):
+        if not any(system.pid_alive(pid) for pid in pids):
+            break
+        time.sleep(0.1)
+
+
+def _wait_leader(dep: Deployment, *, first: bool, timeout: float = 300) -> str:
+    """The member that is primary once PostgreSQL runs (member 1 when the cluster is new)."""
+    if first:
+        dep.patroni(dep.primary_member).wait_running(timeout=timeout, role="primary")
+        return dep.primary_member
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            view = ha.cluster(dep)
+            leader = ha.leader_of(view)
+            if leader is not None:
+                dep.patroni(leader).wait_running(timeout=max(1.0, deadline - time.monotonic()), role="primary")
+                return leader
+            last = ", ".join(f"{m.get('name')}: {m.get('role')}/{m.get('state')}" for m in view.get("members", []))
+        except TransientError as e:
+            last = e.message
+        time.sleep(0.5)
+    raise DeploymentError(f"no member became primary within {timeout:.0f}s ({last})", hint=f"see {dep.home.logs}")
+
+
+def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None:
+    """Members about to leave hold no role the others need: not the leader, not the sync standby."""
+    view = ha.cluster(dep)
+    if ha.leader_of(view) in removed:
+        moved = ha.switchover(dep, candidate=dep.primary_member)
+        report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
+    standby = member_name(dep.spec.name, 2)
+    if standby in removed:
+        # Strict synchronous replication with its standby gone would block every commit.
+        api = dep.patroni(ha.leader_of(ha.cluster(dep)))
+        api.patch_config({"synchronous_mode": False, "synchronous_mode_strict": False})
+        ha.wait_sync(dep, False)
+        report.add("multi-az (synchronous standby)", "removed")
 
 
 def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = lambda s: None) -> Report:
@@ -396,9 +504,17 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
         if not running:
             system.check_port_free(spec.network.port, spec.network.listen_addresses, "PostgreSQL")
             check_python_for_service_user(settings)
+        if spec.effective_endpoints() is not None:
+            settings.binaries.endpoint_tools()  # a missing HAProxy or PgBouncer names its package
         cat = catalogue_for(settings)
         params = desired_parameters(spec, home, cat)
         ports = _ports(state, spec, running)
+        old_members = [k.split(":", 1)[1] for k in state.get("ports", {}) if k.startswith("patroni:")]
+        wanted = [m.name for m in dep.members]
+        removed = [m for m in old_members if m not in wanted]
+        if running and removed:
+            step("handing over before members leave")
+            _before_removal(dep, removed, report)
 
         undo = Undo()
         try:
@@ -417,7 +533,8 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             store, created = _open_secrets(home, create=fresh)
             dep.__dict__["secrets"] = store
             u = spec.database.users
-            names = [secret_name_for_role(r) for r in (u.app, u.readonly, u.cdc, REPLICATION_ROLE)] + [REST_SECRET]
+            roles = (u.app, u.readonly, u.cdc, REPLICATION_ROLE, REWIND_ROLE)
+            names = [secret_name_for_role(r) for r in roles] + [REST_SECRET, *endpoints.secret_names(dep)]
             added = _ensure_passwords(store, names)
             report.add("secrets", "created" if created else ("changed" if added else "unchanged"))
 
@@ -425,8 +542,11 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             _tls(dep, report)
 
             step("configuration")
-            dcs = _dcs(spec, params, settings)
-            patroni_changed = _render(dep, dcs, ports, report)
+            # Synchronous replication goes on only once the standby streams (strict mode with no
+            # standby blocks every commit), so the bootstrap and a new standby start without it.
+            standby = member_name(spec.name, 2)
+            dcs = _dcs(spec, params, settings, sync_on=standby in old_members)
+            rendered = _render(dep, _dcs(spec, params, settings, sync_on=False), ports, report, first=fresh)
 
             step("processes")
             sup = dep.supervisor
@@ -437,18 +557,24 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
                     stop_leftover_postgres(dep)
 
                 undo.push("stop processes", stop_all)
+            programs_changed: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
             if sup.running():
-                changes = sup.reread()
-                report.add("processes", "changed" if any(changes.values()) else "unchanged")
+                programs_changed = sup.reread()
+                report.add("processes", "changed" if any(programs_changed.values()) else "unchanged")
             else:
                 sup.start()
                 report.add("processes", "started")
+            for m in removed:
+                ha.remove_member(dep, m)
+                report.add(f"member {m}", "removed")
             etcd.wait_healthy(ports["etcd_client"], timeout=60)
-            api = dep.patroni()
-            if patroni_changed and running:
-                api.reload()
+            for m in rendered.members_changed:
+                if running and m in old_members:
+                    with contextlib.suppress(TransientError):
+                        dep.patroni(m).reload()
             step("postgresql (Patroni bootstrap on first start)")
-            api.wait_running(timeout=300, role="primary")
+            leader = _wait_leader(dep, first=not old_members)
+            api = dep.patroni(leader)
             wait_admin(dep.admin, timeout=120)
 
             step("parameters and network rules")
@@ -458,6 +584,29 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
 
             step("database, schema and users")
             _bootstrap_sql(dep, report)
+            endpoints.ensure_auth(dep, report)
+
+            joining = [m for m in wanted if m != leader]
+            if joining:
+                step("standbys and replicas")
+                for m in joining:
+                    sup.start_program(ha.patroni_program(m))
+                for m in joining:
+                    ha.wait_replica(dep.patroni(m), m, timeout=600)
+                    if m not in old_members:
+                        report.add(f"member {m}", "created")
+            if spec.multi_az:
+                step("synchronous replication (Multi-AZ)")
+                _reconcile_dcs(dep, api, _dcs(spec, params, settings, sync_on=True), cat, Report())
+                ha.wait_sync(dep, True)
+                report.add("multi-az (synchronous standby)", "created" if standby not in old_members else "unchanged")
+
+            if endpoints.enabled(dep):
+                step("endpoints")
+                fresh_programs = set(programs_changed["added"]) | set(programs_changed["changed"])
+                endpoints.reload(dep, rendered.endpoints_changed - fresh_programs)
+                endpoints.wait_writer(dep, timeout=60)
+                report.add("endpoints", "changed" if rendered.endpoints_changed else "unchanged")
 
             if spec.pipeline is not None:
                 step("pipeline")
@@ -468,7 +617,8 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
                 report.add("instance", "pending-reboot", ", ".join(report.pending_reboot))
             state.update(phase="ready", applied_at=time.time(), pending_reboot=report.pending_reboot)
             home.write_state(state)
-            write_if_changed(home.root / "applied-dcs.yaml", yaml.safe_dump(dcs, sort_keys=True), mode=0o600)
+            final = _dcs(spec, params, settings, sync_on=True)
+            write_if_changed(home.root / "applied-dcs.yaml", yaml.safe_dump(final, sort_keys=True), mode=0o600)
             return report
         except BaseException:
             if fresh and not os.environ.get("PGBRIDGE_KEEP_FAILED"):

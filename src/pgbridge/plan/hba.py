@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 ADMIN_ROLE = "pgbridge_admin"
 REPLICATION_ROLE = "pgbridge_replicator"
+# pg_rewind and Patroni's copy of logical slots read the leader's files through this role.
+REWIND_ROLE = "pgbridge_rewind"
 SUPERUSER = "postgres"
 IDENT_MAP = "pgbridge"
 
@@ -21,6 +23,9 @@ class HbaInput:
     tls_required: bool
     replication_cidrs: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     cdc_local: tuple[str, str] | None = None  # (database, role): the pipeline daemon's peer login
+    # Where HAProxy/PgBouncer connect from (clients' own networks are checked by the pooler's listen
+    # addresses; PostgreSQL sees the pooler's address).
+    endpoint_cidrs: tuple[str, ...] = ()
 
 
 def render_hba(inp: HbaInput) -> list[str]:
@@ -41,10 +46,11 @@ def render_hba(inp: HbaInput) -> list[str]:
     ]
     for cidr in inp.replication_cidrs:
         rules.append(f"hostssl replication {REPLICATION_ROLE} {cidr} scram-sha-256")
+        rules.append(f"hostssl postgres {REWIND_ROLE} {cidr} scram-sha-256")
     if inp.tls_required:
         rules.append("hostnossl all all 0.0.0.0/0 reject")
         rules.append("hostnossl all all ::/0 reject")
-    for cidr in inp.allowed_cidrs:
+    for cidr in dict.fromkeys((*inp.allowed_cidrs, *inp.endpoint_cidrs)):
         rules.append(f"hostssl all all {cidr} scram-sha-256")
         if not inp.tls_required:
             rules.append(f"hostnossl all all {cidr} scram-sha-256")

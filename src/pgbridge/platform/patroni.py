@@ -12,7 +12,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 
 from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.home import Home
+from pgbridge.plan.hba import REWIND_ROLE
 
 # Failover timing profiles (Patroni refuses ttl < 20). Issue "Multi-AZ" documents what each gives.
 PROFILES: dict[str, dict[str, int]] = {
@@ -41,7 +42,11 @@ class MemberConfig:
     rest_user: str
     rest_password: str
     replication_password: str
+    rewind_password: str
     dcs: dict[str, Any]
+    tags: dict[str, bool] = field(
+        default_factory=lambda: {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False}
+    )
 
 
 def render_member(home: Home, cfg: MemberConfig) -> str:
@@ -84,11 +89,22 @@ def render_member(home: Home, cfg: MemberConfig) -> str:
                     "sslmode": "verify-ca",
                     "sslrootcert": str(home.tls / "ca.crt"),
                 },
-                "rewind": {"username": "postgres"},
+                # Not the superuser: pg_rewind and the copy of logical slots connect over TCP,
+                # where superusers are refused; this role may only read the leader's files.
+                "rewind": {
+                    "username": REWIND_ROLE,
+                    "password": cfg.rewind_password,
+                    "sslmode": "verify-ca",
+                    "sslrootcert": str(home.tls / "ca.crt"),
+                },
             },
+            # A former primary that cannot be rewound is re-cloned from the leader: with strict
+            # synchronous replication its extra WAL was never acknowledged to any client.
+            "remove_data_directory_on_rewind_failure": True,
+            "remove_data_directory_on_diverged_timelines": True,
             "parameters": {"unix_socket_directories": str(home.socket_dir)},
         },
-        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+        "tags": dict(cfg.tags),
     }
     return "# written by pgbridge: edits are overwritten by `pgbridge up`\n" + yaml.safe_dump(doc, sort_keys=False)
 
@@ -150,6 +166,10 @@ class PatroniAPI:
         if status != 200 or not isinstance(body, dict):
             raise DeploymentError(f"Patroni refused the configuration change ({status}): {body}")
         return body
+
+    def switchover(self, leader: str, candidate: str) -> tuple[int, Any]:
+        """POST /switchover; the answer is advisory (4.1.5 may say 503 while it still completes)."""
+        return self._call("POST", "/switchover", {"leader": leader, "candidate": candidate})
 
     def restart(self) -> None:
         status, body = self._call("POST", "/restart", {})

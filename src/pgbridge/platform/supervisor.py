@@ -209,6 +209,14 @@ class Supervisor:
             if f.faultCode != _NOT_RUNNING:
                 raise DeploymentError(f"supervisord could not stop {name}: {f.faultString}") from None
 
+    def signal(self, name: str, sig: str) -> None:
+        """Send a signal (e.g. HUP to reload) to a running program; a stopped one is left alone."""
+        try:
+            self._proxy().supervisor.signalProcess(name, sig)
+        except xmlrpc.client.Fault as f:
+            if f.faultCode != _NOT_RUNNING:
+                raise DeploymentError(f"supervisord could not signal {name}: {f.faultString}") from None
+
     def shutdown(self, timeout: float = 180) -> None:
         """Stop every program cleanly, then supervisord itself; wait for its pid to go away."""
         pid = self.pid()

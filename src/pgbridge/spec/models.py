@@ -108,7 +108,7 @@ class Users(_Model):
         names = [self.app, self.readonly, self.cdc]
         if len(set(names)) != 3:
             raise ValueError(f"user names must differ, got {names}")
-        reserved = {"postgres", "pgbridge_admin", "pgbridge_replicator", "public"}
+        reserved = {"postgres", "pgbridge_admin", "pgbridge_replicator", "pgbridge_rewind", "pgbridge_pooler", "public"}
         for n in names:
             if n in reserved or n.startswith("pg_"):
                 raise ValueError(f"user name {n!r} is reserved")
@@ -168,6 +168,35 @@ class Pipeline(_Model):
     load_workers: int = Field(2, ge=1, le=16, description="parallel readers for the initial load")
 
 
+class Replica(_Model):
+    """An asynchronous streaming read replica (RDS "read replica")."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,19}$", description="short name; the member is <deployment>-<name>")
+    region: str = Field("local", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$", description="a placement label")
+    promotable: bool = Field(
+        False, description="may become primary in a failover (asynchronous: it may lack the last commits)"
+    )
+
+
+class Pooler(_Model):
+    """PgBouncer in transaction mode in front of the writer and reader endpoints."""
+
+    port: int | None = Field(None, ge=1024, le=65535, description="client port; default: allocated and recorded")
+    pool_size: int = Field(20, ge=1, le=10_000, description="server connections per user on the writer")
+    reader_pool_size: int | None = Field(None, ge=1, le=10_000, description="reader pool (default pool_size)")
+    max_client_conn: int = Field(1000, ge=1, le=100_000)
+    reserve_pool_size: int = Field(5, ge=0, le=1000)
+
+
+class Endpoints(_Model):
+    """HAProxy writer/reader endpoints (checked through Patroni's REST API), PgBouncer in front."""
+
+    writer_port: int | None = Field(None, ge=1024, le=65535, description="HAProxy writer; default: allocated")
+    reader_port: int | None = Field(None, ge=1024, le=65535, description="HAProxy reader; default: allocated")
+    max_reader_lag_mb: int = Field(16, ge=0, le=1_000_000, description="replicas further behind leave the reader pool")
+    pooler: Pooler = Field(default_factory=lambda: Pooler())
+
+
 class Spec(_Model):
     """One deployment: a tuned, TLS-only, least-privilege PostgreSQL run by Patroni."""
 
@@ -184,6 +213,14 @@ class Spec(_Model):
     )
     database: Database = Field(default_factory=lambda: Database())
     pipeline: Pipeline | None = Field(None, description="CDC into the analytics warehouse")
+    multi_az: bool = Field(False, description="a synchronous standby with automatic failover (RPO 0)")
+    failover_profile: Literal["default", "fast"] = Field(
+        "default", description="Patroni timing: default (ttl 30, loop 10s) or fast (ttl 20, loop 2s)"
+    )
+    replicas: list[Replica] = Field(default_factory=list, description="asynchronous read replicas")
+    endpoints: Endpoints | None = Field(
+        None, description="writer/reader endpoints and pooling; on by default with multi_az or replicas"
+    )
 
     @field_validator("instance_class")
     @classmethod
@@ -204,6 +241,20 @@ class Spec(_Model):
                 known = ", ".join(self.parameter_groups) or "none defined"
                 raise ValueError(f"parameter_group {g!r} is not defined in parameter_groups ({known})")
         return self
+
+    @model_validator(mode="after")
+    def _replica_names(self) -> Spec:
+        names = [r.name for r in self.replicas]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"replica names must be unique: {', '.join(dup)}")
+        return self
+
+    def effective_endpoints(self) -> Endpoints | None:
+        """Endpoints run when asked for, and always once there is more than one member."""
+        if self.endpoints is not None:
+            return self.endpoints
+        return Endpoints() if self.multi_az or self.replicas else None
 
     def pipeline_include(self) -> list[str]:
         if self.pipeline is None:

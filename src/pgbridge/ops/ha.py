@@ -1,0 +1,141 @@
+"""Members beyond the first: standbys and replicas joining and leaving, switchover, sync state.
+
+A new member is a Patroni process that clones the leader (pg_basebackup over TLS as the
+replication role) and then streams. Turning Multi-AZ on adds the standby first and switches
+strict synchronous replication on only once it streams (strict mode with no standby would block
+every write); turning it off switches synchronous replication off first, then removes the
+standby. A member that holds the leader key is never removed: `up` first hands the role over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pgbridge.errors import DeploymentError, TransientError
+from pgbridge.ops.context import Deployment
+from pgbridge.platform.patroni import PatroniAPI
+from pgbridge.platform.postgres import admin_connection
+
+LEADER_ROLES = ("leader", "primary")
+
+
+def patroni_program(member: str) -> str:
+    return f"patroni-{member}"
+
+
+def cluster(dep: Deployment, members: list[str] | None = None) -> dict[str, Any]:
+    """GET /cluster from the first member that answers."""
+    last = "no member answered"
+    for m in members or dep.recorded_members():
+        try:
+            body = dep.patroni(m, timeout=3).cluster()
+            if body.get("members"):
+                return body
+        except TransientError as e:
+            last = e.message
+    raise TransientError(f"Patroni's cluster view is unavailable: {last}")
+
+
+def leader_of(view: dict[str, Any]) -> str | None:
+    for m in view.get("members", []):
+        if m.get("role") in LEADER_ROLES and m.get("state") == "running":
+            return str(m["name"])
+    return None
+
+
+def wait_replica(api: PatroniAPI, member: str, timeout: float) -> None:
+    """Until the member runs as a replica and its WAL receiver streams."""
+    deadline = time.monotonic() + timeout
+    last: Any = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            m = api.member()
+            last = f"{m.get('role')}/{m.get('state')}/{m.get('replication_state')}"
+            if m.get("state") == "running" and m.get("role") == "replica" and m.get("replication_state") == "streaming":
+                return
+        except TransientError as e:
+            last = e.message
+        time.sleep(0.5)
+    raise DeploymentError(
+        f"member {member} did not start streaming within {timeout:.0f}s (last: {last})",
+        hint=f"see {patroni_program(member)}.log in the deployment's logs folder",
+    )
+
+
+def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
+    """Until the leader runs with (or without) a synchronous standby."""
+    deadline = time.monotonic() + timeout
+    last = "unknown"
+    while time.monotonic() < deadline:
+        try:
+            with admin_connection(dep.admin) as c:
+                row = c.execute(
+                    "SELECT current_setting('synchronous_standby_names'),"
+                    " (SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync')"
+                ).fetchone()
+            assert row is not None
+            names, sync_count = str(row[0]), int(row[1])
+            last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
+            if (want and names and sync_count > 0) or (not want and not names):
+                return
+        except TransientError as e:
+            last = e.message
+        time.sleep(0.5)
+    what = "on" if want else "off"
+    raise DeploymentError(f"synchronous replication did not turn {what} within {timeout:.0f}s ({last})")
+
+
+@dataclass(frozen=True)
+class Switched:
+    old: str
+    new: str
+    seconds: float
+
+
+def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 90) -> Switched:
+    """Patroni's planned switchover, confirmed by the cluster view (its HTTP answer is advisory)."""
+    view = cluster(dep)
+    old = leader_of(view)
+    if old is None:
+        raise DeploymentError("there is no running primary to switch over from", hint="see `pgbridge status`")
+    names = [str(m["name"]) for m in view.get("members", [])]
+    if candidate is not None and candidate not in names:
+        raise DeploymentError(f"no member {candidate!r}; members: {', '.join(names)}")
+    if candidate == old:
+        raise DeploymentError(f"{candidate} is already the primary")
+    if candidate is None:
+        able = [
+            m
+            for m in view.get("members", [])
+            if m.get("name") != old
+            and m.get("state") in ("running", "streaming")
+            and not m.get("tags", {}).get("nofailover")
+        ]
+        sync = [m for m in able if m.get("role") == "sync_standby"]
+        pick = (sync or able)[:1]
+        if not pick:
+            raise DeploymentError("no member can take over", hint="add multi_az: true or a promotable replica")
+        candidate = str(pick[0]["name"])
+    t0 = time.monotonic()
+    status, body = dep.patroni(old).switchover(old, candidate)
+    if status not in (200, 202, 503):
+        raise DeploymentError(f"Patroni refused the switchover ({status}): {body}")
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        try:
+            if leader_of(cluster(dep)) == candidate:
+                return Switched(old, candidate, time.monotonic() - t0)
+        except TransientError:
+            pass
+        time.sleep(0.2)
+    raise DeploymentError(f"{candidate} did not become primary within {timeout:.0f}s (Patroni said {status}: {body})")
+
+
+def remove_member(dep: Deployment, member: str) -> None:
+    """Stop a member for good and delete its data (it is no longer in the spec)."""
+    dep.supervisor.stop_program(patroni_program(member))
+    shutil.rmtree(dep.home.pgdata(member), ignore_errors=True)
+    (dep.home.patroni_conf(member)).unlink(missing_ok=True)
