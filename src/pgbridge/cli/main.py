@@ -538,3 +538,80 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@cli.command()
+@click.option("--to", "to", metavar="MEMBER", help="the member to promote (default: the synchronous standby)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+@handle_errors
+def failover(c: Ctx, to: str | None, as_json: bool) -> None:
+    """Planned switchover: pause the pooler, move the primary, resume (clients see a pause)."""
+    from dataclasses import asdict
+
+    from pgbridge.ops.drills import switchover
+
+    r = switchover(c.deployment(), to)
+    if as_json:
+        print_json(asdict(r))
+        return
+    out.print(f"primary moved from {r.old} to {r.new} in {r.seconds:.1f}s; writes paused for {r.paused_s:.1f}s")
+
+
+@cli.group()
+def drill() -> None:
+    """Measured fault drills (they injure the running deployment: --yes is required)."""
+
+
+@drill.command("failover")
+@click.option("--mode", type=click.Choice(["kill", "hang", "crash"]), default="kill", show_default=True,
+              help="kill: the primary's host dies; hang: it freezes; crash: only PostgreSQL dies")  # fmt: skip
+@click.option("--yes", is_flag=True, help="confirm: the primary will be injured")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+@handle_errors
+def drill_failover(c: Ctx, mode: str, yes: bool, as_json: bool) -> None:
+    """Write through the writer endpoint, injure the primary, report RTO and RPO."""
+    from dataclasses import asdict
+
+    from pgbridge.ops.drills import failover_drill
+
+    r = failover_drill(c.deployment(), mode, yes=yes)  # type: ignore[arg-type]
+    if as_json:
+        print_json(asdict(r))
+        return
+    t = Table(title=f"failover drill ({r.mode}, profile {r.profile})", title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_row("primary", f"{r.old_primary} -> {r.new_primary}")
+    t.add_row("RTO", f"{r.rto_s:.2f} s (fault to the first acknowledged write after it)")
+    t.add_row("RPO", f"{r.rpo_lost} acknowledged commits lost (of {r.acked})")
+    t.add_row("unknown outcome", f"{r.unknown} writes cut mid-commit, {r.unknown_committed} of them committed")
+    t.add_row("rejoin", f"{r.old_primary} back in {r.rejoined_s}s" if r.rejoined else f"{r.old_primary} NOT back")
+    out.print(t)
+    if r.rpo_lost or not r.rejoined:
+        raise CheckFailed("the drill lost acknowledged commits" if r.rpo_lost else "the old primary did not rejoin")
+
+
+@cli.command("events")
+@click.option("--kind", help="only events of this kind (e.g. drill-failover, switchover)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+@handle_errors
+def events_cmd(c: Ctx, kind: str | None, as_json: bool) -> None:
+    """The deployment's event log (drills, switchovers)."""
+    import datetime
+
+    from pgbridge.ops.events import read
+
+    rows = read(c.deployment(), kind)
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title="events", title_justify="left")
+    for col in ("time", "kind", "message"):
+        t.add_column(col)
+    for e in rows:
+        when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
+        t.add_row(when, e["kind"], e["message"])
+    out.print(t)

@@ -204,6 +204,18 @@ def haproxy_state(dep: Deployment) -> haproxy.HaproxyState:
     return haproxy.read_state(_files(dep)["stats"])
 
 
+def point_writer(dep: Deployment, leader: str) -> None:
+    """Tell HAProxy at once what Patroni already confirmed, instead of waiting for its next checks.
+
+    Only used after a switchover Patroni reported done; the regular checks keep running and would
+    correct any mistake within a second or two.
+    """
+    path = _files(dep)["stats"]
+    for m in dep.recorded_members():
+        health = "up" if m == leader else "down"
+        haproxy.query_stats_socket(path, f"set server {haproxy.WRITER}/{m} health {health}")
+
+
 def wait_writer(dep: Deployment, timeout: float) -> str:
     """Until HAProxy's writer endpoint has the leader UP; returns that member."""
     deadline = time.monotonic() + timeout

@@ -418,6 +418,7 @@ def _bootstrap_sql(dep: Deployment, report: Report) -> None:
         # pg_rewind (and Patroni's copy of logical slots) read the leader's files as this role:
         # the four file functions pg_rewind documents, nothing else.
         report.add(f"role {REWIND_ROLE}", ensure_role(conn, RoleSpec(REWIND_ROLE, pw(REWIND_ROLE), LEAST)))  # type: ignore[arg-type]
+        conn.execute(f"GRANT CONNECT ON DATABASE postgres TO {REWIND_ROLE}")
         for fn in REWIND_FUNCTIONS:
             conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {REWIND_ROLE}")
     for resource, action in ensure_database(

@@ -1,0 +1,266 @@
+"""Planned switchover and the failover drill, both measured through the writer endpoint.
+
+`switchover` pauses the writer database in PgBouncer (running transactions finish, new ones
+queue), lets Patroni hand the leader role over, waits until HAProxy's writer reaches the new
+primary, and resumes: clients see a pause, not errors.
+
+`failover_drill` runs a writer that commits numbered rows through the writer endpoint and
+records each outcome: acknowledged, failed before anything was sent, or unknown (the connection
+broke while a commit was in flight, so it may or may not have committed). It then injures the
+primary — `kill`: SIGKILL its Patroni and PostgreSQL and keep them down (host loss); `hang`:
+SIGSTOP them (a frozen host); `crash`: SIGKILL the postmaster only (Patroni lives) — and reports
+RTO (fault to the first acknowledged write that started after it) and RPO (acknowledged rows
+missing afterwards). The injured member is then brought back and must rejoin as a replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import psutil
+import psycopg
+
+from pgbridge.errors import DeploymentError, PgbridgeError, UsageError
+from pgbridge.ops import endpoints, events, ha
+from pgbridge.ops.context import Deployment
+from pgbridge.platform import system
+from pgbridge.platform.postgres import admin_connection
+
+Mode = Literal["kill", "hang", "crash"]
+DRILL_TABLE = "pgbridge_drill"
+
+
+@dataclass
+class SwitchoverResult:
+    old: str
+    new: str
+    seconds: float
+    paused_s: float
+
+
+def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30) -> SwitchoverResult:
+    """`pgbridge failover [--to MEMBER]`: a planned switchover clients barely notice."""
+    dep.home.require()
+    if len(dep.recorded_members()) < 2:
+        raise DeploymentError("a switchover needs a standby", hint="set multi_az: true (or add replicas) and run up")
+    console = endpoints.console(dep) if endpoints.enabled(dep) else None
+    db = dep.spec.database.name
+    t0 = time.monotonic()
+    # The old primary's shutdown checkpoint is part of the pause; most of it can happen first.
+    with admin_connection(dep.admin) as c:
+        c.execute("CHECKPOINT")
+    if console is not None:
+        console.pause(db, timeout=pause_timeout)
+    paused_at = time.monotonic()
+    try:
+        moved = ha.switchover(dep, to)
+        if console is not None:
+            with contextlib.suppress(PgbridgeError):
+                endpoints.point_writer(dep, moved.new)
+            reached = endpoints.wait_writer(dep, timeout=30)
+            deadline = time.monotonic() + 30
+            while reached != moved.new and time.monotonic() < deadline:
+                time.sleep(0.1)
+                reached = endpoints.wait_writer(dep, timeout=30)
+    finally:
+        if console is not None:
+            console.resume(db)
+    paused = time.monotonic() - paused_at
+    result = SwitchoverResult(moved.old, moved.new, round(time.monotonic() - t0, 2), round(paused, 2))
+    events.record(dep, "switchover", f"primary moved from {moved.old} to {moved.new}", **asdict(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ drill
+
+
+@dataclass
+class _Write:
+    n: int
+    start: float
+    end: float
+    outcome: Literal["acked", "failed", "unknown"]
+
+
+@dataclass
+class _Writer:
+    dsn: str
+    run: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    writes: list[_Write] = field(default_factory=list)
+    interval: float = 0.01
+
+    def loop(self) -> None:
+        n = 0
+        conn: psycopg.Connection[Any] | None = None
+        while not self.stop.is_set():
+            if conn is None or conn.closed:
+                try:
+                    conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, connect_timeout=2)
+                except psycopg.Error:
+                    conn = None
+                    time.sleep(0.05)
+                    continue
+            n += 1
+            start = time.monotonic()
+            try:
+                conn.execute(f"INSERT INTO {DRILL_TABLE} (run, n) VALUES (%s, %s)", (self.run, n))
+                self.writes.append(_Write(n, start, time.monotonic(), "acked"))
+            except psycopg.Error:
+                # The statement went out; whether it committed is unknown until checked.
+                self.writes.append(_Write(n, start, time.monotonic(), "unknown"))
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+            time.sleep(self.interval)
+        if conn is not None:
+            conn.close()
+
+
+@dataclass
+class DrillResult:
+    mode: str
+    profile: str
+    old_primary: str
+    new_primary: str
+    rto_s: float
+    rpo_lost: int
+    acked: int
+    unknown: int
+    unknown_committed: int
+    rejoined_s: float | None
+    rejoined: bool
+
+
+def _member_pids(dep: Deployment, member: str) -> tuple[int | None, list[int]]:
+    """(Patroni's pid, every PostgreSQL process of the member: postmaster first)."""
+    info = dep.supervisor.processes().get(ha.patroni_program(member), {})
+    patroni_pid = int(info["pid"]) if info.get("pid") else None
+    postmaster = system.read_pid(dep.home.pgdata(member) / "postmaster.pid")
+    pg: list[int] = []
+    if postmaster and system.pid_alive(postmaster):
+        pg.append(postmaster)
+        with contextlib.suppress(psutil.Error):
+            pg += [c.pid for c in psutil.Process(postmaster).children(recursive=True)]
+    return patroni_pid, pg
+
+
+def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 180) -> DrillResult:
+    if not yes:
+        raise UsageError("a drill injures the running primary; pass --yes to run it against this deployment")
+    dep.home.require()
+    if not endpoints.enabled(dep):
+        raise DeploymentError("the drill writes through the writer endpoint", hint="set multi_az: true and run up")
+    view = ha.cluster(dep)
+    old = ha.leader_of(view)
+    if old is None:
+        raise DeploymentError("there is no running primary to injure")
+    able = [m for m in view.get("members", []) if m.get("name") != old and not m.get("tags", {}).get("nofailover")]
+    if not able:
+        raise DeploymentError("no member could take over", hint="set multi_az: true and run up")
+    app = dep.spec.database.users.app
+    dsn = endpoints.dsn(dep, app, "writer", password=True)
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
+        c.execute(f"CREATE TABLE IF NOT EXISTS {DRILL_TABLE} (run text, n bigint, at timestamptz DEFAULT now(),"
+                  " PRIMARY KEY (run, n))")  # fmt: skip
+    run = f"{mode}-{int(time.time() * 1000)}"
+    writer = _Writer(dsn, run)
+    thread = threading.Thread(target=writer.loop, name="drill-writer", daemon=True)
+    thread.start()
+    stopped: list[int] = []
+    try:
+        time.sleep(2)  # a steady state before the fault
+        if not any(w.outcome == "acked" for w in writer.writes):
+            raise DeploymentError("the drill writer could not commit through the writer endpoint before the fault")
+        patroni_pid, pg = _member_pids(dep, old)
+        t0 = time.monotonic()
+        if mode == "crash":
+            if pg:
+                os.kill(pg[0], signal.SIGKILL)
+        elif mode == "kill":
+            for pid in [p for p in (patroni_pid, *pg[:1]) if p]:
+                os.kill(pid, signal.SIGKILL)
+            dep.supervisor.stop_program(ha.patroni_program(old))  # the host stays down
+        else:
+            stopped = [p for p in (patroni_pid, *pg) if p]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+        rto = _wait_first_write_after(writer, t0, timeout)
+        new = _wait_new_leader(dep, None if mode == "crash" else old, timeout)
+        time.sleep(1)
+    finally:
+        writer.stop.set()
+        thread.join(timeout=30)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if mode == "kill":
+            with contextlib.suppress(PgbridgeError):
+                dep.supervisor.start_program(ha.patroni_program(old))
+    t_back = time.monotonic()
+    rejoined = True
+    try:
+        if new == old:  # a crash that Patroni repaired in place
+            dep.patroni(old).wait_running(timeout=timeout, role="primary")
+        else:
+            ha.wait_replica(dep.patroni(old), old, timeout=timeout)
+    except PgbridgeError:
+        rejoined = False
+    rejoined_s = round(time.monotonic() - t_back, 1) if rejoined else None
+    acked = {w.n for w in writer.writes if w.outcome == "acked"}
+    unknown = {w.n for w in writer.writes if w.outcome == "unknown"}
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=10) as c:
+        present = {int(r[0]) for r in c.execute(f"SELECT n FROM {DRILL_TABLE} WHERE run = %s", (run,))}
+        c.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (run,))
+    result = DrillResult(
+        mode=mode,
+        profile=dep.spec.failover_profile,
+        old_primary=old,
+        new_primary=new,
+        rto_s=round(rto, 2),
+        rpo_lost=len(acked - present),
+        acked=len(acked),
+        unknown=len(unknown),
+        unknown_committed=len(unknown & present),
+        rejoined_s=rejoined_s,
+        rejoined=rejoined,
+    )
+    events.record(
+        dep,
+        "drill-failover",
+        f"{mode} drill: RTO {result.rto_s}s, {result.rpo_lost} acknowledged commits lost",
+        **asdict(result),
+    )
+    return result
+
+
+def _wait_first_write_after(writer: _Writer, t0: float, timeout: float) -> float:
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        for w in reversed(writer.writes):
+            if w.start < t0:
+                break
+            if w.outcome == "acked":
+                first = min(x.end for x in writer.writes if x.start >= t0 and x.outcome == "acked")
+                return first - t0
+        time.sleep(0.05)
+    raise DeploymentError(f"no write succeeded within {timeout:.0f}s of the fault: the failover did not complete")
+
+
+def _wait_new_leader(dep: Deployment, old: str | None, timeout: float) -> str:
+    """The primary after the fault: another member than `old` (any member when `old` is None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(PgbridgeError):
+            leader = ha.leader_of(ha.cluster(dep, [m for m in dep.recorded_members() if m != old]))
+            if leader is not None and leader != old:
+                return leader
+        time.sleep(0.2)
+    raise DeploymentError(f"no new primary within {timeout:.0f}s")
