@@ -584,7 +584,7 @@ def drill_failover(c: Ctx, mode: str, yes: bool, as_json: bool) -> None:
     t.add_column("key", style="bold")
     t.add_column("value")
     t.add_row("primary", f"{r.old_primary} -> {r.new_primary}")
-    t.add_row("RTO", f"{r.rto_s:.2f} s (fault to the first acknowledged write after it)")
+    t.add_row("RTO", f"{r.rto_s:.2f} s (longest time without an acknowledged write after the fault)")
     t.add_row("RPO", f"{r.rpo_lost} acknowledged commits lost (of {r.acked})")
     t.add_row("unknown outcome", f"{r.unknown} writes cut mid-commit, {r.unknown_committed} of them committed")
     t.add_row("rejoin", f"{r.old_primary} back in {r.rejoined_s}s" if r.rejoined else f"{r.old_primary} NOT back")

@@ -9,13 +9,14 @@ records each outcome: acknowledged, failed before anything was sent, or unknown 
 broke while a commit was in flight, so it may or may not have committed). It then injures the
 primary — `kill`: SIGKILL its Patroni and PostgreSQL and keep them down (host loss); `hang`:
 SIGSTOP them (a frozen host); `crash`: SIGKILL the postmaster only (Patroni lives) — and reports
-RTO (fault to the first acknowledged write that started after it) and RPO (acknowledged rows
+RTO (the longest time without an acknowledged write after the fault) and RPO (acknowledged rows
 missing afterwards). The injured member is then brought back and must rejoin as a replica.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -185,16 +186,24 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
             if pg:
                 os.kill(pg[0], signal.SIGKILL)
         elif mode == "kill":
-            for pid in [p for p in (patroni_pid, *pg[:1]) if p]:
-                os.kill(pid, signal.SIGKILL)
-            dep.supervisor.stop_program(ha.patroni_program(old))  # the host stays down
+            # The host is gone: nothing of it may run again until the drill brings it back, so
+            # supervisord's restart of Patroni must fail (a restarted Patroni would shut down
+            # cleanly on our stop and hand the leader key over, which is not a host loss).
+            conf = dep.home.patroni_conf(old)
+            os.replace(conf, hidden := conf.with_suffix(".drill"))
+            try:
+                for pid in [p for p in (patroni_pid, *pg) if p]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                dep.supervisor.stop_program(ha.patroni_program(old))
+            finally:
+                os.replace(hidden, conf)
         else:
             stopped = [p for p in (patroni_pid, *pg) if p]
             for pid in stopped:
                 os.kill(pid, signal.SIGSTOP)
-        rto = _wait_first_write_after(writer, t0, timeout)
         new = _wait_new_leader(dep, None if mode == "crash" else old, timeout)
-        time.sleep(1)
+        rto = _wait_recovered(writer, t0, timeout)
     finally:
         writer.stop.set()
         thread.join(timeout=30)
@@ -216,9 +225,7 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
     rejoined_s = round(time.monotonic() - t_back, 1) if rejoined else None
     acked = {w.n for w in writer.writes if w.outcome == "acked"}
     unknown = {w.n for w in writer.writes if w.outcome == "unknown"}
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=10) as c:
-        present = {int(r[0]) for r in c.execute(f"SELECT n FROM {DRILL_TABLE} WHERE run = %s", (run,))}
-        c.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (run,))
+    present = _committed(dsn, run)
     result = DrillResult(
         mode=mode,
         profile=dep.spec.failover_profile,
@@ -241,17 +248,37 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
     return result
 
 
-def _wait_first_write_after(writer: _Writer, t0: float, timeout: float) -> float:
+def _wait_recovered(writer: _Writer, t0: float, timeout: float) -> float:
+    """RTO: the longest stretch after the fault in which no write was acknowledged.
+
+    Through PgBouncer an outage can look like errors (a connection cut mid-commit) or like a
+    stall (the query waits in the pooler until a primary is back), and processes of a killed
+    postmaster may still acknowledge a write before they notice; the gap between consecutive
+    acknowledgements covers all three. Returns once writes have flowed steadily again.
+    """
     deadline = t0 + timeout
     while time.monotonic() < deadline:
-        for w in reversed(writer.writes):
-            if w.start < t0:
-                break
-            if w.outcome == "acked":
-                first = min(x.end for x in writer.writes if x.start >= t0 and x.outcome == "acked")
-                return first - t0
-        time.sleep(0.05)
-    raise DeploymentError(f"no write succeeded within {timeout:.0f}s of the fault: the failover did not complete")
+        acks = [w.end for w in list(writer.writes) if w.outcome == "acked" and w.end >= t0]
+        if len(acks) >= 20 and acks[-1] - acks[-20] < 2:
+            gaps = [acks[0] - t0] + [b - a for a, b in itertools.pairwise(acks)]
+            return max(gaps)
+        time.sleep(0.1)
+    raise DeploymentError(f"writes did not resume within {timeout:.0f}s of the fault: the failover did not complete")
+
+
+def _committed(dsn: str, run: str, timeout: float = 60) -> set[int]:
+    """The drill's rows the primary has now (then removed); retried while the pooler recovers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
+                present = {int(r[0]) for r in c.execute(f"SELECT n FROM {DRILL_TABLE} WHERE run = %s", (run,))}
+                c.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (run,))
+                return present
+        except psycopg.OperationalError as e:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"cannot read the drill's rows back through the writer endpoint: {e}") from None
+            time.sleep(1)
 
 
 def _wait_new_leader(dep: Deployment, old: str | None, timeout: float) -> str:

@@ -79,7 +79,10 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
             assert row is not None
             names, sync_count = str(row[0]), int(row[1])
             last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
-            if (want and names and sync_count > 0) or (not want and not names):
+            # Patroni 4.1.5 first sets '*' (any standby, even a read replica, may acknowledge);
+            # only a named standby that Patroni lists in /sync can be promoted without loss.
+            named = any(m.get("role") == "sync_standby" for m in cluster(dep).get("members", []))
+            if (want and names not in ("", "*") and sync_count > 0 and named) or (not want and not names):
                 return
         except TransientError as e:
             last = e.message

@@ -72,10 +72,17 @@ def program(dep: Deployment) -> Program | None:
 def config(dep: Deployment) -> PipelineConfig:
     spec, p, pp = dep.spec, dep.spec.pipeline, paths(dep)
     assert p is not None
+    # Every member that may become primary, and libpq picks the one that is: after a failover
+    # the daemon reconnects to the new primary by itself.
+    able = [m.name for m in dep.members if not m.nofailover]
+    hosts = ",".join(str(dep.home.socket_dir) for _ in able)
+    ports = ",".join(str(dep.member_port(m)) for m in able)
     dsn = (
-        f"host={dep.home.socket_dir} port={spec.network.port} dbname={spec.database.name}"
+        f"host={hosts} port={ports} dbname={spec.database.name}"
         f" user={spec.database.users.cdc} application_name=pgbridge-{pp.program}"
     )
+    if len(able) > 1:
+        dsn += " target_session_attrs=primary"
     return PipelineConfig(
         name=p.name,
         dsn=dsn,

@@ -1,0 +1,54 @@
+"""Which members a spec asks for, and the spec rules around them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pgbridge.plan.hba import REWIND_ROLE, HbaInput, render_hba
+from pgbridge.plan.topology import members
+from pgbridge.spec.models import Spec
+
+
+def spec(**kw: object) -> Spec:
+    return Spec.model_validate({"name": "shop", **kw})
+
+
+def test_a_single_instance_has_one_member_and_no_endpoints() -> None:
+    s = spec()
+    assert [m.name for m in members(s)] == ["shop-1"]
+    assert s.effective_endpoints() is None
+
+
+def test_multi_az_adds_a_synchronous_candidate_and_replicas_never_sync() -> None:
+    s = spec(multi_az=True, replicas=[{"name": "r1"}, {"name": "r2", "promotable": True, "region": "z-b"}])
+    by_name = {m.name: m for m in members(s)}
+    assert list(by_name) == ["shop-1", "shop-2", "shop-r1", "shop-r2"]
+    assert by_name["shop-2"].kind == "standby" and not by_name["shop-2"].nosync and not by_name["shop-2"].nofailover
+    assert by_name["shop-r1"].tags() == {"nofailover": True, "noloadbalance": False, "clonefrom": False, "nosync": True}
+    assert not by_name["shop-r2"].nofailover and by_name["shop-r2"].nosync and by_name["shop-r2"].region == "z-b"
+    assert s.effective_endpoints() is not None  # more than one member: endpoints are on
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicas": [{"name": "r1"}, {"name": "r1"}]},
+        {"replicas": [{"name": "1x"}]},
+        {"failover_profile": "reckless"},
+        {"endpoints": {"max_reader_lag_mb": -1}},
+        {"endpoints": {"pooler": {"pool_size": 0}}},
+        {"database": {"users": {"app": "pgbridge_pooler"}}},
+    ],
+)
+def test_bad_topology_is_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        spec(**bad)
+
+
+def test_the_rewind_role_may_log_in_over_tls_to_postgres_only() -> None:
+    rules = render_hba(HbaInput(allowed_cidrs=("10.0.0.0/8",), tls_required=True, endpoint_cidrs=("127.0.0.1/32",)))
+    rewind = [r for r in rules if REWIND_ROLE in r]
+    assert rewind and all(r.startswith(f"hostssl postgres {REWIND_ROLE} ") for r in rewind)
+    assert "hostssl all all 127.0.0.1/32 scram-sha-256" in rules  # the pooler's address
+    assert rules.index(rewind[0]) < rules.index("host all all 0.0.0.0/0 reject")
