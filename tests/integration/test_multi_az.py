@@ -23,7 +23,6 @@ multi_az: true
 failover_profile: fast
 replicas:
   - {name: r1, region: zone-c}
-endpoints: {max_reader_lag_mb: 1}
 """
 
 
@@ -83,29 +82,6 @@ def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
         row = c.execute("SELECT current_setting('synchronous_standby_names')").fetchone()
         assert row is not None and row[0] not in ("", "*")
     assert dep.run("up").stdout.strip().endswith("no changes")
-
-
-def test_a_replica_over_the_lag_limit_leaves_the_reader_pool(dep: Env) -> None:
-    s = status(dep)
-    replica = next(m["name"] for m in s["members"] if m["name"].endswith("-r1"))
-    admin = f"host={dep.home / 'run'} port={s['ports'][f'postgres:{replica}']} user=pgbridge_admin dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute("SELECT pg_wal_replay_pause()")
-    try:
-        with connect(endpoint(dep, "writer")) as c:  # 4 MB of WAL the paused replica does not replay
-            c.execute("CREATE TABLE IF NOT EXISTS lag_filler (id int, pad text)")
-            c.execute("INSERT INTO lag_filler SELECT g, repeat('x', 400) FROM generate_series(1, 10000) g")
-        deadline = time.monotonic() + 60
-        while replica in status(dep)["endpoints"]["reader_reaches"]:
-            assert time.monotonic() < deadline, "the lagging replica stayed in the reader pool"
-            time.sleep(1)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute("SELECT pg_wal_replay_resume()")
-    deadline = time.monotonic() + 60
-    while replica not in status(dep)["endpoints"]["reader_reaches"]:
-        assert time.monotonic() < deadline, "the replica did not return to the reader pool"
-        time.sleep(1)
 
 
 def test_switchover_pauses_writers_without_errors(dep: Env) -> None:
