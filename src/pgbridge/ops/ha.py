@@ -138,7 +138,8 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
 
 
 def remove_member(dep: Deployment, member: str) -> None:
-    """Stop a member for good and delete its data (it is no longer in the spec)."""
-    dep.supervisor.stop_program(patroni_program(member))
+    """Delete a member's data once supervisord dropped its program (it is no longer in the spec)."""
+    if patroni_program(member) in dep.supervisor.processes():
+        dep.supervisor.stop_program(patroni_program(member))
     shutil.rmtree(dep.home.pgdata(member), ignore_errors=True)
     (dep.home.patroni_conf(member)).unlink(missing_ok=True)
