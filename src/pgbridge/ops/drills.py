@@ -202,17 +202,20 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
             stopped = [p for p in (patroni_pid, *pg) if p]
             for pid in stopped:
                 os.kill(pid, signal.SIGSTOP)
-        new = _wait_new_leader(dep, None if mode == "crash" else old, timeout)
-        rto = _wait_recovered(writer, t0, timeout)
+        if mode == "crash":  # Patroni fails over or restarts in place; either way, writes resume
+            rto = _wait_recovered(writer, t0, timeout)
+            new = ha.leader_of(ha.cluster(dep)) or old
+        else:
+            new = _wait_new_leader(dep, old, timeout)
+            # The lost host comes back (or is replaced) now: with strict synchronous replication
+            # and no other standby the new primary accepts no commit until one streams again.
+            _restore(dep, old, mode, stopped)
+            stopped = []
+            rto = _wait_recovered(writer, t0, timeout)
     finally:
         writer.stop.set()
         thread.join(timeout=30)
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        if mode == "kill":
-            with contextlib.suppress(PgbridgeError):
-                dep.supervisor.start_program(ha.patroni_program(old))
+        _restore(dep, old, mode, stopped)
     t_back = time.monotonic()
     rejoined = True
     try:
@@ -264,6 +267,16 @@ def _wait_recovered(writer: _Writer, t0: float, timeout: float) -> float:
             return max(gaps)
         time.sleep(0.1)
     raise DeploymentError(f"writes did not resume within {timeout:.0f}s of the fault: the failover did not complete")
+
+
+def _restore(dep: Deployment, member: str, mode: Mode, stopped: list[int]) -> None:
+    """Undo the fault (idempotent): thaw frozen processes, start a killed member again."""
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    if mode == "kill":
+        with contextlib.suppress(PgbridgeError):
+            dep.supervisor.start_program(ha.patroni_program(member))
 
 
 def _committed(dsn: str, run: str, timeout: float = 60) -> set[int]:
