@@ -46,30 +46,25 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
-
-from tests.pgserver import kill_home_processes
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for the shared rig
 
 from pgbridge.cdc.pipeline import query as socket_query
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.snapshot import discover_tables, load_snapshot
 from pgbridge.cdc.source import SnapshotSlot
-from pgbridge.platform.system import free_port
+from rig import Rig, deployment, pgbridge_argv, say
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ADMIN_ROLE = "pgbridge_admin"
@@ -94,31 +89,9 @@ QUICK = {"inserts": 20_000, "updates": 4_000, "deletes": 2_000, "load_rows": 100
 QUICK |= {"load_rounds": 1, "latency_seconds": 6}
 
 
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def pgbridge_argv() -> list[str]:
-    entry = Path(sys.executable).parent / "pgbridge"
-    return [str(entry)] if entry.exists() else [sys.executable, "-c", "from pgbridge.cli.main import main; main()"]
-
-
 # -- the deployment ----------------------------------------------------------------------------------
-@dataclass
-class Rig:
-    """One deployment in a scratch folder every user can enter, driven through the CLI."""
-
-    base: Path
-    name: str
-    port: int
-
-    @property
-    def spec(self) -> Path:
-        return self.base / "pgbridge.yaml"
-
-    @property
-    def home(self) -> Path:
-        return self.base / "homes" / self.name
+class CdcRig(Rig):
+    """A deployment with the bench pipeline: its slot, socket, warehouse and status."""
 
     @property
     def admin_dsn(self) -> str:
@@ -143,39 +116,7 @@ class Rig:
     def warehouse(self) -> Path:
         return self.home / "warehouse" / f"{PIPELINE}.duckdb"
 
-    def write_spec(self, instance_class: str, pipeline_extra: str) -> None:
-        self.spec.write_text(f"""\
-name: {self.name}
-instance_class: {instance_class}
-storage: {{type: ssd, size_gb: 100}}
-network:
-  port: {self.port}
-  listen_addresses: [127.0.0.1]
-  allowed_cidrs: [127.0.0.1/32]
-tls: {{mode: required}}
-database:
-  name: {DATABASE}
-  schema: {SCHEMA}
-  users: {{app: {APP_ROLE}, readonly: shop_ro, cdc: shop_cdc}}
-pipeline:
-  name: {PIPELINE}
-{pipeline_extra}""")
-
-    def cli(self, *args: str, timeout: float = 600) -> str:
-        proc = subprocess.run(
-            [*pgbridge_argv(), "-f", str(self.spec), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"pgbridge {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
-        return proc.stdout
-
-    def status(self) -> dict[str, Any]:
+    def pipeline_status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.cli("pipeline", "status", "--json"))
         return result
 
@@ -190,48 +131,18 @@ pipeline:
         log = self.home / "logs" / f"pipeline-{PIPELINE}.log"
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no pipeline log)"
         try:
-            status = json.dumps(self.status(), indent=1)[:3000]
+            status = json.dumps(self.pipeline_status(), indent=1)[:3000]
         except Exception as e:  # diagnosing a failure must not fail
             status = f"(status failed: {e})"
         return f"pipeline status: {status}\npipeline log tail:\n{tail}"
 
-    def destroy(self) -> None:
-        if self.home.exists():
-            proc = subprocess.run(
-                [*pgbridge_argv(), "--home", str(self.home), "destroy", "--yes"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            if proc.returncode != 0:
-                say(f"destroy exited {proc.returncode}: {proc.stderr.strip()[-500:]}; killing by pid")
-                kill_home_processes(self.home)
-        shutil.rmtree(self.base, ignore_errors=True)
+
+def cdc_deployment(instance_class: str, pipeline_extra: str) -> contextlib.AbstractContextManager[CdcRig]:
+    extra = f"pipeline:\n  name: {PIPELINE}\n{pipeline_extra}"
+    return deployment(extra, rig_class=CdcRig, instance_class=instance_class, size_gb=100)
 
 
-@contextlib.contextmanager
-def deployment(instance_class: str, pipeline_extra: str) -> Iterator[Rig]:
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)  # the service user must be able to enter it
-    rig = Rig(base, f"bench-{uuid.uuid4().hex[:6]}", free_port())
-    os.environ["PGBRIDGE_HOME_BASE"] = str(base / "homes")
-    rig.write_spec(instance_class, pipeline_extra)
-    try:
-        started = time.perf_counter()
-        rig.cli("up", timeout=900)
-        say(f"deployment {rig.name} up in {time.perf_counter() - started:.0f}s (port {rig.port}, home {rig.home})")
-        yield rig
-    finally:
-        # A second Ctrl-C (or SIGTERM) must not leave servers behind.
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        say(f"destroying {rig.name} ...")
-        rig.destroy()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def connect(rig: Rig, *, app: bool = False, autocommit: bool = True) -> psycopg.Connection[Any]:
+def connect(rig: CdcRig, *, app: bool = False, autocommit: bool = True) -> psycopg.Connection[Any]:
     """Admin over the unix socket (peer identity); ``app``: acting as the application role."""
     conn = psycopg.connect(rig.admin_dsn, autocommit=autocommit, connect_timeout=10)
     conn.execute("SET log_statement = 'none'")
@@ -243,7 +154,7 @@ def connect(rig: Rig, *, app: bool = False, autocommit: bool = True) -> psycopg.
     return conn
 
 
-def ignore_bench_slot(rig: Rig) -> None:
+def ignore_bench_slot(rig: CdcRig) -> None:
     """Patroni drops replication slots it does not know within one HA loop; tell it to leave ours alone."""
     from pgbridge.home import Home
     from pgbridge.ops.context import Deployment
@@ -294,7 +205,7 @@ class Watch:
 
 
 def start_and_watch(
-    rig: Rig,
+    rig: CdcRig,
     admin: psycopg.Connection[Any],
     target: int | None,
     timeout: float,
@@ -305,6 +216,7 @@ def start_and_watch(
     w = Watch(time.monotonic())
     proc = subprocess.Popen(
         [*pgbridge_argv(), "-f", str(rig.spec), "pipeline", "start"],
+        env=rig.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -346,7 +258,7 @@ def drop_slot(admin: psycopg.Connection[Any], slot: str) -> None:
     admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
 
 
-def stop_pipeline(rig: Rig, admin: psycopg.Connection[Any]) -> None:
+def stop_pipeline(rig: CdcRig, admin: psycopg.Connection[Any]) -> None:
     rig.cli("pipeline", "stop")
     deadline = time.monotonic() + 60
     while slot_view(admin, rig.slot).state is not None:  # its walsender gone: the slot is released
@@ -355,7 +267,7 @@ def stop_pipeline(rig: Rig, admin: psycopg.Connection[Any]) -> None:
         time.sleep(0.05)
 
 
-def wait_warehouse(rig: Rig, sql: str, want: list[Any], timeout: float = 120) -> None:
+def wait_warehouse(rig: CdcRig, sql: str, want: list[Any], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     got: Any = None
     while time.monotonic() < deadline:
@@ -378,7 +290,7 @@ class LoadResult:
     library: list[float] = field(default_factory=list)  # load_snapshot in this process
 
 
-def prepare_load(rig: Rig, rows: int) -> int:
+def prepare_load(rig: CdcRig, rows: int) -> int:
     """Create and fill the load table (pipeline stopped); returns the size of its COPY text."""
     with connect(rig, app=True) as app:
         app.execute(f"CREATE TABLE {LOAD} {COLUMNS}")
@@ -399,7 +311,7 @@ def prepare_load(rig: Rig, rows: int) -> int:
     return size
 
 
-def copy_psql(rig: Rig) -> float:
+def copy_psql(rig: CdcRig) -> float:
     started = time.perf_counter()
     with open(os.devnull, "wb") as sink:
         subprocess.run(
@@ -410,7 +322,7 @@ def copy_psql(rig: Rig) -> float:
     return time.perf_counter() - started
 
 
-def daemon_load(rig: Rig, admin: psycopg.Connection[Any], rows: int) -> tuple[float, float]:
+def daemon_load(rig: CdcRig, admin: psycopg.Connection[Any], rows: int) -> tuple[float, float]:
     """A fresh initial load by the pipeline daemon: (slot created -> streaming, start -> streaming)."""
     stop_pipeline(rig, admin)
     drop_slot(admin, rig.slot)
@@ -421,7 +333,7 @@ def daemon_load(rig: Rig, admin: psycopg.Connection[Any], rows: int) -> tuple[fl
     return w.streaming - w.slot_seen, w.streaming - w.started
 
 
-def library_load(rig: Rig, round_: int, workers: int, rows: int) -> float:
+def library_load(rig: CdcRig, round_: int, workers: int, rows: int) -> float:
     """load_snapshot in this process, under a temporary slot, into a scratch DuckDB file."""
     folder = rig.base / "scratch"
     folder.mkdir(exist_ok=True)
@@ -445,7 +357,7 @@ def library_load(rig: Rig, round_: int, workers: int, rows: int) -> float:
             leftover.unlink()
 
 
-def bench_load(rig: Rig, rows: int, rounds: int, workers: int) -> LoadResult:
+def bench_load(rig: CdcRig, rows: int, rounds: int, workers: int) -> LoadResult:
     with connect(rig) as admin:
         stop_pipeline(rig, admin)
         result = LoadResult(rows, prepare_load(rig, rows))
@@ -473,7 +385,7 @@ class StreamResult:
     applied_changes: int | None
 
 
-def create_stream_tables(rig: Rig) -> None:
+def create_stream_tables(rig: CdcRig) -> None:
     """The (b) and (c) tables, made known to the pipeline before it is stopped."""
     with connect(rig, app=True) as app:
         app.execute(f"CREATE TABLE {ITEMS} {COLUMNS}")
@@ -485,7 +397,7 @@ def create_stream_tables(rig: Rig) -> None:
     wait_warehouse(rig, f"SELECT count(*) FROM {LATENCY}", [1])
 
 
-def generate(rig: Rig, inserts: int, updates: int, deletes: int, txn_rows: int) -> list[int]:
+def generate(rig: CdcRig, inserts: int, updates: int, deletes: int, txn_rows: int) -> list[int]:
     """Inserts in txn_rows transactions, then updates and deletes spread over the table, as many per txn.
 
     Returns, for the insert and the update phase, a position past every commit before the phase's
@@ -525,7 +437,7 @@ def generate(rig: Rig, inserts: int, updates: int, deletes: int, txn_rows: int) 
     return marks[:2]
 
 
-def run_recvlogical(rig: Rig, endpos: int) -> float:
+def run_recvlogical(rig: CdcRig, endpos: int) -> float:
     argv = [
         str(PG_BIN / "pg_recvlogical"),
         "-d",
@@ -552,7 +464,7 @@ def run_recvlogical(rig: Rig, endpos: int) -> float:
     return took
 
 
-def bench_stream(rig: Rig, inserts: int, updates: int, deletes: int, txn_rows: int) -> StreamResult:
+def bench_stream(rig: CdcRig, inserts: int, updates: int, deletes: int, txn_rows: int) -> StreamResult:
     changes = inserts + updates + deletes
     with connect(rig) as admin:
         stop_pipeline(rig, admin)
@@ -586,7 +498,7 @@ def bench_stream(rig: Rig, inserts: int, updates: int, deletes: int, txn_rows: i
         assert src is not None
         wait_warehouse(rig, f"SELECT count(*), sum(qty) FROM {ITEMS}", list(src), timeout=30)
         time.sleep(1.5)  # the status file is written once a second
-        applied = rig.status().get("changes")
+        applied = rig.pipeline_status().get("changes")
         if applied != changes:
             say(f"(b) WARNING: the pipeline counted {applied} changes since its start, expected {changes}")
     if len(w.marks) == 2:  # confirmations come a batch at a time, so the boundaries are as coarse
@@ -622,7 +534,7 @@ class LatencyResult:
 
 
 def bench_latency(
-    rig: Rig, rate: float, seconds: float, txn_per_s: float, probe_s: float, warmup_s: float
+    rig: CdcRig, rate: float, seconds: float, txn_per_s: float, probe_s: float, warmup_s: float
 ) -> LatencyResult:
     rows_per_txn = max(1, round(rate / txn_per_s))
     committed: dict[int, float] = {}
@@ -795,7 +707,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     args.load_before = os.getloadavg()[0]  # anything else busy on the host skews every figure
     try:
-        with deployment(args.instance_class, extra) as rig:
+        with cdc_deployment(args.instance_class, extra) as rig:
             load = bench_load(rig, args.load_rows, args.load_rounds, workers)
             create_stream_tables(rig)
             stream = bench_stream(rig, args.inserts, args.updates, args.deletes, args.txn_rows)

@@ -51,17 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for the shared rig
 
-from tests.pgserver import kill_home_processes
-
-from pgbridge.platform.system import free_port
+from rig import Rig, deployment, say
 
 PROFILES = ("default", "fast")
 MODES = ("kill", "crash", "hang")
@@ -70,83 +66,14 @@ GOAL_PAUSE_S = 2.0
 ANCHORS = "RDS Multi-AZ instance 60-120 s, RDS Multi-AZ DB cluster < 35 s"
 
 
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def pgbridge_argv() -> list[str]:
-    entry = Path(sys.executable).parent / "pgbridge"
-    return [str(entry)] if entry.exists() else [sys.executable, "-c", "from pgbridge.cli.main import main; main()"]
-
-
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(p / 100 * len(s)) - 1))]
 
 
 # -- the deployment ----------------------------------------------------------------------------------
-@dataclass
-class Rig:
-    """One deployment in a scratch folder every user can enter, driven through the CLI."""
-
-    base: Path
-    name: str
-    port: int
-    profile: str
-
-    @property
-    def spec(self) -> Path:
-        return self.base / "pgbridge.yaml"
-
-    @property
-    def home(self) -> Path:
-        return self.base / "homes" / self.name
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGBRIDGE_")}
-        env["PGBRIDGE_HOME_BASE"] = str(self.base / "homes")
-        env["COLUMNS"] = "200"
-        return env
-
-    def write_spec(self) -> None:
-        self.spec.write_text(f"""\
-name: {self.name}
-instance_class: db.micro
-storage: {{type: ssd, size_gb: 5}}
-network:
-  port: {self.port}
-  listen_addresses: [127.0.0.1]
-  allowed_cidrs: [127.0.0.1/32]
-tls: {{mode: required}}
-database:
-  name: shop
-  schema: shop
-  users: {{app: shop_app, readonly: shop_ro, cdc: shop_cdc}}
-multi_az: true
-failover_profile: {self.profile}
-""")
-
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*pgbridge_argv(), "-f", str(self.spec), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(),
-            check=False,
-        )
-
-    def cli(self, *args: str, timeout: float = 600) -> str:
-        proc = self.run(*args, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"pgbridge {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
-        return proc.stdout
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.cli("status", "--json", timeout=60))
-        return result
+class FailoverRig(Rig):
+    """A Multi-AZ deployment: member roles, settling after a drill, and its logs for a post-mortem."""
 
     def roles(self) -> dict[str, str]:
         return {m["name"]: m["role"] for m in self.status()["members"]}
@@ -182,44 +109,6 @@ failover_profile: {self.profile}
         shutil.copytree(logs, dest / "logs", dirs_exist_ok=True)
         return dest
 
-    def destroy(self) -> None:
-        if self.home.exists():
-            proc = subprocess.run(
-                [*pgbridge_argv(), "--home", str(self.home), "destroy", "--yes"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=self.env(),
-                check=False,
-            )
-            if proc.returncode != 0:
-                say(f"destroy exited {proc.returncode}: {proc.stderr.strip()[-500:]}; killing by pid")
-                kill_home_processes(self.home)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def deployment(profile: str) -> Iterator[Rig]:
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)  # the service user must be able to enter it
-    rig = Rig(base, f"bench-{uuid.uuid4().hex[:6]}", free_port(), profile)
-    rig.write_spec()
-    try:
-        started = time.perf_counter()
-        rig.cli("up", timeout=900)
-        say(
-            f"[{profile}] deployment {rig.name} up in {time.perf_counter() - started:.0f}s"
-            f" (port {rig.port}, home {rig.home})"
-        )
-        yield rig
-    finally:
-        # A second Ctrl-C (or SIGTERM) must not leave servers behind.
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        say(f"[{profile}] destroying {rig.name} ...")
-        rig.destroy()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
 
 # -- measuring -----------------------------------------------------------------------------------------
 @dataclass
@@ -233,7 +122,7 @@ class ProfileResult:
     switch_failures: list[str] = field(default_factory=list)
 
 
-def fail(rig: Rig, res: ProfileResult, mode: str, what: str) -> None:
+def fail(rig: FailoverRig, res: ProfileResult, mode: str, what: str) -> None:
     res.failures.setdefault(mode, []).append(what)
     say(f"[{rig.profile}] drill {mode}: FAILED: {what}")
     say(rig.log_tails())
@@ -242,10 +131,10 @@ def fail(rig: Rig, res: ProfileResult, mode: str, what: str) -> None:
         say(f"[{rig.profile}] logs copied to {kept}")
 
 
-def run_drill(rig: Rig, res: ProfileResult, mode: str, timeout: float) -> None:
+def run_drill(rig: FailoverRig, res: ProfileResult, mode: str, timeout: float) -> None:
     started = time.monotonic()
     try:
-        proc = rig.run("drill", "failover", "--mode", mode, "--yes", "--json", timeout=timeout)
+        proc = rig.run("drill", "failover", "--mode", mode, "--yes", "--json", check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
         fail(rig, res, mode, f"no result after {timeout:.0f}s (timed out)")
         return
@@ -268,7 +157,7 @@ def run_drill(rig: Rig, res: ProfileResult, mode: str, timeout: float) -> None:
         fail(rig, res, mode, f"lost {r['rpo_lost']} acknowledged commits, rejoined={r['rejoined']}")
 
 
-def bench_profile(rig: Rig, args: argparse.Namespace, res: ProfileResult) -> None:
+def bench_profile(rig: FailoverRig, args: argparse.Namespace, res: ProfileResult) -> None:
     """Fills ``res`` as it goes: an interrupted run still reports what it measured."""
     for mode in args.modes:
         for i in range(args.drills):
@@ -396,7 +285,8 @@ def main() -> None:
         for profile in args.profiles:
             try:
                 results.append(ProfileResult(profile))
-                with deployment(profile) as rig:
+                spec = f"multi_az: true\nfailover_profile: {profile}\n"
+                with deployment(spec, rig_class=FailoverRig, label=profile) as rig:
                     bench_profile(rig, args, results[-1])
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 say(f"[{profile}] ABORTED: {str(e)[:2000]}")

@@ -31,137 +31,24 @@ printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for the shared rig
 
-from tests.pgserver import kill_home_processes
-
-from pgbridge.platform.system import free_port
+from rig import Rig, deployment, say
 
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
 APP_ROLE = "shop_app"
 ANCHOR_POOLED_DIRECT = 16.0
 _CHECK = "SELECT pg_is_in_recovery() || ', ' || (SELECT count(*) FROM pgbench_branches)"
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def pgbridge_argv() -> list[str]:
-    entry = Path(sys.executable).parent / "pgbridge"
-    return [str(entry)] if entry.exists() else [sys.executable, "-c", "from pgbridge.cli.main import main; main()"]
-
-
-# -- the deployment ----------------------------------------------------------------------------------
-@dataclass
-class Rig:
-    """One deployment in a scratch folder every user can enter, driven through the CLI."""
-
-    base: Path
-    name: str
-    port: int
-
-    @property
-    def spec(self) -> Path:
-        return self.base / "pgbridge.yaml"
-
-    @property
-    def home(self) -> Path:
-        return self.base / "homes" / self.name
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PGBRIDGE_", "PG"))}
-        env["PGBRIDGE_HOME_BASE"] = str(self.base / "homes")
-        env["COLUMNS"] = "200"
-        return env
-
-    def write_spec(self) -> None:
-        self.spec.write_text(f"""\
-name: {self.name}
-instance_class: db.micro
-storage: {{type: ssd, size_gb: 5}}
-network:
-  port: {self.port}
-  listen_addresses: [127.0.0.1]
-  allowed_cidrs: [127.0.0.1/32]
-tls: {{mode: required}}
-database:
-  name: shop
-  schema: shop
-  users: {{app: {APP_ROLE}, readonly: shop_ro, cdc: shop_cdc}}
-replicas:
-  - {{name: r1}}
-""")
-
-    def cli(self, *args: str, timeout: float = 600) -> str:
-        proc = subprocess.run(
-            [*pgbridge_argv(), "-f", str(self.spec), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(),
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"pgbridge {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
-        return proc.stdout
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.cli("status", "--json", timeout=60))
-        return result
-
-    def destroy(self) -> None:
-        if self.home.exists():
-            proc = subprocess.run(
-                [*pgbridge_argv(), "--home", str(self.home), "destroy", "--yes"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=self.env(),
-                check=False,
-            )
-            if proc.returncode != 0:
-                say(f"destroy exited {proc.returncode}: {proc.stderr.strip()[-500:]}; killing by pid")
-                kill_home_processes(self.home)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def deployment() -> Iterator[Rig]:
-    base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)  # the service user must be able to enter it
-    rig = Rig(base, f"bench-{uuid.uuid4().hex[:6]}", free_port())
-    rig.write_spec()
-    try:
-        started = time.perf_counter()
-        rig.cli("up", timeout=900)
-        say(f"deployment {rig.name} up in {time.perf_counter() - started:.0f}s (port {rig.port}, home {rig.home})")
-        yield rig
-    finally:
-        # A second Ctrl-C (or SIGTERM) must not leave servers behind.
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        say(f"destroying {rig.name} ...")
-        rig.destroy()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 # -- pgbench -------------------------------------------------------------------------------------------
@@ -277,7 +164,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     common = ["-n", "-M", "simple", "-c", str(args.clients), "-j", str(args.jobs), "-T", str(args.seconds)]
     try:
-        with deployment() as rig:
+        with deployment("replicas:\n  - {name: r1}\n") as rig:
             status = rig.status()
             ep = status["endpoints"]
             writer, reader = Target("writer (PgBouncer)", ep["writer"]), Target("reader (PgBouncer)", ep["reader"])

@@ -21,11 +21,11 @@ BIN = Path(sys.executable).parent
 PGBRIDGE = str(BIN / "pgbridge")
 
 
-def spec_text(name: str, port: int, extra: str = "") -> str:
+def spec_text(name: str, port: int, extra: str = "", *, instance_class: str = "db.micro", size_gb: int = 5) -> str:
     return f"""\
 name: {name}
-instance_class: db.micro
-storage: {{type: ssd, size_gb: 5}}
+instance_class: {instance_class}
+storage: {{type: ssd, size_gb: {size_gb}}}
 network:
   port: {port}
   listen_addresses: [127.0.0.1]

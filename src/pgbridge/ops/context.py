@@ -14,7 +14,7 @@ from typing import Any
 from pgbridge.errors import NotFoundError, TransientError
 from pgbridge.home import Home
 from pgbridge.plan.topology import MemberPlan, member_name, members
-from pgbridge.platform.patroni import PatroniAPI
+from pgbridge.platform.patroni import PatroniAPI, leader_of
 from pgbridge.platform.postgres import AdminTarget
 from pgbridge.platform.supervisor import Supervisor
 from pgbridge.secrets.store import MasterKey, SecretStore
@@ -76,17 +76,24 @@ class Deployment:
             return self.spec.network.port
         return self.port(f"postgres:{member}")
 
-    def leader(self) -> str:
-        """The member that holds the leader key now (asks each member's REST API in turn)."""
-        for m in self.recorded_members():
+    def cluster_view(self, members: list[str] | None = None) -> dict[str, Any]:
+        """GET /cluster from the first member that answers."""
+        last = "no member answered"
+        for m in members or self.recorded_members():
             try:
-                cluster = self.patroni(m, timeout=3).cluster()
-            except (TransientError, NotFoundError):
-                continue
-            for member in cluster.get("members", []):
-                if member.get("role") in ("leader", "primary"):
-                    return str(member["name"])
-        return self.primary_member  # no leader now: callers then fail on a clear connection error
+                body = self.patroni(m, timeout=3).cluster()
+                if body.get("members"):
+                    return body
+            except TransientError as e:
+                last = e.message
+        raise TransientError(f"Patroni's cluster view is unavailable: {last}")
+
+    def leader(self) -> str:
+        """The member running as primary now; member 1 when none is (callers then fail clearly)."""
+        try:
+            return leader_of(self.cluster_view()) or self.primary_member
+        except TransientError:
+            return self.primary_member
 
     @cached_property
     def secrets(self) -> SecretStore:
@@ -117,12 +124,13 @@ class Deployment:
                 return a
         return "127.0.0.1"
 
-    def dsn(self, role: str, *, password: bool = False, dbname: str | None = None) -> str:
+    def dsn(self, role: str, *, password: bool = False, dbname: str | None = None, port: int | None = None) -> str:
+        """A verify-full TLS DSN for a client: member 1 directly, or another port of the host (the pooler)."""
         from psycopg.conninfo import make_conninfo
 
         params: dict[str, str] = {
             "host": self.client_host(),
-            "port": str(self.spec.network.port),
+            "port": str(port or self.spec.network.port),
             "dbname": dbname or self.spec.database.name,
             "user": role,
             "sslmode": "verify-full" if self.spec.tls.mode == "required" else "prefer",

@@ -31,6 +31,7 @@ from pgbridge.errors import DeploymentError, PgbridgeError, UsageError
 from pgbridge.ops import endpoints, events, ha
 from pgbridge.ops.context import Deployment
 from pgbridge.platform import system
+from pgbridge.platform.patroni import leader_of
 from pgbridge.platform.postgres import admin_connection
 
 Mode = Literal["kill", "hang", "crash"]
@@ -50,6 +51,8 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
     dep.home.require()
     if len(dep.recorded_members()) < 2:
         raise DeploymentError("a switchover needs a standby", hint="set multi_az: true (or add replicas) and run up")
+    if to is not None and to not in dep.recorded_members():  # before any client is paused
+        raise DeploymentError(f"no member {to!r}; members: {', '.join(dep.recorded_members())}")
     console = endpoints.console(dep) if endpoints.enabled(dep) else None
     db = dep.spec.database.name
     t0 = time.monotonic()
@@ -64,11 +67,7 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
         if console is not None:
             with contextlib.suppress(PgbridgeError):
                 endpoints.point_writer(dep, moved.new)
-            reached = endpoints.wait_writer(dep, timeout=30)
-            deadline = time.monotonic() + 30
-            while reached != moved.new and time.monotonic() < deadline:
-                time.sleep(0.1)
-                reached = endpoints.wait_writer(dep, timeout=30)
+            endpoints.wait_writer(dep, timeout=30, member=moved.new)
     finally:
         if console is not None:
             console.resume(db)
@@ -159,8 +158,8 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
     dep.home.require()
     if not endpoints.enabled(dep):
         raise DeploymentError("the drill writes through the writer endpoint", hint="set multi_az: true and run up")
-    view = ha.cluster(dep)
-    old = ha.leader_of(view)
+    view = dep.cluster_view()
+    old = leader_of(view)
     if old is None:
         raise DeploymentError("there is no running primary to injure")
     able = [m for m in view.get("members", []) if m.get("name") != old and not m.get("tags", {}).get("nofailover")]
@@ -168,9 +167,15 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
         raise DeploymentError("no member could take over", hint="set multi_az: true and run up")
     app = dep.spec.database.users.app
     dsn = endpoints.dsn(dep, app, "writer", password=True)
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
-        c.execute(f"CREATE TABLE IF NOT EXISTS {DRILL_TABLE} (run text, n bigint, at timestamptz DEFAULT now(),"
-                  " PRIMARY KEY (run, n))")  # fmt: skip
+    try:
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
+            c.execute(f"CREATE TABLE IF NOT EXISTS {DRILL_TABLE} (run text, n bigint, at timestamptz DEFAULT now(),"
+                      " PRIMARY KEY (run, n))")  # fmt: skip
+    except psycopg.Error as e:
+        raise DeploymentError(
+            f"the drill cannot write through the writer endpoint: {str(e).strip()}",
+            hint="check `pgbridge status`: the deployment must be healthy before a drill",
+        ) from None
     run = f"{mode}-{int(time.time() * 1000)}"
     writer = _Writer(dsn, run)
     thread = threading.Thread(target=writer.loop, name="drill-writer", daemon=True)
@@ -204,7 +209,7 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
                 os.kill(pid, signal.SIGSTOP)
         if mode == "crash":  # Patroni fails over or restarts in place; either way, writes resume
             rto = _wait_recovered(writer, t0, timeout)
-            new = ha.leader_of(ha.cluster(dep)) or old
+            new = leader_of(dep.cluster_view()) or old
         else:
             new = _wait_new_leader(dep, old, timeout)
             # The lost host comes back (or is replaced) now: with strict synchronous replication
@@ -299,7 +304,7 @@ def _wait_new_leader(dep: Deployment, old: str | None, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(PgbridgeError):
-            leader = ha.leader_of(ha.cluster(dep, [m for m in dep.recorded_members() if m != old]))
+            leader = leader_of(dep.cluster_view([m for m in dep.recorded_members() if m != old]))
             if leader is not None and leader != old:
                 return leader
         time.sleep(0.2)

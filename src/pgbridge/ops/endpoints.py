@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from pgbridge.errors import DeploymentError, HostError, NotFoundError, TransientError
 from pgbridge.home import write_if_changed
 from pgbridge.ops.context import Deployment, secret_name_for_role
 from pgbridge.ops.tasks import Report
 from pgbridge.platform import haproxy, pgbouncer, system
-from pgbridge.platform.postgres import LEAST, RoleSpec, admin_connection, ensure_role
+from pgbridge.platform.postgres import LEAST, RoleSpec, admin_connection, ensure_role, verifier_matches
 from pgbridge.platform.supervisor import Program
 
 POOLER_ROLE = "pgbridge_pooler"  # PgBouncer's auth_user: may only call the lookup function
@@ -78,13 +77,12 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
     ep = dep.spec.effective_endpoints()
     assert ep is not None
     tls = dep.home.tls
-    listen = [a for a in dep.spec.network.listen_addresses]
     return pgbouncer.PgBouncerInput(
         database=dep.spec.database.name,
         writer_port=ports["haproxy_writer"],
         reader_port=ports["haproxy_reader"],
         listen_port=ports["pgbouncer"],
-        listen_address=",".join(listen),
+        listen_address=",".join(dep.spec.network.listen_addresses),
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
         auth_user=POOLER_ROLE,
@@ -134,8 +132,6 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
 
 
 def _kept_console_secret(userlist: str, password: str) -> str | None:
-    from pgbridge.platform.postgres import verifier_matches
-
     for line in userlist.splitlines():
         parts = line.split('" "')
         if len(parts) == 2 and parts[0].strip('"') == CONSOLE_USER:
@@ -216,20 +212,20 @@ def point_writer(dep: Deployment, leader: str) -> None:
         haproxy.query_stats_socket(path, f"set server {haproxy.WRITER}/{m} health {health}")
 
 
-def wait_writer(dep: Deployment, timeout: float) -> str:
-    """Until HAProxy's writer endpoint has the leader UP; returns that member."""
+def wait_writer(dep: Deployment, timeout: float, member: str | None = None) -> str:
+    """Until HAProxy's writer endpoint has exactly one member UP (`member`, when given); returns it."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
             up = haproxy_state(dep).up(haproxy.WRITER)
-            if len(up) == 1:
+            if len(up) == 1 and member in (None, up[0]):
                 return up[0]
             last = f"writer servers up: {list(up)}"
         except (TransientError, HostError) as e:
             last = e.message
-        time.sleep(0.2)
-    raise DeploymentError(f"the writer endpoint found no primary within {timeout:.0f}s ({last})")
+        time.sleep(0.1)
+    raise DeploymentError(f"the writer endpoint did not reach {member or 'a primary'} within {timeout:.0f}s ({last})")
 
 
 def dsn(dep: Deployment, role: str, endpoint: Endpoint = "writer", *, password: bool = False) -> str:
@@ -239,14 +235,5 @@ def dsn(dep: Deployment, role: str, endpoint: Endpoint = "writer", *, password: 
             "this deployment has no endpoints", hint="set multi_az, replicas or an endpoints: section and run `up`"
         )
     db = dep.spec.database.name
-    params: dict[str, Any] = {
-        "host": dep.client_host(),
-        "port": str(dep.port("pgbouncer")),
-        "dbname": db if endpoint == "writer" else pgbouncer.reader_database(db),
-        "user": role,
-        "sslmode": "verify-full" if dep.spec.tls.mode == "required" else "prefer",
-        "sslrootcert": str(dep.home.tls / "ca.crt"),
-    }
-    if password:
-        params["password"] = dep.secrets.get(secret_name_for_role(role)).reveal()
-    return make_conninfo(**params)
+    dbname = db if endpoint == "writer" else pgbouncer.reader_database(db)
+    return dep.dsn(role, password=password, dbname=dbname, port=dep.port("pgbouncer"))

@@ -16,34 +16,13 @@ from typing import Any
 
 from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.ops.context import Deployment
-from pgbridge.platform.patroni import PatroniAPI
+from pgbridge.platform import etcd
+from pgbridge.platform.patroni import PatroniAPI, leader_of
 from pgbridge.platform.postgres import admin_connection
-
-LEADER_ROLES = ("leader", "primary")
 
 
 def patroni_program(member: str) -> str:
     return f"patroni-{member}"
-
-
-def cluster(dep: Deployment, members: list[str] | None = None) -> dict[str, Any]:
-    """GET /cluster from the first member that answers."""
-    last = "no member answered"
-    for m in members or dep.recorded_members():
-        try:
-            body = dep.patroni(m, timeout=3).cluster()
-            if body.get("members"):
-                return body
-        except TransientError as e:
-            last = e.message
-    raise TransientError(f"Patroni's cluster view is unavailable: {last}")
-
-
-def leader_of(view: dict[str, Any]) -> str | None:
-    for m in view.get("members", []):
-        if m.get("role") in LEADER_ROLES and m.get("state") == "running":
-            return str(m["name"])
-    return None
 
 
 def wait_replica(api: PatroniAPI, member: str, timeout: float) -> None:
@@ -81,7 +60,7 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
             last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
             # Patroni 4.1.5 first sets '*' (any standby, even a read replica, may acknowledge);
             # only a named standby that Patroni lists in /sync can be promoted without loss.
-            named = any(m.get("role") == "sync_standby" for m in cluster(dep).get("members", []))
+            named = any(m.get("role") == "sync_standby" for m in dep.cluster_view().get("members", []))
             if (want and names not in ("", "*") and sync_count > 0 and named) or (not want and not names):
                 return
         except TransientError as e:
@@ -100,7 +79,7 @@ class Switched:
 
 def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 90) -> Switched:
     """Patroni's planned switchover, confirmed by the cluster view (its HTTP answer is advisory)."""
-    view = cluster(dep)
+    view = dep.cluster_view()
     old = leader_of(view)
     if old is None:
         raise DeploymentError("there is no running primary to switch over from", hint="see `pgbridge status`")
@@ -129,7 +108,7 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     deadline = t0 + timeout
     while time.monotonic() < deadline:
         try:
-            if leader_of(cluster(dep)) == candidate:
+            if leader_of(dep.cluster_view()) == candidate:
                 return Switched(old, candidate, time.monotonic() - t0)
         except TransientError:
             pass
@@ -138,8 +117,13 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
 
 
 def remove_member(dep: Deployment, member: str) -> None:
-    """Delete a member's data once supervisord dropped its program (it is no longer in the spec)."""
+    """Delete a member's data once supervisord dropped its program (it is no longer in the spec).
+
+    Patroni leaves a stopped member's key in etcd until its lease runs out; the member is gone for
+    good, so its key goes now and the cluster view stops listing it.
+    """
     if patroni_program(member) in dep.supervisor.processes():
         dep.supervisor.stop_program(patroni_program(member))
+    etcd.delete_key(dep.port("etcd_client"), f"/pgbridge/{dep.spec.name}/members/{member}")
     shutil.rmtree(dep.home.pgdata(member), ignore_errors=True)
     (dep.home.patroni_conf(member)).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pgbridge.errors import PgbridgeError, TransientError
-from pgbridge.ops import endpoints, ha
+from pgbridge.ops import endpoints
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.up import catalogue_for, pending_reboot
@@ -37,7 +37,7 @@ def _members(dep: Deployment) -> list[dict[str, Any]]:
     """Every member with its role, state and replay lag, from Patroni's cluster view."""
     plans = {m.name: m for m in dep.members}
     try:
-        view = ha.cluster(dep)
+        view = dep.cluster_view()
     except TransientError as e:
         return [{"name": n, "state": "unreachable", "error": e.message} for n in dep.recorded_members()]
     rows = []

@@ -39,7 +39,14 @@ from pgbridge.plan.params import ParamValue
 from pgbridge.plan.topology import member_name, members
 from pgbridge.platform import etcd, system
 from pgbridge.platform.catalogue import Catalogue, load_catalogue
-from pgbridge.platform.patroni import PROFILES, MemberConfig, PatroniAPI, post_bootstrap_script, render_member
+from pgbridge.platform.patroni import (
+    PROFILES,
+    MemberConfig,
+    PatroniAPI,
+    leader_of,
+    post_bootstrap_script,
+    render_member,
+)
 from pgbridge.platform.postgres import CDC, LEAST, RoleSpec, admin_connection, ensure_database, ensure_role, wait_admin
 from pgbridge.platform.supervisor import Program, render_config
 from pgbridge.platform.tls import ensure_ca, ensure_server_cert
@@ -449,8 +456,8 @@ def _wait_leader(dep: Deployment, *, first: bool, timeout: float = 300) -> str:
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            view = ha.cluster(dep)
-            leader = ha.leader_of(view)
+            view = dep.cluster_view()
+            leader = leader_of(view)
             if leader is not None:
                 dep.patroni(leader).wait_running(timeout=max(1.0, deadline - time.monotonic()), role="primary")
                 return leader
@@ -463,14 +470,14 @@ def _wait_leader(dep: Deployment, *, first: bool, timeout: float = 300) -> str:
 
 def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None:
     """Members about to leave hold no role the others need: not the leader, not the sync standby."""
-    view = ha.cluster(dep)
-    if ha.leader_of(view) in removed:
+    view = dep.cluster_view()
+    if leader_of(view) in removed:
         moved = ha.switchover(dep, candidate=dep.primary_member)
         report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
     standby = member_name(dep.spec.name, 2)
     if standby in removed:
         # Strict synchronous replication with its standby gone would block every commit.
-        api = dep.patroni(ha.leader_of(ha.cluster(dep)))
+        api = dep.patroni(leader_of(dep.cluster_view()))
         api.patch_config({"synchronous_mode": False, "synchronous_mode_strict": False})
         ha.wait_sync(dep, False)
         report.add("multi-az (synchronous standby)", "removed")
@@ -565,10 +572,10 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             else:
                 sup.start()
                 report.add("processes", "started")
+            etcd.wait_healthy(ports["etcd_client"], timeout=60)
             for m in removed:
                 ha.remove_member(dep, m)
                 report.add(f"member {m}", "removed")
-            etcd.wait_healthy(ports["etcd_client"], timeout=60)
             for m in rendered.members_changed:
                 if running and m in old_members:
                     with contextlib.suppress(TransientError):

@@ -5,6 +5,7 @@ One member per deployment on loopback for now; the v3 API is what Patroni's `etc
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -53,3 +54,15 @@ def wait_healthy(client_port: int, timeout: float = 30) -> None:
             return
         time.sleep(0.2)
     raise DeploymentError(f"etcd on port {client_port} did not become healthy within {timeout:.0f}s")
+
+
+def delete_key(client_port: int, key: str, timeout: float = 5) -> None:
+    """Delete one key through etcd's v3 JSON gateway (e.g. a removed Patroni member's entry)."""
+    body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{client_port}/v3/kv/deleterange", data=body, method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise DeploymentError(f"etcd on port {client_port} refused to delete {key}: {e}") from None

@@ -119,6 +119,14 @@ exec {bindir}/psql "$1" -X -q -v ON_ERROR_STOP=1 -c "CREATE ROLE {admin_role} LO
 """
 
 
+def leader_of(view: dict[str, Any]) -> str | None:
+    """The member running as primary in a GET /cluster answer, if any."""
+    for m in view.get("members", []):
+        if m.get("role") in ("leader", "primary") and m.get("state") == "running":
+            return str(m["name"])
+    return None
+
+
 class PatroniAPI:
     """A small client of one member's REST API (basic auth for the unsafe endpoints)."""
 
