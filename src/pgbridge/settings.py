@@ -27,6 +27,7 @@ class Binaries:
     python: Path
     haproxy: Path | None = None  # needed only by deployments with endpoints
     pgbouncer: Path | None = None
+    pgbackrest: Path | None = None  # needed only by deployments with backups
 
     def pg(self, name: str) -> Path:
         return self.pg_bindir / name
@@ -38,6 +39,12 @@ class Binaries:
         if self.pgbouncer is None:
             raise MissingBinaryError("pgbouncer", "pgbouncer")
         return self.haproxy, self.pgbouncer
+
+    def backup_tool(self) -> Path:
+        """pgBackRest, or an error naming its Debian package."""
+        if self.pgbackrest is None:
+            raise MissingBinaryError("pgbackrest", "pgbackrest")
+        return self.pgbackrest
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ def find_binaries() -> Binaries:
         python=Path(sys.executable),
         haproxy=_optional("PGBRIDGE_HAPROXY", Path("/usr/sbin/haproxy"), "haproxy"),
         pgbouncer=_optional("PGBRIDGE_PGBOUNCER", Path("/usr/sbin/pgbouncer"), "pgbouncer"),
+        pgbackrest=_optional("PGBRIDGE_PGBACKREST", Path("/usr/bin/pgbackrest"), "pgbackrest"),
     )
 
 

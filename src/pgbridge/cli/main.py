@@ -615,3 +615,8 @@ def events_cmd(c: Ctx, kind: str | None, as_json: bool) -> None:
         when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
         t.add_row(when, e["kind"], e["message"])
     out.print(t)
+
+
+from pgbridge.cli.backup import register as _register_backup  # noqa: E402  (needs `drill` above)
+
+_register_backup(cli, drill)

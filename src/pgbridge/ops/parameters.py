@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from pgbridge.home import Home
+from pgbridge.ops.backup import archive_parameters
 from pgbridge.plan.instance_classes import resolve_class
 from pgbridge.plan.params import ParamValue, effective_parameters
 from pgbridge.plan.tuning import compute_class_parameters
@@ -58,6 +59,7 @@ def platform_parameters(spec: Spec, home: Home) -> dict[str, str]:
         "shared_preload_libraries": "pg_stat_statements",
         "track_io_timing": "on",
         "cluster_name": spec.name,
+        **archive_parameters(spec, home),
     }
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from pgbridge.errors import DeploymentError, HostError, PgbridgeError, TransientError
 from pgbridge.home import Home, atomic_write, write_if_changed
+from pgbridge.ops import backup as backup_ops
 from pgbridge.ops import endpoints, ha
 from pgbridge.ops import pipeline as pipeline_ops
 from pgbridge.ops.context import (
@@ -236,6 +237,7 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on:
 class Rendered:
     members_changed: set[str]  # members whose Patroni file changed
     endpoints_changed: set[str]  # endpoint programs whose files changed
+    backup_changed: bool = False  # pgbackrest.conf or the scheduler's config changed
 
 
 def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report: Report, first: bool) -> Rendered:
@@ -290,12 +292,14 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     pipeline_program = pipeline_ops.program(dep)
     if pipeline_program is not None:
         programs.append(pipeline_program)
+    backup_programs, backup_changed = backup_ops.render(dep, ports)
+    programs += backup_programs
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
     if not (changed or sup_changed or endpoints_changed):
         report.add("process config", "unchanged")
     else:
         report.add("process config", "created" if first else "changed")
-    return Rendered(changed, endpoints_changed)
+    return Rendered(changed, endpoints_changed, backup_changed)
 
 
 def _normalized_params(raw: dict[str, Any]) -> dict[str, str]:
@@ -483,7 +487,16 @@ def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None
         report.add("multi-az (synchronous standby)", "removed")
 
 
-def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = lambda s: None) -> Report:
+def up(
+    settings: Settings,
+    spec: Spec,
+    spec_text: str,
+    home: Home,
+    step: Step = lambda s: None,
+    seed: Callable[[Deployment], None] | None = None,
+) -> Report:
+    """`seed`, for a new deployment only, fills member 1's data folder before Patroni starts
+    (a restore); Patroni then takes that data over instead of running initdb."""
     report = Report()
     home.check_owner()
     with deployment_lock(home), interruptible():
@@ -514,6 +527,8 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             check_python_for_service_user(settings)
         if spec.effective_endpoints() is not None:
             settings.binaries.endpoint_tools()  # a missing HAProxy or PgBouncer names its package
+        if spec.backup.enabled:
+            settings.binaries.backup_tool()
         cat = catalogue_for(settings)
         params = desired_parameters(spec, home, cat)
         ports = _ports(state, spec, running)
@@ -543,7 +558,8 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             u = spec.database.users
             roles = (u.app, u.readonly, u.cdc, REPLICATION_ROLE, REWIND_ROLE)
             names = [secret_name_for_role(r) for r in roles] + [REST_SECRET, *endpoints.secret_names(dep)]
-            added = _ensure_passwords(store, names)
+            added = _ensure_passwords(store, names + backup_ops.secret_names(spec))
+            added = backup_ops.store_s3_credentials(dep) or added
             report.add("secrets", "created" if created else ("changed" if added else "unchanged"))
 
             step("tls")
@@ -566,6 +582,9 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
 
                 undo.push("stop processes", stop_all)
             programs_changed: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+            if fresh and seed is not None:
+                step("restoring data")
+                seed(dep)
             if sup.running():
                 programs_changed = sup.reread()
                 report.add("processes", "changed" if any(programs_changed.values()) else "unchanged")
@@ -619,6 +638,10 @@ def up(settings: Settings, spec: Spec, spec_text: str, home: Home, step: Step = 
             if spec.pipeline is not None:
                 step("pipeline")
                 pipeline_ops.ensure(dep, report)
+
+            if spec.backup.enabled:
+                step("backups (WAL archiving, stanza, scheduler)")
+                backup_ops.ensure(dep, report, restart_scheduler=rendered.backup_changed and not fresh)
 
             report.pending_reboot = pending_reboot(dep, params, cat)
             if report.pending_reboot:

@@ -20,6 +20,7 @@ NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
 
 Identifier = Annotated[str, Field(pattern=IDENT_RE, description="a lower-case SQL identifier")]
 ParamValue = str | int | float | bool
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 class _Model(BaseModel):
@@ -197,6 +198,108 @@ class Endpoints(_Model):
     pooler: Pooler = Field(default_factory=lambda: Pooler())
 
 
+class BackupSchedule(_Model):
+    """When backups run: full backups on some weekdays, a cheaper one on the other days."""
+
+    full_days: list[Weekday] = Field(
+        default_factory=lambda: list[Weekday](["sun"]), min_length=1, description="weekdays (UTC) of the full backup"
+    )
+    other_days: Literal["diff", "incr", "full", "none"] = Field(
+        "diff", description="backup type taken in the window on the other days"
+    )
+    incr_every_hours: int = Field(
+        0, ge=0, le=24, description="extra incremental backups through the day, this many hours apart (0: none)"
+    )
+
+    @field_validator("full_days")
+    @classmethod
+    def _unique_days(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"full_days has duplicates: {v}")
+        return v
+
+
+class BackupRepository(_Model):
+    """Where backups and archived WAL go: a local folder (default: inside the home) or S3-compatible storage."""
+
+    type: Literal["local", "s3"] = "local"
+    path: str | None = Field(
+        None, description="local: an absolute folder (default <home>/backup/repo); s3: the prefix in the bucket"
+    )
+    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    s3_endpoint: str | None = Field(None, description="host[:port] of the S3-compatible service")
+    s3_region: str = "us-east-1"
+    s3_uri_style: Literal["host", "path"] = "host"
+    s3_verify_tls: bool = True
+    s3_key_env: str = Field("AWS_ACCESS_KEY_ID", pattern=r"^[A-Z_][A-Z0-9_]*$", description="environment variable")
+    s3_secret_env: str = Field("AWS_SECRET_ACCESS_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> BackupRepository:
+        if self.type == "s3":
+            if not self.s3_bucket or not self.s3_endpoint:
+                raise ValueError("an s3 repository needs s3_bucket and s3_endpoint")
+        elif any(v is not None for v in (self.s3_bucket, self.s3_endpoint)):
+            raise ValueError("s3_bucket and s3_endpoint are only for type: s3")
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError(f"repository path must be absolute, got {self.path!r}")
+        return self
+
+
+class DrillCheck(_Model):
+    """A query run on a restored copy by `drill restore`; it must return one row whose first column is true."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,62}$")
+    sql: str = Field(min_length=1)
+
+
+class RestoreDrill(_Model):
+    every_days: int = Field(0, ge=0, le=366, description="run a restore drill this often (0: only by hand)")
+    checks: list[DrillCheck] = Field(default_factory=list, description="user-defined check queries")
+
+
+class Backup(_Model):
+    """Automated encrypted backups with point-in-time restore (pgBackRest)."""
+
+    enabled: bool = Field(True, description="WAL archiving, scheduled backups and PITR")
+    retention_days: int = Field(7, ge=1, le=35, description="automated backups are kept this many days")
+    window: str = Field("03:00-04:00", description="daily backup window, HH:MM-HH:MM in UTC")
+    schedule: BackupSchedule = Field(default_factory=lambda: BackupSchedule())
+    compression: Literal["lz4", "zst", "gz", "bz2", "none"] = "lz4"
+    compression_level: int | None = Field(None, ge=0, le=19, description="default: pgBackRest's for the type")
+    encryption: bool = Field(True, description="AES-256 repository encryption; the key lives in the secrets store")
+    repository: BackupRepository = Field(default_factory=lambda: BackupRepository())
+    archive_timeout: int = Field(
+        30, ge=10, le=3600, description="seconds: the longest a commit waits to reach the archive (PITR freshness)"
+    )
+    archive_queue_max_mb: int = Field(
+        1024, ge=64, le=1_048_576, description="WAL held back by a stalled archive before it is dropped"
+    )
+    drill: RestoreDrill = Field(default_factory=lambda: RestoreDrill())
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)", v)
+        if not m:
+            raise ValueError(f"{v!r} is not a window; use HH:MM-HH:MM (UTC), e.g. 03:00-04:00")
+        start = int(m[1]) * 60 + int(m[2])
+        end = int(m[3]) * 60 + int(m[4])
+        if (end - start) % 1440 < 30:
+            raise ValueError(f"backup window {v} is shorter than 30 minutes")
+        return v
+
+    @model_validator(mode="after")
+    def _compression_level(self) -> Backup:
+        limits = {"lz4": 12, "zst": 19, "gz": 9, "bz2": 9, "none": 0}
+        if self.compression_level is not None and self.compression_level > limits[self.compression]:
+            raise ValueError(
+                f"compression_level {self.compression_level} is too high for {self.compression}"
+                f" (at most {limits[self.compression]})"
+            )
+        return self
+
+
 class Spec(_Model):
     """One deployment: a tuned, TLS-only, least-privilege PostgreSQL run by Patroni."""
 
@@ -221,6 +324,7 @@ class Spec(_Model):
     endpoints: Endpoints | None = Field(
         None, description="writer/reader endpoints and pooling; on by default with multi_az or replicas"
     )
+    backup: Backup = Field(default_factory=lambda: Backup(), description="backups, WAL archiving and PITR")
 
     @field_validator("instance_class")
     @classmethod
