@@ -32,7 +32,7 @@ import psycopg
 
 from rig import Rig, deployment, say
 
-ROW_BYTES = 140  # measured heap bytes per row of the bench table (tuple + header + page overhead)
+ROW_BYTES = 128  # measured heap bytes per row of the bench table (tuple + header + page overhead)
 
 
 def admin(rig: Rig, home: Path | None = None) -> psycopg.Connection:
@@ -54,7 +54,7 @@ def load(rig: Rig, gib: float) -> int:
         step = 1_000_000
         for lo in range(0, rows, step):
             c.execute(
-                "INSERT INTO shop.big SELECT g, g % 1000, md5(g::text) || md5((g + 1)::text)"
+                "INSERT INTO shop.big SELECT g, g %% 1000, md5(g::text) || md5((g + 1)::text)"
                 " FROM generate_series(%s, %s) g",
                 (lo + 1, min(rows, lo + step)),
             )
@@ -100,6 +100,7 @@ def kill_everything(rig: Rig) -> None:
 def freshness(rig: Rig, seconds: float) -> dict[str, float]:
     with admin(rig) as c:
         c.execute("CREATE TABLE shop.acks (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        c.execute("GRANT SELECT, INSERT ON shop.acks TO shop_app")
     acked: dict[int, float] = {}
     stop = threading.Event()
 
@@ -142,7 +143,7 @@ def freshness(rig: Rig, seconds: float) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0, help="size of the table to back up, GiB")
-    ap.add_argument("--fresh-seconds", type=float, default=75.0, help="how long the writer runs before the kill")
+    ap.add_argument("--fresh-seconds", type=float, default=60.0, help="how long the writer runs before the kill")
     a = ap.parse_args()
     with deployment("", label="backup", instance_class="db.small", size_gb=20) as rig:
         t0 = time.perf_counter()
