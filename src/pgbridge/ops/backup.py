@@ -45,6 +45,7 @@ CIPHER_SECRET = "backup:cipher-pass"
 S3_KEY_SECRET = "backup:s3-key"
 S3_SECRET_SECRET = "backup:s3-key-secret"
 PROGRAM = "backup-scheduler"
+FLOCK = "pgbridge-backup.flock"
 SNAPSHOT_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 
@@ -141,6 +142,9 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], bool]
     system.make_dir(lay.root, 0o750, user)
     for d in (lay.lock, lay.spool, lay.log, lay.scratch):
         system.make_dir(d, 0o750, user)
+    flock = lay.lock / FLOCK
+    flock.touch(mode=0o640)
+    system.chown(flock, user)  # the CLI (root) and the scheduler (service user) both lock it
     if spec.backup.repository.type == "local":
         system.make_dir(Path(_repo_settings(dep).path), 0o750, user)
     hosts = [
@@ -183,16 +187,19 @@ def ensure(dep: Deployment, report: Report, restart_scheduler: bool = False) -> 
         system.chown(snaps, user)
     pb = tool(dep.settings, dep.home, dep.spec.name)
     fresh = "stanza" not in dep.state.get("backup", {})
-    pb.stanza_create()
     from pgbridge.platform.postgres import admin_connection
 
     with admin_connection(dep.admin) as c:
         row = c.execute("SELECT current_setting('archive_mode')").fetchone()
-    if row is not None and row[0] == "on":
-        pb.check()  # a WAL switch that must reach the repository: archiving works end to end
-    else:
+    archiving = row is not None and row[0] == "on"
+    if not archiving:
         report.add("wal archiving", "pending-reboot", "archive_mode takes effect after `pgbridge reboot`")
     if fresh:
+        # Under the lock the scheduler takes too: stanza-create and a running backup exclude each other.
+        with backup_lock(dep.home):
+            pb.stanza_create()
+            if archiving:
+                pb.check()  # a WAL switch that must reach the repository: archiving works end to end
         state = dep.state
         state["backup"] = {"stanza": dep.spec.name, "created_at": time.time()}
         dep.home.write_state(state)
@@ -245,7 +252,7 @@ def require_enabled(dep: Deployment) -> None:
 @contextlib.contextmanager
 def backup_lock(home: Home, timeout: float = 3600) -> Iterator[None]:
     """One backup or expire at a time, between the CLI and the scheduler (pgBackRest would refuse)."""
-    path = layout(home).lock / "pgbridge-backup.flock"
+    path = layout(home).lock / FLOCK
     with open(path, "a") as f:
         deadline = time.monotonic() + timeout
         while True:
