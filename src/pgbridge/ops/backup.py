@@ -186,7 +186,7 @@ def ensure(dep: Deployment, report: Report, restart_scheduler: bool = False) -> 
         atomic_write(snaps, "{}\n", mode=0o640)
         system.chown(snaps, user)
     pb = tool(dep.settings, dep.home, dep.spec.name)
-    fresh = "stanza" not in dep.state.get("backup", {})
+    marker = layout(dep.home).root / "stanza-created"  # not in state.json: `up` rewrites its own copy
     from pgbridge.platform.postgres import admin_connection
 
     with admin_connection(dep.admin) as c:
@@ -194,15 +194,14 @@ def ensure(dep: Deployment, report: Report, restart_scheduler: bool = False) -> 
     archiving = row is not None and row[0] == "on"
     if not archiving:
         report.add("wal archiving", "pending-reboot", "archive_mode takes effect after `pgbridge reboot`")
+    fresh = not marker.exists()
     if fresh:
         # Under the lock the scheduler takes too: stanza-create and a running backup exclude each other.
         with backup_lock(dep.home):
             pb.stanza_create()
             if archiving:
                 pb.check()  # a WAL switch that must reach the repository: archiving works end to end
-        state = dep.state
-        state["backup"] = {"stanza": dep.spec.name, "created_at": time.time()}
-        dep.home.write_state(state)
+        atomic_write(marker, f"{dep.spec.name} {time.time():.0f}\n", mode=0o640)
     report.add("wal archiving", "created" if fresh else "unchanged", f"stanza {dep.spec.name}")
     sup = dep.supervisor
     running = sup.processes().get(PROGRAM, {}).get("statename") == "RUNNING"
