@@ -315,7 +315,10 @@ def sink_table(st: SourceTable, policy: MappingPolicy | None = None) -> SinkTabl
         raise SnapshotError(st.problem)
     kept = [i for i, c in enumerate(st.columns) if not c.excluded]
     columns = tuple(SinkColumn(st.columns[i].name, st.columns[i].ctype(policy), st.columns[i].attnum) for i in kept)
-    return SinkTable(st.schema, st.name, columns, tuple(kept.index(i) for i in st.key))
+    key = tuple(kept.index(i) for i in st.key)
+    # Only REPLICA IDENTITY FULL without a primary key makes every column the key (NULLs allowed).
+    not_null = not (st.replica_identity == "f" and len(key) == len(kept))
+    return SinkTable(st.schema, st.name, columns, key, key_not_null=not_null)
 
 
 Range = tuple[int, int | None]  # pages [start, end); end None: to the end of the table
