@@ -80,6 +80,10 @@ class Catalog(Protocol):
 class BatchLimits:
     max_rows: int = 50_000  # changes held in memory before they go to the warehouse
     max_wait_s: float = 0.5  # longest a committed transaction waits for its batch to close
+    # While changes keep arriving, a batch is handed to a free sink once it holds a quarter of
+    # max_rows or its first commit waited this long (a warehouse commit costs milliseconds: tiny
+    # batches under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
+    min_wait_s: float = 0.1
 
 
 @dataclass
@@ -311,6 +315,14 @@ class Applier:
         if self._first_commit_at is None:
             return None
         return max(0.0, self.limits.max_wait_s - (time.monotonic() - self._first_commit_at))
+
+    def ripe(self) -> bool:
+        """A committed batch is worth a warehouse commit now, though more changes are arriving."""
+        if self._committed_lsn is None or self._first_commit_at is None or self._in_txn:
+            return False
+        if self._pending_changes >= self.limits.max_rows // 4:
+            return True
+        return time.monotonic() - self._first_commit_at >= min(self.limits.min_wait_s, self.limits.max_wait_s)
 
     @property
     def pending_commit(self) -> bool:

@@ -242,10 +242,10 @@ def pump(
 ) -> int:
     """One cycle: read what is buffered, fold it in, hand what committed to the sink, confirm what is durable.
 
-    Committed transactions go to the sink as soon as it is free (it applies in a worker thread while
-    the next messages are read), so a batch holds what arrived during the previous one: small when the
-    stream is quiet (low latency), large under load (few warehouse commits). ``max_wait_s`` bounds a
-    read when nothing arrives.
+    Committed transactions go to the sink when it is free (it applies in a worker thread while the
+    next messages are read): at once when the stream has gone quiet, else once the batch is ripe
+    (:meth:`Applier.ripe`), so batches are small when the stream is quiet (low latency) and large
+    under load (few warehouse commits). ``max_wait_s`` bounds a read when nothing arrives.
 
     With ``until``, no transaction committing at or after it is fed: its messages and everything
     after them wait in ``held`` (raw payloads), which the next call feeds first, and what was fed is
@@ -260,8 +260,8 @@ def pump(
     else:
         due_in = applier.due_in()  # a committed batch waiting: read no longer than until it is due
         wait = max_wait_s if due_in is None else min(max_wait_s, max(due_in, 0.005))
-        if applier.busy:
-            wait = min(wait, 0.01)  # notice soon that the sink is free again
+        if applier.busy or applier.pending_commit:
+            wait = min(wait, 0.005)  # notice soon that the sink is free again, or that the stream went quiet
         chunk = stream.read_raw(max_messages=max_messages, max_wait_s=wait)
         payloads, tags = chunk.payloads, chunk.tags
     if until is not None and held is not None:
@@ -273,7 +273,7 @@ def pump(
     if not applier.in_transaction and applier.pending_commit:
         if held:
             confirms.append(applier.flush())
-        elif not applier.busy or applier.due():
+        elif applier.due() or (not applier.busy and (not payloads or applier.ripe())):
             applier.submit()
     confirms.append(applier.poll())
     for confirm in confirms:
