@@ -90,7 +90,8 @@ def stream(rng: random.Random, txns: int) -> tuple[list[bytes], dict[int, Row]]:
                 new_id = next_id if moved else i
                 next_id += moved
                 old = table.pop(i)
-                row = (new_id, rng.choice([None, "u", "ü"]), old[2] if keep else f"new{rng.random()}", rng.randint(0, 9))
+                big = old[2] if keep else f"new{rng.random()}"
+                row = (new_id, rng.choice([None, "u", "ü"]), big, rng.randint(0, 9))
                 table[new_id] = row
                 old_image = key_image(i) if moved else None
                 msg = Update(None, OID, "K" if moved else None, old_image, image(row, unchanged_big=keep))
