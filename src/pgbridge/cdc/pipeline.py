@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
-from pgbridge.cdc.pgoutput import Begin, Message
+from pgbridge.cdc.pgoutput import Begin, decode
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
 from pgbridge.cdc.snapshot import (
@@ -237,36 +237,71 @@ def pump(
     *,
     max_messages: int = 20_000,
     max_wait_s: float = 0.2,
-    held: deque[Message] | None = None,
+    held: deque[bytes] | None = None,
     until: LSN | None = None,
 ) -> int:
-    """One cycle: read a batch, fold it in, commit what is due, confirm only what is durable.
+    """One cycle: read what is buffered, fold it in, hand what committed to the sink, confirm what is durable.
+
+    Committed transactions go to the sink when it is free (it applies in a worker thread while the
+    next messages are read): at once when the stream has gone quiet, else once the batch is ripe
+    (:meth:`Applier.ripe`), so batches are small when the stream is quiet (low latency) and large
+    under load (few warehouse commits). ``max_wait_s`` bounds a read when nothing arrives.
 
     With ``until``, no transaction committing at or after it is fed: its messages and everything
-    after them wait in ``held``, which the next call feeds first (``validate`` compares the warehouse
-    exactly as of a source snapshot this way).
+    after them wait in ``held`` (raw payloads), which the next call feeds first, and what was fed is
+    committed before returning (``validate`` compares the warehouse exactly as of a source snapshot
+    this way).
     """
+    confirms = [applier.poll()]
+    tags: bytes | None = None
     if held:
-        messages, fresh = list(held), False
+        payloads = list(held)
         held.clear()
     else:
         due_in = applier.due_in()  # a committed batch waiting: read no longer than until it is due
         wait = max_wait_s if due_in is None else min(max_wait_s, max(due_in, 0.005))
-        messages, fresh = stream.read_batch(max_messages=max_messages, max_wait_s=wait).messages, True
-    for i, msg in enumerate(messages):
-        if until is not None and held is not None and isinstance(msg, Begin) and msg.final_lsn >= until:
-            held.extend(messages[i:])
-            break
-        confirm = applier.feed(msg)
-        if confirm is not None:
-            stream.confirm(confirm)
-    if applier.due() or (fresh and not messages) or held:
-        confirm = applier.flush() if not applier.in_transaction else None
+        if applier.busy or applier.pending_commit:
+            wait = min(wait, 0.005)  # notice soon that the sink is free again, or that the stream went quiet
+        chunk = stream.read_raw(max_messages=max_messages, max_wait_s=wait)
+        payloads, tags = chunk.payloads, chunk.tags
+    if until is not None and held is not None:
+        stop = _first_begin_from(payloads, until)
+        if stop is not None:
+            held.extend(payloads[stop:])
+            payloads, tags = payloads[:stop], None
+    confirms.append(applier.feed_raw(payloads, tags))
+    if not applier.in_transaction and applier.pending_commit:
+        if held:
+            confirms.append(applier.flush())
+        elif applier.due() or (not applier.busy and (not payloads or applier.ripe())):
+            applier.submit()
+    confirms.append(applier.poll())
+    for confirm in confirms:
         if confirm is not None:
             stream.confirm(confirm)
     if applier.idle and not held:
         stream.confirm_idle()  # nothing in flight: let the slot advance so WAL is not pinned
-    return len(messages)
+    return len(payloads)
+
+
+def _first_begin_from(payloads: list[bytes], lsn: LSN) -> int | None:
+    """Index of the first Begin of a transaction committing at or after ``lsn``."""
+    for i, payload in enumerate(payloads):
+        if payload[0] == 0x42:  # 'B'
+            begin = decode(payload)
+            assert isinstance(begin, Begin)
+            if begin.final_lsn >= lsn:
+                return i
+    return None
+
+
+def held_begin(held: deque[bytes]) -> Begin | None:
+    """The Begin at the head of ``held``, if that is what is there."""
+    if held and held[0][:1] == b"B":
+        msg = decode(held[0])
+        assert isinstance(msg, Begin)
+        return msg
+    return None
 
 
 @dataclass
@@ -296,7 +331,7 @@ class Pipeline:
         self.sink = DuckDBSink(cfg.warehouse, cfg.name)
         self.sink.con.execute(_STATE_DDL)
         self.jobs: queue.Queue[_Job] = queue.Queue()
-        self.held: deque[Message] = deque()  # read from the stream, not yet fed (see pump)
+        self.held: deque[bytes] = deque()  # read from the stream, not yet fed (see pump)
 
     # -- requests from `pgbridge pipeline validate|resync` --------------------------------------
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +388,8 @@ class Pipeline:
             """Apply exactly the transactions that committed before ``lsn``, then hold the stream."""
             deadline = time.monotonic() + 600
             while True:
-                nxt = self.held[0] if self.held else None
-                caught = isinstance(nxt, Begin) and nxt.final_lsn >= lsn
+                nxt = held_begin(self.held)
+                caught = nxt is not None and nxt.final_lsn >= lsn
                 caught = caught or (not self.held and applier.idle and stream.server_wal_end >= lsn)
                 if caught and not applier.in_transaction:
                     confirm = applier.flush()
@@ -566,7 +601,7 @@ class Pipeline:
         dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
         window_start, window_changes = time.monotonic(), 0
         try:
-            with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream:
+            with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream, contextlib.closing(applier):
                 self.status.state = "running"
                 while not self.stop.is_set():
                     pump(stream, applier, held=self.held)
