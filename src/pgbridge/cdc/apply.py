@@ -185,9 +185,13 @@ class Applier:
         limits: BatchLimits,
         catalog: Catalog | None = None,
         sources: dict[tuple[str, str], SourceTable] | None = None,
+        durable: Callable[[LSN], None] | None = None,
     ) -> None:
         """``catalog`` answers for tables first seen in the stream and for DDL messages; ``sources`` are
-        the source shapes of ``tables`` (needed to follow renames and type changes)."""
+        the source shapes of ``tables`` (needed to follow renames and type changes). ``durable(lsn)``,
+        if given, returns once the source's failover target has the WAL up to ``lsn``; each batch
+        waits for it before the warehouse commits, so the warehouse never holds a transaction a
+        new primary would not have."""
         self.sink = sink
         self.catalog = catalog
         self.tables = tables
@@ -215,6 +219,8 @@ class Applier:
         self._worker = _Worker()
         self._inflight: _InFlight | None = None
         self._ready: LSN | None = None  # end LSN of committed work the caller has not been told about
+        self._idle_noted = 0.0  # monotonic time of the last note_idle record
+        self.durable = durable
         for t in tables.values():
             sink.ensure_table(t)
 
@@ -347,6 +353,15 @@ class Applier:
         """Nothing in flight: the caller may let the slot advance to the server's WAL end."""
         return not self._in_txn and self._committed_lsn is None and not self._sink_open and self._inflight is None
 
+    def note_idle(self, lsn: LSN, every_s: float = 1.0) -> bool:
+        """Record ``lsn`` as the slot's position while idle; ``False`` when the last record is too recent."""
+        now = time.monotonic()
+        if not self.idle or now - self._idle_noted < every_s:
+            return False
+        self.sink.note_position(lsn)
+        self._idle_noted = now
+        return True
+
     def submit(self) -> None:
         """Send everything folded up to the last source commit to the sink, to commit there; returns at once.
 
@@ -407,7 +422,7 @@ class Applier:
         changes = [
             (table, seg.changes(table) if isinstance(seg, _Staged) else seg) for table, segs in work for seg in segs
         ]
-        sink = self.sink
+        sink, durable = self.sink, self.durable
 
         def run() -> None:
             if begin:
@@ -419,7 +434,9 @@ class Applier:
                 else:
                     sink.apply_staged(table, change)
             if commit is not None:
-                sink.commit(commit)
+                if durable is not None and confirm is not None:
+                    durable(confirm)
+                sink.commit(commit, confirm)
 
         self._sink_open = commit is None
         self._inflight = _InFlight(self._worker.submit(run), commit, confirm, oldest)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import psycopg
@@ -46,11 +46,13 @@ from pgbridge.cdc.snapshot import (
 )
 from pgbridge.cdc.source import (
     ReplicationStream,
+    SlotExistsError,
     SlotMissingError,
     StreamOptions,
     create_slot,
     drop_slot,
     slot_exists,
+    slot_status,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.cdc.validate import validate_table
@@ -76,6 +78,9 @@ class PipelineConfig:
     max_rows: int = 50_000
     max_wait_ms: int = 500
     load_workers: int = 2
+    # A synchronous standby may take over: a batch commits in the warehouse only once that standby
+    # has the batch's WAL (see ``SyncStandbyWait``).
+    sync_standby: bool = False
 
     @classmethod
     def load(cls, path: Path) -> PipelineConfig:
@@ -280,8 +285,45 @@ def pump(
         if confirm is not None:
             stream.confirm(confirm)
     if applier.idle and not held:
-        stream.confirm_idle()  # nothing in flight: let the slot advance so WAL is not pinned
+        # Nothing in flight: let the slot advance so WAL is not pinned (recorded in the warehouse
+        # first, at most once a second, so a slot found beyond that record is known not to be ours).
+        idle = stream.idle_position()
+        if idle is not None and applier.note_idle(idle):
+            stream.confirm(idle)
     return len(payloads)
+
+
+class SyncStandbyWait:
+    """Waits until the synchronous standby has flushed the WAL up to a position.
+
+    On PostgreSQL 15 the walsender sends a transaction once it is flushed on the primary, before
+    the synchronous standby confirms it. If the primary died in that window, the new primary would
+    not have a transaction the warehouse holds. Each batch therefore waits here (in the apply
+    worker, not the reader) before its warehouse commit; usually the standby is already there.
+    With no synchronous standby configured (``synchronous_standby_names`` empty) nothing waits.
+    """
+
+    SQL: Final = "SELECT _pgbridge.sync_standby_flush_lsn()::text"
+
+    def __init__(self, dsn: str, stop: threading.Event, poll_s: float = 0.002) -> None:
+        self.dsn, self.stop, self.poll_s = dsn, stop, poll_s
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def wait(self, lsn: LSN) -> None:
+        delay = self.poll_s
+        while True:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            row = self._conn.execute(self.SQL).fetchone()
+            if row is None or row[0] is None or LSN.parse(row[0]) >= lsn:
+                return
+            if self.stop.wait(delay):
+                raise TransientError("stopping while the synchronous standby had not confirmed a batch")
+            delay = min(delay * 2, 0.1)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 def _first_begin_from(payloads: list[bytes], lsn: LSN) -> int | None:
@@ -473,7 +515,7 @@ class Pipeline:
         con.execute("BEGIN TRANSACTION")
         for schema, name in self.sink.definitions():
             con.execute(f"DROP TABLE IF EXISTS {qi(schema)}.{qi(name)}")
-        for table in ("pipeline_state", "checkpoint", "tables"):
+        for table in ("pipeline_state", "checkpoint", "slot_position", "tables"):
             con.execute(f"DELETE FROM {META_SCHEMA}.{table} WHERE pipeline = ?", [self.cfg.name])
         schema, table = PROGRESS_TABLE.split(".")
         if con.execute(
@@ -520,6 +562,10 @@ class Pipeline:
                     self._set_phase("streaming", s.consistent_lsn)
                     self.sink.commit_meta()
                     return
+            except SlotExistsError:
+                # Patroni recreates a permanent slot it finds missing: drop its slot and create ours.
+                drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
+                continue
             except (_ShapeChanged, SnapshotSourceError, psycopg.errors.LockNotAvailable) as e:
                 # The slot was dropped on the way out of `with`; a waiting ALTER TABLE goes first.
                 self.status.last_error = str(e) or "a table changed shape as the load started; starting over"
@@ -589,13 +635,37 @@ class Pipeline:
         with psycopg.connect(self.cfg.dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as c:
             copy_rows(c, st, stt, self.sink.con, self.sink.target(stt))
 
+    def _check_slot_is_ours(self) -> None:
+        """Refuse a slot confirmed beyond anything this pipeline ever confirmed: it was recreated.
+
+        After a failover to a member that had no copy of the slot, Patroni creates the permanent
+        slot afresh at the current position; streaming from it would silently skip every change
+        in between.
+        """
+        _, start = self._phase()
+        ours = max((p for p in (self.sink.position(), start) if p is not None), default=None)
+        st = slot_status(self.cfg.dsn, self.cfg.slot)
+        if ours is not None and st.confirmed_flush_lsn is not None and st.confirmed_flush_lsn > ours:
+            raise SlotMissingError(
+                f"replication slot {self.cfg.slot} starts at {st.confirmed_flush_lsn}, beyond {ours} where this"
+                " pipeline left it: it was recreated (a failover to a member without a copy of it?)"
+            )
+
     def _stream(self) -> None:
         # The shapes the warehouse holds as of its checkpoint, not today's catalog: the stream
         # replays from the checkpoint, and DDL messages carry each table forward from there.
         sources = {ident: SourceTable.from_json(d) for ident, d in self.sink.definitions().items()}
         sink_tables = {ident: sink_table(st) for ident, st in sources.items()}
         limits = BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000)
-        applier = Applier(self.sink, sink_tables, limits, catalog=self, sources=sources)
+        try:
+            self._check_slot_is_ours()
+        except SlotMissingError as e:
+            self._slot_lost(e.message)
+            return
+        waiter = SyncStandbyWait(self.cfg.dsn, self.stop) if self.cfg.sync_standby else None
+        applier = Applier(
+            self.sink, sink_tables, limits, catalog=self, sources=sources, durable=waiter.wait if waiter else None
+        )
         self.status.phase = "streaming"
         opts = StreamOptions(publications=(self.cfg.publication,))
         dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
@@ -625,6 +695,9 @@ class Pipeline:
                     stream.confirm(confirm)
         except SlotMissingError as e:
             self._slot_lost(e.message)
+        finally:
+            if waiter is not None:
+                waiter.close()
 
     def close(self) -> None:
         self.stop.set()

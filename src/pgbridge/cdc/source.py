@@ -44,6 +44,7 @@ __all__ = [
     "Batch",
     "RawChunk",
     "ReplicationStream",
+    "SlotExistsError",
     "SlotInfo",
     "SlotMissingError",
     "SlotStatus",
@@ -79,6 +80,10 @@ class SlotMissingError(PgbridgeError):
 
 class SourceRejectedError(PgbridgeError):
     """The server refused a replication command for a reason retrying won't fix (no such publication, ...)."""
+
+
+class SlotExistsError(SourceRejectedError):
+    """A slot of that name already exists (Patroni recreates a permanent slot it finds missing)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +211,8 @@ def _translate(exc: BaseException, doing: str) -> PgbridgeError:
     if code == "58P01" and "has already been removed" in low:
         # The WAL the slot needs is gone: the slot can never be read again.
         return SlotMissingError(message)
+    if code == "42710" and "replication slot" in low:
+        return SlotExistsError(message)
     if code is None or code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES:
         return SourceError(message)
     return SourceRejectedError(message)
@@ -737,11 +744,16 @@ class ReplicationStream:
         This is how an idle pipeline lets the slot move past WAL that has nothing for it (other
         tables, other databases), so it never pins WAL.
         """
+        lsn = self.idle_position()
+        if lsn is not None:
+            self.confirm(lsn)
+        return lsn
+
+    def idle_position(self) -> LSN | None:
+        """What :meth:`confirm_idle` would confirm now, if anything (to record it before confirming)."""
         if self.in_flight or self._wal_end <= self._confirmed:
             return None
-        lsn = LSN(self._wal_end)
-        self.confirm(lsn)
-        return lsn
+        return LSN(self._wal_end)
 
     def send_status(self, *, reply: bool = False) -> None:
         """Send a status message now (keeps the walsender from timing out during a long apply)."""

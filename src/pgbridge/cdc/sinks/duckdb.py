@@ -62,6 +62,13 @@ class DuckDBSink:
             f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.checkpoint"
             " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
         )
+        # The highest position ever confirmed to the slot (the end of the last applied commit, or
+        # a keepalive's position while idle), written before it is confirmed: a slot whose
+        # confirmed position lies beyond it was not this pipeline's (recreated after a failover).
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.slot_position"
+            " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL)"
+        )
         # The shape of each replicated table, as of the checkpoint: written in the same transaction
         # as the data, so a restart resumes with the shapes the stream expects at that position.
         self.con.execute(
@@ -81,12 +88,31 @@ class DuckDBSink:
         self.con.execute("BEGIN TRANSACTION")
         self._in_tx = True
 
-    def commit(self, lsn: LSN) -> None:
+    def commit(self, lsn: LSN, confirm: LSN | None = None) -> None:
         self.con.execute(
             f"INSERT OR REPLACE INTO {META_SCHEMA}.checkpoint VALUES (?, ?, now())", [self.pipeline, int(lsn)]
         )
+        if confirm is not None:
+            self._position(confirm)
         self.con.execute("COMMIT")
         self._in_tx = False
+
+    def _position(self, lsn: LSN) -> None:
+        self.con.execute(
+            f"INSERT INTO {META_SCHEMA}.slot_position VALUES (?, ?)"
+            " ON CONFLICT (pipeline) DO UPDATE SET lsn = greatest(lsn, excluded.lsn)",
+            [self.pipeline, int(lsn)],
+        )
+
+    def note_position(self, lsn: LSN) -> None:
+        """Record, outside any batch, that the slot is about to be confirmed up to ``lsn``."""
+        self._position(lsn)
+
+    def position(self) -> LSN | None:
+        row = self.con.execute(
+            f"SELECT lsn FROM {META_SCHEMA}.slot_position WHERE pipeline = ?", [self.pipeline]
+        ).fetchone()
+        return LSN(int(row[0])) if row else None
 
     def commit_meta(self) -> None:
         """Commit without moving the checkpoint (bookkeeping, a re-copy outside the stream)."""
