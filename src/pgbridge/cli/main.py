@@ -647,6 +647,93 @@ def workload_run(
         out.print(f"  [yellow]{n} x[/] {e}")
 
 
+@cli.command()
+@click.option("--scale", type=float, default=1.0, show_default=True, help="shop size to load (1 = 100k orders)")
+@click.option("--rate", type=float, default=100, show_default=True, help="workload transactions per second")
+@click.option("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+@click.option("--workers", type=int, default=4, show_default=True, help="workload connections")
+@click.option("--pack", default="shop", show_default=True, help="analytics pack shown from the warehouse")
+@click.option(
+    "--headless",
+    is_flag=True,
+    help="plain periodic lines instead of the live dashboard (the default without a terminal)",
+)
+@click.option("--every", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@pass_ctx
+@handle_errors
+def demo(
+    c: Ctx, scale: float, rate: float, duration: float | None, workers: int, pack: str, headless: bool, every: float
+) -> None:
+    """Up a deployment with a pipeline, load the shop, run the workload, show OLTP, CDC and analytics live.
+
+    Without a spec file, writes the example spec with a pipeline first. Ctrl-C (or --duration)
+    stops the workload; the deployment keeps running for exploring.
+    """
+    import time
+
+    from pgbridge.cli.dashboard import dashboard, result_table, status_line
+    from pgbridge.ops import demo as demo_ops
+    from pgbridge.ops import workload as wl
+    from pgbridge.workload.mix import check_rate
+
+    check_rate(rate, duration)
+    if not 0.1 <= every <= 60:
+        raise UsageError(f"--every must be between 0.1 and 60 seconds, got {every:g}")
+    if not c.spec_path.exists():
+        demo_ops.write_default_spec(c.spec_path)
+        out.print(f"wrote {c.spec_path} (the example spec with a pipeline)")
+    with err.status("starting") as st:
+        prepared = demo_ops.prepare(c.settings, c.spec_path, c.home_opt, scale, pack, lambda s: st.update(s))
+    dep = prepared.dep
+    changed = sum(1 for ch in prepared.up.changes if ch.action != "unchanged")
+    loaded = (
+        f"loaded scale {scale:g} in {prepared.load.seconds:.1f}s" if prepared.load.loaded else "shop already loaded"
+    )
+    out.print(f"deployment {dep.spec.name} is up ({changed} changes); {loaded}")
+    d = demo_ops.Demo(dep, wl.workload(dep, rate, None, workers=workers), pack)
+    live_screen = out.is_terminal and not headless
+    d.start()
+    deadline = None if duration is None else time.monotonic() + duration
+    tick = 0
+    try:
+        if live_screen:
+            from rich.live import Live
+
+            with Live(console=out, auto_refresh=False, vertical_overflow="crop") as live:
+                while deadline is None or time.monotonic() < deadline:
+                    live.update(dashboard(d.snapshot(), dep.spec.name), refresh=True)
+                    if d.run.stop.wait(every):
+                        break
+        else:
+            while deadline is None or time.monotonic() < deadline:
+                snap = d.snapshot(refresh_pack=tick % 10 == 0)
+                out.print(status_line(snap))
+                tick += 1
+                if d.run.stop.wait(every):
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        d.stop()
+    if d.run.fatal:
+        raise UsageError(d.run.fatal)
+    final = d.snapshot()
+    if not live_screen:
+        for r in final.pack:
+            out.print(result_table(r, with_title=True))
+        out.print(status_line(final))
+    s = d.run.recorder.summary()
+    out.print(
+        f"workload stopped: {s.transactions} transactions in {s.seconds:.0f}s, {s.tps:.1f} tps,"
+        f" p50 {s.p50_ms or 0:.2f} ms, p99 {s.p99_ms or 0:.2f} ms"
+    )
+    f = f"-f {c.spec_path} " if c.spec_path.name != "pgbridge.yaml" or c.spec_path.parent != Path() else ""
+    out.print(
+        f"the deployment keeps running: `pgbridge {f}status`, `pgbridge {f}query --pack {pack}`,"
+        f" `pgbridge {f}connect`, `pgbridge {f}workload run`; `pgbridge {f}destroy --yes` removes it"
+    )
+
+
 def main() -> None:
     cli(standalone_mode=True)
 

@@ -87,7 +87,7 @@ def _statements(schema: str, z: Sizes) -> list[tuple[str, str]]:
         (
             "inventory",
             """INSERT INTO {s}.inventory (product_id, stock)
-            SELECT g, CASE WHEN mod(g, 50) = 0 THEN 3 ELSE 40 + mod(g * 37, 400) END
+            SELECT g, CASE WHEN mod(g, 20) = 0 THEN 1 + mod(g, 7) ELSE 40 + mod(g * 37, 400) END
             FROM generate_series(1::bigint, {np}) g""",
         ),
         (

@@ -70,6 +70,15 @@ class Recorder:
     def stop(self) -> None:
         self.stopped = self._clock()
 
+    def totals(self) -> dict[str, Any]:
+        """Counts since the start, cheap enough to ask every second of a long run."""
+        with self._lock:
+            return {
+                "transactions": len(self._samples),
+                "outcomes": dict(self._outcomes),
+                "errors": dict(self._errors.most_common(3)),
+            }
+
     def window(self, seconds: float) -> Summary:
         """The last `seconds` of samples (what a dashboard shows)."""
         now = self._clock() if self.stopped is None else self.stopped

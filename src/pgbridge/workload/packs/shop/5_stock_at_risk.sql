@@ -1,4 +1,4 @@
--- Stock at risk: products with less stock than they sold in the last 24 hours
+-- Stock at risk: products with less than three days of stock at the last 24 hours' sales
 WITH sold AS (
     SELECT i.product_id, sum(i.qty) AS sold_24h
     FROM {schema}.order_items i
@@ -15,6 +15,6 @@ SELECT p.id AS product_id,
 FROM sold s
 JOIN {schema}.inventory v ON v.product_id = s.product_id
 JOIN {schema}.products p ON p.id = s.product_id
-WHERE v.stock < s.sold_24h
+WHERE v.stock < 3 * s.sold_24h
 ORDER BY hours_of_cover, p.id
 LIMIT 20
