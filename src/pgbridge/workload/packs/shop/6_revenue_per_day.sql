@@ -2,7 +2,7 @@
 SELECT CAST(date_trunc('day', created_at) AS date) AS day,
        count(*) AS orders,
        sum(total) FILTER (WHERE status IN ('paid', 'shipped')) AS revenue,
-       round(avg(total), 2) AS avg_order
+       CAST(avg(total) AS numeric(12,2)) AS avg_order
 FROM {schema}.orders
 GROUP BY CAST(date_trunc('day', created_at) AS date)
 ORDER BY day DESC
