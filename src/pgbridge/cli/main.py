@@ -674,9 +674,15 @@ def demo(
     from pgbridge.cli.dashboard import dashboard, result_table, status_line
     from pgbridge.ops import demo as demo_ops
     from pgbridge.ops import workload as wl
+    from pgbridge.workload.analytics import load_pack
+    from pgbridge.workload.load import sizes
     from pgbridge.workload.mix import check_rate
 
     check_rate(rate, duration)
+    sizes(scale)
+    load_pack(pack)
+    if not 1 <= workers <= 64:
+        raise UsageError(f"--workers must be between 1 and 64, got {workers}")
     if not 0.1 <= every <= 60:
         raise UsageError(f"--every must be between 0.1 and 60 seconds, got {every:g}")
     if not c.spec_path.exists():
