@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from tests.conftest import Env, make_env
+from tests.conftest import Env, deployed
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,13 +36,8 @@ SLOT = "pgbridge_wh"
 
 @pytest.fixture(scope="module")
 def dep() -> Iterator[Env]:
-    e = make_env("maz")
-    e.write_spec(SPEC)
-    try:
-        e.run("up", timeout=900)
+    with deployed("maz", SPEC, timeout=900) as e:
         yield e
-    finally:
-        e.cleanup()
 
 
 def status(e: Env) -> dict:

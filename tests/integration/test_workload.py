@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import Env, make_env
+from tests.conftest import Env, deployed
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +45,8 @@ COUNTS = "SELECT " + ", ".join(
 
 @pytest.fixture(scope="module")
 def shop() -> Iterator[Env]:
-    e = make_env("wl")
-    e.write_spec(PIPELINE)
-    try:
-        e.run("up")
+    with deployed("wl", PIPELINE) as e:
         yield e
-    finally:
-        e.cleanup()
 
 
 def source(e: Env, sql: str) -> list[Any]:

@@ -611,17 +611,25 @@ class ReplicationStream:
                         if len(messages) >= max_messages:
                             break
                         continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if not self._wait_readable(deadline):
                         break
-                    # Wake up in time for the periodic status message (read_message sends it when due).
-                    self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
-                    if self._conn.closed:
-                        raise SourceError(f"the replication connection of slot {self.slot!r} closed")
         finally:
             self._position = position
             self._wal_end = max(self._wal_end, cursor.wal_end, position)
         return Batch(messages, positions)
+
+    def _wait_readable(self, deadline: float) -> bool:
+        """Wait on the socket until data arrives or ``deadline``; ``False`` once the deadline has passed.
+
+        Wakes up in time for the periodic status message (``read_message`` sends it when due).
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
+        if self._conn is None or self._conn.closed:
+            raise SourceError(f"the replication connection of slot {self.slot!r} closed")
+        return True
 
     def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
         """The pgoutput payloads buffered now, undecoded, up to ``max_messages`` or ``max_bytes``.
@@ -655,12 +663,8 @@ class ReplicationStream:
                         continue
                     if payloads:
                         break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if not self._wait_readable(deadline):
                         break
-                    self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
-                    if self._conn.closed:
-                        raise SourceError(f"the replication connection of slot {self.slot!r} closed")
         finally:
             if last is not None:
                 self._position = last.data_start or self._position
