@@ -75,6 +75,8 @@ def pct(values: list[float], p: float) -> float:
 class FailoverRig(Rig):
     """A Multi-AZ deployment: member roles, settling after a drill, and its logs for a post-mortem."""
 
+    profile = "default"  # its failover profile, set by main()
+
     def roles(self) -> dict[str, str]:
         return {m["name"]: m["role"] for m in self.status()["members"]}
 
@@ -287,6 +289,7 @@ def main() -> None:
                 results.append(ProfileResult(profile))
                 spec = f"multi_az: true\nfailover_profile: {profile}\n"
                 with deployment(spec, rig_class=FailoverRig, label=profile) as rig:
+                    rig.profile = profile
                     bench_profile(rig, args, results[-1])
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 say(f"[{profile}] ABORTED: {str(e)[:2000]}")

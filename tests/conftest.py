@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -110,6 +111,18 @@ def make_env(prefix: str = "it") -> Env:
     e = Env(base=base, name=name, port=free_port())
     e.write_spec()
     return e
+
+
+@contextlib.contextmanager
+def deployed(prefix: str, extra: str = "", timeout: float = 400) -> Iterator[Env]:
+    """A deployment of ``spec_text`` + ``extra`` brought up through the CLI, destroyed afterwards."""
+    e = make_env(prefix)
+    e.write_spec(extra)
+    try:
+        e.run("up", timeout=timeout)
+        yield e
+    finally:
+        e.cleanup()
 
 
 @pytest.fixture

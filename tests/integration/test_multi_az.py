@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 
-from tests.conftest import Env, make_env
+from tests.conftest import Env, deployed
 
 pytestmark = [
     pytest.mark.integration,
@@ -23,18 +26,18 @@ multi_az: true
 failover_profile: fast
 replicas:
   - {name: r1, region: zone-c}
+endpoints: {max_reader_lag_mb: 1}
+pipeline:
+  name: wh
+  batch: {max_wait_ms: 100}
 """
+SLOT = "pgbridge_wh"
 
 
 @pytest.fixture(scope="module")
 def dep() -> Iterator[Env]:
-    e = make_env("maz")
-    e.write_spec(SPEC)
-    try:
-        e.run("up", timeout=900)
+    with deployed("maz", SPEC, timeout=900) as e:
         yield e
-    finally:
-        e.cleanup()
 
 
 def status(e: Env) -> dict:
@@ -66,6 +69,27 @@ def roles(e: Env) -> dict[str, str]:
     return {m["name"]: m["role"] for m in status(e)["members"]}
 
 
+def member_sql(e: Env, member: str, query: str, db: str = "postgres") -> str:
+    """A query on one member's own PostgreSQL, as the admin role over the socket (as the service user)."""
+    port = next(m["port"] for m in status(e)["members"] if m["name"] == member)
+    argv = ["psql", "-h", str(e.home / "run"), "-p", str(port), "-U", "pgbridge_admin", "-d", db, "-XAtc", query]
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(1)
+
+
+def pipeline_status(e: Env) -> dict:
+    return json.loads(e.run("pipeline", "status", "--json").stdout)  # type: ignore[no-any-return]
+
+
 def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
     s = status(dep)
     by_role = sorted(m["role"] for m in s["members"])
@@ -82,6 +106,28 @@ def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
         row = c.execute("SELECT current_setting('synchronous_standby_names')").fetchone()
         assert row is not None and row[0] not in ("", "*")
     assert dep.run("up").stdout.strip().endswith("no changes")
+
+
+def test_a_replica_over_the_lag_limit_leaves_the_reader_pool(dep: Env) -> None:
+    """Patroni's /replica?lag= compares what a replica has *received* with the leader's position, so
+    the replica's WAL receiver is stopped (a replay pause alone would not count as lag)."""
+    r1 = next(n for n in roles(dep) if n.endswith("-r1"))
+
+    def reaches() -> list[str]:
+        return list(status(dep)["endpoints"]["reader_reaches"])
+
+    wait_for("r1 in the reader pool", lambda: r1 in reaches())
+    receiver = int(member_sql(dep, r1, "SELECT pid FROM pg_stat_wal_receiver"))
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        with connect(endpoint(dep, "writer")) as c:
+            c.execute("CREATE TABLE IF NOT EXISTS lag_fill (id bigint PRIMARY KEY, pad text)")
+            c.execute("INSERT INTO lag_fill SELECT g, repeat('x', 500) FROM generate_series(1, 10000) g")
+        wait_for("r1 to leave the reader pool", lambda: r1 not in reaches(), timeout=60)
+        assert reaches(), "the reader still has the standby"
+    finally:
+        os.kill(receiver, signal.SIGCONT)
+    wait_for("r1 back in the reader pool", lambda: r1 in reaches(), timeout=60)
 
 
 def test_switchover_pauses_writers_without_errors(dep: Env) -> None:
@@ -123,18 +169,51 @@ def test_switchover_pauses_writers_without_errors(dep: Env) -> None:
     assert bad.returncode != 0 and "nobody" in bad.stderr
 
 
-def test_failover_drill_keeps_every_acknowledged_write_and_the_old_primary_rejoins(dep: Env) -> None:
+def test_failover_drill_keeps_every_write_the_old_primary_rejoins_and_the_warehouse_equals_the_source(
+    dep: Env,
+) -> None:
+    """The kill drill loses no acknowledged commit, and the pipeline resumes on the new primary from
+    the standby's copy of its slot (a Patroni permanent slot), losing and doubling nothing."""
     refused = dep.run("drill", "failover", check=False)
     assert refused.returncode != 0 and "--yes" in refused.stderr
+    wait_for("the pipeline to stream", lambda: pipeline_status(dep).get("phase") == "streaming")
     old = next(n for n, r in roles(dep).items() if r == "primary")
+    standby = next(n for n, r in roles(dep).items() if r == "sync standby")
+    wait_for(
+        "the standby's copy of the pipeline's slot",
+        lambda: (
+            member_sql(dep, standby, f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'") == "1"
+        ),
+    )
+    with connect(endpoint(dep, "writer")) as c:
+        c.execute("CREATE TABLE orders_cdc (id bigint PRIMARY KEY, note text)")
+        c.execute("INSERT INTO orders_cdc SELECT g, 'before' FROM generate_series(1, 2000) g")
+
     r = json.loads(dep.run("drill", "failover", "--mode", "kill", "--yes", "--json", timeout=600).stdout)
-    assert r["old_primary"] == old and r["new_primary"] != old
+    assert r["old_primary"] == old and r["new_primary"] == standby
     assert r["rpo_lost"] == 0 and r["acked"] > 0
     assert r["rejoined"], r
     assert 0 < r["rto_s"] < 60
     assert roles(dep)[old] in ("replica", "sync standby")
     kinds = [e["kind"] for e in json.loads(dep.run("events", "--json").stdout)]
     assert "drill-failover" in kinds and "switchover" in kinds
+
+    check = "SELECT count(*), sum(id), count(*) FILTER (WHERE note = 'moved') FROM {}orders_cdc"
+    with connect(endpoint(dep, "writer")) as c:
+        c.execute("INSERT INTO orders_cdc SELECT g, 'after' FROM generate_series(2001, 3000) g")
+        c.execute("UPDATE orders_cdc SET note = 'moved' WHERE id % 7 = 0")
+        want = [list(c.execute(check.format("")).fetchone() or ())]
+        drill = c.execute("SELECT count(*) FROM pgbridge_drill").fetchone()
+
+    def same() -> bool:
+        got = dep.run("query", check.format("shop."), "--json", check=False)
+        return got.returncode == 0 and [list(d.values()) for d in json.loads(got.stdout)] == want
+
+    wait_for("the warehouse to catch up after the failover", same)
+    assert pipeline_status(dep)["phase"] == "streaming"
+    rows = json.loads(dep.run("query", "SELECT count(*) AS n FROM shop.pgbridge_drill", "--json").stdout)
+    assert drill is not None and rows == [{"n": drill[0]}]
+    assert dep.run("pipeline", "validate").returncode == 0
 
 
 def test_replicas_follow_the_spec(dep: Env) -> None:

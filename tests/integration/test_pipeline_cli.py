@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.conftest import Env, make_env
+from tests.conftest import Env, deployed
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +28,8 @@ pipeline:
 
 @pytest.fixture(scope="module")
 def dep() -> Iterator[Env]:
-    e = make_env("cdc")
-    e.write_spec(PIPELINE)
-    try:
-        e.run("up")
+    with deployed("cdc", PIPELINE) as e:
         yield e
-    finally:
-        e.cleanup()
 
 
 def app(e: Env) -> psycopg.Connection:

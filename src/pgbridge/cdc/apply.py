@@ -1,24 +1,42 @@
-"""Turn the decoded change stream into warehouse transactions: the heart of exactly-once apply.
+"""Turn the change stream into warehouse transactions: the heart of exactly-once apply.
 
-Messages are folded into per-table deltas (`reduce.TableDelta`) as they arrive. At a source
-commit the applier may close a micro-batch: one sink transaction with every delta and the commit
-LSN, after which (and only after which) the caller confirms the LSN to PostgreSQL. A source
-transaction larger than the batch limit is applied in chunks inside one still-open sink
-transaction, so memory stays bounded and the warehouse never shows half a transaction.
-Transactions at or below the sink's checkpoint are skipped: a restart replays nothing twice.
+Messages arrive as raw pgoutput payloads in chunks (:meth:`Applier.feed_raw`). Row changes are only
+collected; Begin, Commit, Relation, Truncate and logical messages are decoded one by one and handled
+at their place. When a micro-batch closes, the collected row changes are decoded column by column
+(:mod:`pgbridge.cdc.columnar`) into per-table Arrow staging tables, which the sink folds and applies
+set-based (:class:`~pgbridge.cdc.sinks.base.StagedChanges`); a batch in which a change moves a row to
+another key is folded in Python instead (:class:`~pgbridge.cdc.reduce.TableDelta`). One sink
+transaction holds every table's changes and the commit LSN, and only after it committed does the
+caller confirm the LSN to PostgreSQL. A source transaction larger than the batch limit is applied in
+chunks inside one still-open sink transaction, so memory stays bounded and the warehouse never shows
+half a transaction. Transactions at or below the sink's checkpoint are skipped: a restart replays
+nothing twice.
+
+The sink work runs in one worker thread, in order, while the caller goes on reading: DuckDB
+releases the GIL while it executes, so the stream is read while the previous batch is applied. At
+most one piece of sink work is in flight; anything else that touches the sink waits for it first.
 """
 
 from __future__ import annotations
 
+import queue
+import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from pgbridge.cdc import ddl
+import numpy as np
+import pyarrow as pa
+
+from pgbridge.cdc import columnar, ddl
 from pgbridge.cdc.pgoutput import (
     Begin,
     Commit,
+    Decoder,
     Delete,
     Insert,
     LogicalMessage,
@@ -27,9 +45,10 @@ from pgbridge.cdc.pgoutput import (
     Truncate,
     TupleData,
     Update,
+    decode,
 )
 from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta
-from pgbridge.cdc.sinks.base import Sink, SinkTable
+from pgbridge.cdc.sinks.base import Sink, SinkTable, StagedChanges
 from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
 
@@ -61,6 +80,10 @@ class Catalog(Protocol):
 class BatchLimits:
     max_rows: int = 50_000  # changes held in memory before they go to the warehouse
     max_wait_s: float = 0.5  # longest a committed transaction waits for its batch to close
+    # While changes keep arriving, a batch is handed to a free sink once it holds a quarter of
+    # max_rows or its first commit waited this long (a warehouse commit costs milliseconds: tiny
+    # batches under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
+    min_wait_s: float = 0.1
 
 
 @dataclass
@@ -78,6 +101,82 @@ class ApplyStats:
     rows_by_table: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Staged:
+    """Columnar changes of one table, collected for :class:`StagedChanges` (arrays by column name)."""
+
+    parts: list[dict[str, pa.Array]] = field(default_factory=list)
+    unchanged: set[int] = field(default_factory=set)
+    truncated: bool = False
+    inserts_only: bool = True
+
+    def changes(self, table: SinkTable) -> StagedChanges:
+        names = ["_seq", "_op", *(f"c{i}" for i in range(len(table.columns)))]
+        names += [f"k{i}" for i in table.key] + [f"u{i}" for i in sorted(self.unchanged)]
+        batches = []
+        for part in self.parts:
+            n = len(part["_seq"])
+            arrays = [part[name] if name in part else pa.array(np.zeros(n, np.bool_)) for name in names]
+            batches.append(pa.RecordBatch.from_arrays(arrays, names))
+        if batches:
+            rows = pa.Table.from_batches(batches)
+        else:
+            rows = pa.table({name: pa.array([], _STAGE_TYPES.get(name[0], pa.bool_())) for name in names})
+        return StagedChanges(rows, tuple(sorted(self.unchanged)), self.truncated, self.inserts_only)
+
+
+_STAGE_TYPES: Final = {"_": pa.int64(), "c": pa.large_string(), "k": pa.large_string()}
+_Segment = _Staged | TableDelta  # a table's changes in a batch: applied in order
+
+_ROW_TAGS: Final = frozenset(b"IUD")
+_NOT_ROW: Final = re.compile(rb"[^IUD]")
+_STREAM_TAGS: Final = re.compile(rb"[SEcA]")
+_first_byte = itemgetter(0)
+
+
+class _Worker:
+    """One thread running sink work in submission order (DuckDB releases the GIL while it executes)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[], None], Future[None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pgbridge-apply", daemon=True)
+            self._thread.start()
+        self._queue.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            del item  # an idle worker holds no reference to the work (and so to the sink)
+            if future.set_running_or_notify_cancel():
+                try:
+                    fn()
+                except BaseException as e:  # handed to the thread that waits for it
+                    future.set_exception(e)
+                else:
+                    future.set_result(None)
+            del fn, future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+@dataclass
+class _InFlight:
+    future: Future[None]
+    commit_lsn: LSN | None  # the checkpoint this work commits (None: it leaves the sink transaction open)
+    confirm_lsn: LSN | None
+    oldest_commit: float | None  # source commit time (epoch s) of its oldest transaction
+
+
 class Applier:
     def __init__(
         self,
@@ -86,9 +185,13 @@ class Applier:
         limits: BatchLimits,
         catalog: Catalog | None = None,
         sources: dict[tuple[str, str], SourceTable] | None = None,
+        durable: Callable[[LSN], None] | None = None,
     ) -> None:
         """``catalog`` answers for tables first seen in the stream and for DDL messages; ``sources`` are
-        the source shapes of ``tables`` (needed to follow renames and type changes)."""
+        the source shapes of ``tables`` (needed to follow renames and type changes). ``durable(lsn)``,
+        if given, returns once the source's failover target has the WAL up to ``lsn``; each batch
+        waits for it before the warehouse commits, so the warehouse never holds a transaction a
+        new primary would not have."""
         self.sink = sink
         self.catalog = catalog
         self.tables = tables
@@ -101,34 +204,85 @@ class Applier:
         self.stats = ApplyStats()
         self._rels: dict[int, _Rel | None] = {}
         self._relmsgs: dict[int, Relation] = {}  # the last Relation message of each oid
-        self._deltas: dict[int, TableDelta] = {}
+        self._rows: list[bytes] = []  # row-change payloads collected, not decoded yet (stream order)
+        self._staged: dict[int, tuple[SinkTable, list[_Segment]]] = {}  # decoded, not applied yet
+        self._seq = 0  # stream position of the next collected row change (orders a table's staged changes)
         self._pending_changes = 0
+        self._decoder = Decoder()  # for chunks that hold stream blocks (protocol v2)
         self._in_txn = False
         self._skipping = False
         self._sink_open = False
         self._committed_lsn: LSN | None = None  # last source commit folded into the open batch
         self._confirm_lsn: LSN | None = None  # its end LSN: what the server may forget once committed
         self._first_commit_at: float | None = None
-        self._oldest_pending_commit: float | None = None  # source commit time (epoch s) not yet applied
+        self._oldest_pending_commit: float | None = None  # source commit time (epoch s) not yet submitted
+        self._worker = _Worker()
+        self._inflight: _InFlight | None = None
+        self._ready: LSN | None = None  # end LSN of committed work the caller has not been told about
+        self._idle_noted = 0.0  # monotonic time of the last note_idle record
+        self.durable = durable
         for t in tables.values():
             sink.ensure_table(t)
 
     # -- message handling -------------------------------------------------------------------
+    def feed_raw(self, payloads: Sequence[bytes], tags: bytes | None = None) -> LSN | None:
+        """Fold a chunk of raw pgoutput messages in, in stream order (``tags``: their first bytes, if known).
+
+        Returns an LSN the caller may now confirm (work that committed meanwhile), if any.
+        """
+        if tags is None:
+            tags = bytes(map(_first_byte, payloads))
+        if _STREAM_TAGS.search(tags) or self._decoder.in_stream:
+            for payload in payloads:  # stream blocks: message by message, as the decoder follows them
+                self.feed(self._decoder.decode(payload))
+            return self.poll()
+        pos = 0
+        for m in _NOT_ROW.finditer(tags):
+            i = m.start()
+            if i > pos:
+                self._collect(payloads, pos, i)
+            self._message(decode(payloads[i]))
+            pos = i + 1
+        if pos < len(payloads):
+            self._collect(payloads, pos, len(payloads))
+        return self.poll()
+
     def feed(self, msg: Message) -> LSN | None:
-        """Fold one message in; returns an LSN the caller may now confirm, when a batch committed."""
+        """Fold one decoded message in; returns an LSN the caller may now confirm, if any."""
+        if isinstance(msg, Insert | Update | Delete):
+            if not self._skipping:
+                self._rows.append(columnar.encode_row(msg))
+                self._collected(1)
+        else:
+            self._message(msg)
+        return self.poll()
+
+    def _collect(self, payloads: Sequence[bytes], start: int, end: int) -> None:
+        if not self._skipping:
+            self._rows.extend(payloads[start:end])
+            self._collected(end - start)
+
+    def _collected(self, n: int) -> None:
+        self._pending_changes += n
+        if self._in_txn and self._pending_changes >= self.limits.max_rows:
+            # A large transaction: push what we have into the open warehouse transaction.
+            self._apply_deltas()
+
+    def _message(self, msg: Message) -> None:
         if isinstance(msg, Begin):
             self._in_txn = True
             self._skipping = self.checkpoint is not None and msg.final_lsn <= self.checkpoint
-            return None
+            return
         if isinstance(msg, Relation):
+            self._decode_rows()  # the changes before it were sent with the old column layout
             self._relation(msg)
-            return None
+            return
         if isinstance(msg, Commit):
             self._in_txn = False
             if self._skipping:
                 self._skipping = False
                 self.stats.skipped_transactions += 1
-                return None
+                return
             self.stats.transactions += 1
             self._committed_lsn = msg.commit_lsn
             self._confirm_lsn = msg.end_lsn
@@ -136,42 +290,23 @@ class Applier:
                 self._first_commit_at = time.monotonic()
                 self._oldest_pending_commit = msg.commit_time.timestamp()
             if self._pending_changes >= self.limits.max_rows:
-                return self.flush()
-            return None
+                self.submit()
+            return
         if self._skipping:
-            return None
+            return
         if isinstance(msg, LogicalMessage):
             if msg.prefix == ddl.PREFIX and msg.transactional and self.catalog is not None:
                 self._ddl(ddl.parse(msg.content))
-            return None
-        if isinstance(msg, Insert):
-            rel = self._rels.get(msg.relation_oid)
-            if rel:
-                self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
-                self._counted(rel)
-        elif isinstance(msg, Update):
-            rel = self._rels.get(msg.relation_oid)
-            if rel:
-                old_key = self._key(rel, msg.old) if msg.old is not None else None
-                new = self._values(rel, msg.new)
-                delta = self._delta(msg.relation_oid, rel)
-                if old_key is not None and old_key == delta.key_of(new):
-                    old_key = None
-                delta.update(new, old_key)
-                self._counted(rel)
-        elif isinstance(msg, Delete):
-            rel = self._rels.get(msg.relation_oid)
-            if rel and msg.old is not None:
-                self._delta(msg.relation_oid, rel).delete(self._key(rel, msg.old))
-                self._counted(rel)
         elif isinstance(msg, Truncate):
+            self._decode_rows()
             for oid in msg.relation_oids:
                 rel = self._rels.get(oid)
                 if rel:
-                    self._delta(oid, rel).truncate()
-                    self._counted(rel)
-        return None
+                    self._staged[oid] = (rel.table, [_Staged(truncated=True)])  # what came before it is gone
+                    self._counted(rel, 1)
+                    self._pending_changes += 1
 
+    # -- batches --------------------------------------------------------------------------------
     def due(self) -> bool:
         """True when a committed batch has waited long enough and should be flushed."""
         return (
@@ -187,35 +322,139 @@ class Applier:
             return None
         return max(0.0, self.limits.max_wait_s - (time.monotonic() - self._first_commit_at))
 
+    def ripe(self) -> bool:
+        """A committed batch is worth a warehouse commit now, though more changes are arriving."""
+        if self._committed_lsn is None or self._first_commit_at is None or self._in_txn:
+            return False
+        if self._pending_changes >= self.limits.max_rows // 4:
+            return True
+        return time.monotonic() - self._first_commit_at >= min(self.limits.min_wait_s, self.limits.max_wait_s)
+
+    @property
+    def pending_commit(self) -> bool:
+        """A source commit is folded in and not submitted to the sink yet."""
+        return self._committed_lsn is not None
+
+    @property
+    def busy(self) -> bool:
+        """Sink work is in flight."""
+        return self._inflight is not None and not self._inflight.future.done()
+
     def lag_seconds(self, now: float | None = None) -> float:
         """Age of the oldest source commit received but not yet in the warehouse (0 when none)."""
-        if self._oldest_pending_commit is None:
+        candidates = [self._oldest_pending_commit, self._inflight.oldest_commit if self._inflight else None]
+        times = [t for t in candidates if t is not None]
+        if not times:
             return 0.0
-        return max(0.0, (now if now is not None else time.time()) - self._oldest_pending_commit)
+        return max(0.0, (now if now is not None else time.time()) - min(times))
 
     @property
     def idle(self) -> bool:
         """Nothing in flight: the caller may let the slot advance to the server's WAL end."""
-        return not self._in_txn and self._committed_lsn is None and not self._sink_open
+        return not self._in_txn and self._committed_lsn is None and not self._sink_open and self._inflight is None
 
-    def flush(self) -> LSN | None:
-        """Commit everything folded up to the last source commit; returns the LSN to confirm."""
+    def note_idle(self, lsn: LSN, every_s: float = 1.0) -> bool:
+        """Record ``lsn`` as the slot's position while idle; ``False`` when the last record is too recent."""
+        now = time.monotonic()
+        if not self.idle or now - self._idle_noted < every_s:
+            return False
+        self.sink.note_position(lsn)
+        self._idle_noted = now
+        return True
+
+    def submit(self) -> None:
+        """Send everything folded up to the last source commit to the sink, to commit there; returns at once.
+
+        The sink work runs in the worker thread; :meth:`poll` or :meth:`wait` say when it committed.
+        Waits first for the work already in flight, so at most one batch is applied while the next one
+        is read.
+        """
         if self._committed_lsn is None or self._confirm_lsn is None:
-            return None
+            return
         if self._in_txn:
-            raise RuntimeError("flush() inside a source transaction")
-        self._apply_deltas()
-        lsn = self._committed_lsn
-        if not self._sink_open:
-            self.sink.begin()
-        self.sink.commit(lsn)
-        self._sink_open = False
-        self.checkpoint = lsn
-        confirm = self.applied_end = self._confirm_lsn
+            raise RuntimeError("submit() inside a source transaction")
+        self._decode_rows()
+        work = self._take_staged()
+        oldest = self._oldest_pending_commit
+        self._dispatch(work, self._committed_lsn, self._confirm_lsn, oldest)
         self._committed_lsn = self._confirm_lsn = None
         self._first_commit_at = self._oldest_pending_commit = None
-        self.stats.batches += 1
-        return confirm
+
+    def poll(self) -> LSN | None:
+        """The end LSN of sink work that committed since the last call, if any; never blocks.
+
+        Raises what the sink work raised.
+        """
+        if self._inflight is not None and self._inflight.future.done():
+            self._settle()
+        ready, self._ready = self._ready, None
+        return ready
+
+    def wait(self) -> LSN | None:
+        """Wait for the sink work in flight; then as :meth:`poll`."""
+        if self._inflight is not None:
+            self._settle()
+        return self.poll()
+
+    def flush(self) -> LSN | None:
+        """Commit everything folded up to the last source commit and wait; returns the LSN to confirm."""
+        self.submit()
+        return self.wait()
+
+    def close(self) -> None:
+        """Wait for the sink work in flight (its error is dropped: nothing was committed) and end the worker."""
+        try:
+            self.wait()
+        except Exception:  # the caller is stopping anyway; the sink rolls back on close
+            self._inflight = None
+        self._worker.stop()
+
+    def _dispatch(
+        self,
+        work: list[tuple[SinkTable, list[_Segment]]],
+        commit: LSN | None,
+        confirm: LSN | None,
+        oldest: float | None,
+    ) -> None:
+        if self._inflight is not None:
+            self._settle()
+        begin = not self._sink_open
+        changes = [
+            (table, seg.changes(table) if isinstance(seg, _Staged) else seg) for table, segs in work for seg in segs
+        ]
+        sink, durable = self.sink, self.durable
+
+        def run() -> None:
+            if begin:
+                sink.begin()
+            for table, change in changes:
+                if isinstance(change, TableDelta):
+                    if not change.is_empty():
+                        sink.apply(table, change)
+                else:
+                    sink.apply_staged(table, change)
+            if commit is not None:
+                if durable is not None and confirm is not None:
+                    durable(confirm)
+                sink.commit(commit, confirm)
+
+        self._sink_open = commit is None
+        self._inflight = _InFlight(self._worker.submit(run), commit, confirm, oldest)
+
+    def _settle(self) -> None:
+        """Wait for the work in flight and take note of what it committed (raises what it raised)."""
+        inflight, self._inflight = self._inflight, None
+        assert inflight is not None
+        try:
+            inflight.future.result()
+        except BaseException:
+            self._sink_open = True  # whatever it left open, the caller rolls back (abort)
+            raise
+        if inflight.commit_lsn is not None:
+            self.checkpoint = inflight.commit_lsn
+            self.applied_end = inflight.confirm_lsn
+            self._ready = inflight.confirm_lsn
+            self.stats.batches += 1
 
     @property
     def in_transaction(self) -> bool:
@@ -251,13 +490,19 @@ class Applier:
 
     def abort(self) -> None:
         """Drop everything not yet committed (the caller restarts from the sink's checkpoint)."""
+        try:
+            self.wait()
+        except Exception:  # the work that failed committed nothing: it is rolled back below
+            self._inflight = None
         self.sink.rollback()
         self._sink_open = False
-        self._deltas.clear()
+        self._rows.clear()
+        self._staged.clear()
         self._pending_changes = 0
         self._committed_lsn = None
         self._first_commit_at = self._oldest_pending_commit = None
         self._in_txn = self._skipping = False
+        self._decoder.reset()
 
     # -- internals --------------------------------------------------------------------------
     def _relation(self, msg: Relation) -> None:
@@ -366,15 +611,156 @@ class Applier:
                 self.broken[qualified] = f"re-copying {qualified} after a rewrite failed ({e.message}); run resync"
 
     def _open_sink(self) -> None:
+        """Wait for the sink work in flight, then make sure a sink transaction is open (this thread)."""
+        if self._inflight is not None:
+            self._settle()
         if not self._sink_open:
             self.sink.begin()
             self._sink_open = True
 
+    def _counted(self, rel: _Rel, n: int) -> None:
+        self.stats.changes += n
+        name = f"{rel.table.schema}.{rel.table.name}"
+        self.stats.rows_by_table[name] = self.stats.rows_by_table.get(name, 0) + n
+
+    def _segments(self, oid: int, rel: _Rel) -> list[_Segment]:
+        entry = self._staged.get(oid)
+        if entry is None or entry[0] is not rel.table:
+            if entry is not None:  # another table under this oid now: what is staged for the old one goes first
+                self._apply_deltas()
+            entry = self._staged[oid] = (rel.table, [])
+        return entry[1]
+
+    def _staging(self, oid: int, rel: _Rel) -> _Staged:
+        segments = self._segments(oid, rel)
+        if not segments or not isinstance(segments[-1], _Staged):
+            segments.append(_Staged())
+        last = segments[-1]
+        assert isinstance(last, _Staged)
+        return last
+
     def _delta(self, oid: int, rel: _Rel) -> TableDelta:
-        d = self._deltas.get(oid)
-        if d is None:
-            d = self._deltas[oid] = TableDelta(key_positions=rel.table.key)
-        return d
+        segments = self._segments(oid, rel)
+        if not segments or not isinstance(segments[-1], TableDelta):
+            staged = segments[-1] if segments else None
+            if isinstance(staged, _Staged) and staged.truncated and not staged.parts:
+                segments.pop()  # a TRUNCATE with nothing after it yet: the delta carries it
+                delta = TableDelta(key_positions=rel.table.key, truncated=True)
+            else:
+                delta = TableDelta(key_positions=rel.table.key)
+            segments.append(delta)
+        last = segments[-1]
+        assert isinstance(last, TableDelta)
+        return last
+
+    def _decode_rows(self) -> None:
+        """Decode the collected row changes into each table's staging (column by column)."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        buf = b"".join(rows)
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        try:
+            groups = columnar.decode_rows(buf, starts, ends)
+        except columnar.Unsupported:
+            for payload in rows:  # one by one: raises the DecodeError that says what is wrong
+                self._fold(decode(payload))
+            return
+        arr = columnar.as_array(buf)
+        seq, self._seq = self._seq, self._seq + len(rows)
+        moved: set[int] = set()  # relations with a change that moves a row to another key
+        staged: list[tuple[int, _Rel, columnar.RowGroup, dict[str, pa.Array]]] = []
+        for g in groups:
+            rel = self._rels.get(g.relation_oid)
+            if rel is None:
+                continue
+            if g.relation_oid in moved:
+                staged.append((g.relation_oid, rel, g, {}))
+                continue
+            arrays = self._arrays(rel, g, arr, seq)
+            if arrays is None:
+                moved.add(g.relation_oid)
+            staged.append((g.relation_oid, rel, g, arrays or {}))
+        for oid, rel, g, arrays in staged:
+            self._counted(rel, len(g))
+            if oid not in moved:
+                staging = self._staging(oid, rel)
+                staging.parts.append(arrays)
+                staging.unchanged.update(int(name[1:]) for name in arrays if name[0] == "u")
+                staging.inserts_only = staging.inserts_only and g.tag == columnar.TAG_INSERT
+        for oid in moved:  # fold those tables in Python, in stream order
+            index = np.sort(np.concatenate([g.index for o, _, g, _ in staged if o == oid]))
+            for i in index.tolist():
+                self._fold(decode(rows[i]), count=False)
+
+    @staticmethod
+    def _arrays(rel: _Rel, g: columnar.RowGroup, arr: Any, seq: int) -> dict[str, pa.Array] | None:
+        """The staging columns of one group; None when a change in it moves a row to another key."""
+        table, positions = rel.table, rel.positions
+        n = len(g)
+        out: dict[str, pa.Array] = {
+            "_seq": pa.array(g.index + seq),
+            "_op": pa.array(np.full(n, g.tag, np.uint8)),
+        }
+        new, old = g.new, g.old
+        text = columnar.text_array
+        if new is not None:
+            for i, p in enumerate(positions):
+                kinds = new.kinds[:, p]
+                valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
+                out[f"c{i}"] = text(arr, new.starts[:, p], new.lengths[:, p], valid)
+                unchanged = kinds == columnar.KIND_UNCHANGED
+                if unchanged.any():
+                    if i in table.key:
+                        return None  # a key column not sent: the Python fold says what is wrong
+                    out[f"u{i}"] = pa.array(unchanged)
+            for i in table.key:
+                out[f"k{i}"] = out[f"c{i}"]
+            if old is not None:  # the old key was sent: does the key change?
+                for i in table.key:
+                    p = positions[i]
+                    kinds = old.kinds[:, p]
+                    valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
+                    before = text(arr, old.starts[:, p], old.lengths[:, p], valid)
+                    if not before.equals(out[f"k{i}"]):
+                        return None
+        else:
+            assert old is not None
+            nulls = pa.nulls(n, pa.large_string())
+            for i in range(len(positions)):
+                out[f"c{i}"] = nulls
+            for i in table.key:
+                p = positions[i]
+                kinds = old.kinds[:, p]
+                valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
+                out[f"k{i}"] = text(arr, old.starts[:, p], old.lengths[:, p], valid)
+        return out
+
+    def _fold(self, msg: Message, *, count: bool = True) -> None:
+        """One row change folded in Python (batches in which a row moves to another key)."""
+        if isinstance(msg, Insert):
+            rel = self._rels.get(msg.relation_oid)
+            if rel:
+                self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
+        elif isinstance(msg, Update):
+            rel = self._rels.get(msg.relation_oid)
+            if rel:
+                old_key = self._key(rel, msg.old) if msg.old is not None else None
+                new = self._values(rel, msg.new)
+                delta = self._delta(msg.relation_oid, rel)
+                if old_key is not None and old_key == delta.key_of(new):
+                    old_key = None
+                delta.update(new, old_key)
+        elif isinstance(msg, Delete):
+            rel = self._rels.get(msg.relation_oid)
+            if rel and msg.old is not None:
+                self._delta(msg.relation_oid, rel).delete(self._key(rel, msg.old))
+        else:
+            raise TypeError(f"not a row change: {type(msg).__name__}")
+        if count and rel:
+            self._counted(rel, 1)
 
     @staticmethod
     def _values(rel: _Rel, tup: TupleData) -> list[Cell]:
@@ -385,22 +771,15 @@ class Applier:
         vals = self._values(rel, tup)
         return tuple(vals[i] for i in rel.table.key)  # type: ignore[misc]
 
-    def _counted(self, rel: _Rel) -> None:
-        self._pending_changes += 1
-        self.stats.changes += 1
-        name = f"{rel.table.schema}.{rel.table.name}"
-        self.stats.rows_by_table[name] = self.stats.rows_by_table.get(name, 0) + 1
-        if self._in_txn and self._pending_changes >= self.limits.max_rows:
-            # A large transaction: push what we have into the open warehouse transaction.
-            self._apply_deltas()
+    def _take_staged(self) -> list[tuple[SinkTable, list[_Segment]]]:
+        work = [(table, segments) for table, segments in self._staged.values() if segments]
+        self._staged.clear()
+        self._pending_changes = 0
+        return work
 
     def _apply_deltas(self) -> None:
-        if not self._deltas:
-            return
-        self._open_sink()
-        for oid, delta in self._deltas.items():
-            rel = self._rels[oid]
-            if rel is not None and not delta.is_empty():
-                self.sink.apply(rel.table, delta)
-        self._deltas.clear()
-        self._pending_changes = 0
+        """Send what is folded so far into the open sink transaction (no commit)."""
+        self._decode_rows()
+        work = self._take_staged()
+        if work:
+            self._dispatch(work, None, None, None)

@@ -22,14 +22,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import psycopg
 from psycopg import sql
 
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
-from pgbridge.cdc.pgoutput import Begin, Message
+from pgbridge.cdc.pgoutput import Begin, decode
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
 from pgbridge.cdc.snapshot import (
@@ -46,11 +46,13 @@ from pgbridge.cdc.snapshot import (
 )
 from pgbridge.cdc.source import (
     ReplicationStream,
+    SlotExistsError,
     SlotMissingError,
     StreamOptions,
     create_slot,
     drop_slot,
     slot_exists,
+    slot_status,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.cdc.validate import validate_table
@@ -76,6 +78,9 @@ class PipelineConfig:
     max_rows: int = 50_000
     max_wait_ms: int = 500
     load_workers: int = 2
+    # A synchronous standby may take over: a batch commits in the warehouse only once that standby
+    # has the batch's WAL (see ``SyncStandbyWait``).
+    sync_standby: bool = False
 
     @classmethod
     def load(cls, path: Path) -> PipelineConfig:
@@ -237,36 +242,108 @@ def pump(
     *,
     max_messages: int = 20_000,
     max_wait_s: float = 0.2,
-    held: deque[Message] | None = None,
+    held: deque[bytes] | None = None,
     until: LSN | None = None,
 ) -> int:
-    """One cycle: read a batch, fold it in, commit what is due, confirm only what is durable.
+    """One cycle: read what is buffered, fold it in, hand what committed to the sink, confirm what is durable.
+
+    Committed transactions go to the sink when it is free (it applies in a worker thread while the
+    next messages are read): at once when the stream has gone quiet, else once the batch is ripe
+    (:meth:`Applier.ripe`), so batches are small when the stream is quiet (low latency) and large
+    under load (few warehouse commits). ``max_wait_s`` bounds a read when nothing arrives.
 
     With ``until``, no transaction committing at or after it is fed: its messages and everything
-    after them wait in ``held``, which the next call feeds first (``validate`` compares the warehouse
-    exactly as of a source snapshot this way).
+    after them wait in ``held`` (raw payloads), which the next call feeds first, and what was fed is
+    committed before returning (``validate`` compares the warehouse exactly as of a source snapshot
+    this way).
     """
+    confirms = [applier.poll()]
+    tags: bytes | None = None
     if held:
-        messages, fresh = list(held), False
+        payloads = list(held)
         held.clear()
     else:
         due_in = applier.due_in()  # a committed batch waiting: read no longer than until it is due
         wait = max_wait_s if due_in is None else min(max_wait_s, max(due_in, 0.005))
-        messages, fresh = stream.read_batch(max_messages=max_messages, max_wait_s=wait).messages, True
-    for i, msg in enumerate(messages):
-        if until is not None and held is not None and isinstance(msg, Begin) and msg.final_lsn >= until:
-            held.extend(messages[i:])
-            break
-        confirm = applier.feed(msg)
-        if confirm is not None:
-            stream.confirm(confirm)
-    if applier.due() or (fresh and not messages) or held:
-        confirm = applier.flush() if not applier.in_transaction else None
+        if applier.busy or applier.pending_commit:
+            wait = min(wait, 0.005)  # notice soon that the sink is free again, or that the stream went quiet
+        chunk = stream.read_raw(max_messages=max_messages, max_wait_s=wait)
+        payloads, tags = chunk.payloads, chunk.tags
+    if until is not None and held is not None:
+        stop = _first_begin_from(payloads, until)
+        if stop is not None:
+            held.extend(payloads[stop:])
+            payloads, tags = payloads[:stop], None
+    confirms.append(applier.feed_raw(payloads, tags))
+    if not applier.in_transaction and applier.pending_commit:
+        if held:
+            confirms.append(applier.flush())
+        elif applier.due() or (not applier.busy and (not payloads or applier.ripe())):
+            applier.submit()
+    confirms.append(applier.poll())
+    for confirm in confirms:
         if confirm is not None:
             stream.confirm(confirm)
     if applier.idle and not held:
-        stream.confirm_idle()  # nothing in flight: let the slot advance so WAL is not pinned
-    return len(messages)
+        # Nothing in flight: let the slot advance so WAL is not pinned (recorded in the warehouse
+        # first, at most once a second, so a slot found beyond that record is known not to be ours).
+        idle = stream.idle_position()
+        if idle is not None and applier.note_idle(idle):
+            stream.confirm(idle)
+    return len(payloads)
+
+
+class SyncStandbyWait:
+    """Waits until the synchronous standby has flushed the WAL up to a position.
+
+    On PostgreSQL 15 the walsender sends a transaction once it is flushed on the primary, before
+    the synchronous standby confirms it. If the primary died in that window, the new primary would
+    not have a transaction the warehouse holds. Each batch therefore waits here (in the apply
+    worker, not the reader) before its warehouse commit; usually the standby is already there.
+    With no synchronous standby configured (``synchronous_standby_names`` empty) nothing waits.
+    """
+
+    SQL: Final = "SELECT _pgbridge.sync_standby_flush_lsn()::text"
+
+    def __init__(self, dsn: str, stop: threading.Event, poll_s: float = 0.002) -> None:
+        self.dsn, self.stop, self.poll_s = dsn, stop, poll_s
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def wait(self, lsn: LSN) -> None:
+        delay = self.poll_s
+        while True:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            row = self._conn.execute(self.SQL).fetchone()
+            if row is None or row[0] is None or LSN.parse(row[0]) >= lsn:
+                return
+            if self.stop.wait(delay):
+                raise TransientError("stopping while the synchronous standby had not confirmed a batch")
+            delay = min(delay * 2, 0.1)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _first_begin_from(payloads: list[bytes], lsn: LSN) -> int | None:
+    """Index of the first Begin of a transaction committing at or after ``lsn``."""
+    for i, payload in enumerate(payloads):
+        if payload[0] == 0x42:  # 'B'
+            begin = decode(payload)
+            assert isinstance(begin, Begin)
+            if begin.final_lsn >= lsn:
+                return i
+    return None
+
+
+def held_begin(held: deque[bytes]) -> Begin | None:
+    """The Begin at the head of ``held``, if that is what is there."""
+    if held and held[0][:1] == b"B":
+        msg = decode(held[0])
+        assert isinstance(msg, Begin)
+        return msg
+    return None
 
 
 @dataclass
@@ -296,7 +373,7 @@ class Pipeline:
         self.sink = DuckDBSink(cfg.warehouse, cfg.name)
         self.sink.con.execute(_STATE_DDL)
         self.jobs: queue.Queue[_Job] = queue.Queue()
-        self.held: deque[Message] = deque()  # read from the stream, not yet fed (see pump)
+        self.held: deque[bytes] = deque()  # read from the stream, not yet fed (see pump)
 
     # -- requests from `pgbridge pipeline validate|resync` --------------------------------------
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +430,8 @@ class Pipeline:
             """Apply exactly the transactions that committed before ``lsn``, then hold the stream."""
             deadline = time.monotonic() + 600
             while True:
-                nxt = self.held[0] if self.held else None
-                caught = isinstance(nxt, Begin) and nxt.final_lsn >= lsn
+                nxt = held_begin(self.held)
+                caught = nxt is not None and nxt.final_lsn >= lsn
                 caught = caught or (not self.held and applier.idle and stream.server_wal_end >= lsn)
                 if caught and not applier.in_transaction:
                     confirm = applier.flush()
@@ -438,7 +515,7 @@ class Pipeline:
         con.execute("BEGIN TRANSACTION")
         for schema, name in self.sink.definitions():
             con.execute(f"DROP TABLE IF EXISTS {qi(schema)}.{qi(name)}")
-        for table in ("pipeline_state", "checkpoint", "tables"):
+        for table in ("pipeline_state", "checkpoint", "slot_position", "tables"):
             con.execute(f"DELETE FROM {META_SCHEMA}.{table} WHERE pipeline = ?", [self.cfg.name])
         schema, table = PROGRESS_TABLE.split(".")
         if con.execute(
@@ -485,6 +562,10 @@ class Pipeline:
                     self._set_phase("streaming", s.consistent_lsn)
                     self.sink.commit_meta()
                     return
+            except SlotExistsError:
+                # Patroni recreates a permanent slot it finds missing: drop its slot and create ours.
+                drop_slot(self.cfg.dsn, self.cfg.slot, terminate_active=True)
+                continue
             except (_ShapeChanged, SnapshotSourceError, psycopg.errors.LockNotAvailable) as e:
                 # The slot was dropped on the way out of `with`; a waiting ALTER TABLE goes first.
                 self.status.last_error = str(e) or "a table changed shape as the load started; starting over"
@@ -554,19 +635,43 @@ class Pipeline:
         with psycopg.connect(self.cfg.dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as c:
             copy_rows(c, st, stt, self.sink.con, self.sink.target(stt))
 
+    def _check_slot_is_ours(self) -> None:
+        """Refuse a slot confirmed beyond anything this pipeline ever confirmed: it was recreated.
+
+        After a failover to a member that had no copy of the slot, Patroni creates the permanent
+        slot afresh at the current position; streaming from it would silently skip every change
+        in between.
+        """
+        _, start = self._phase()
+        ours = max((p for p in (self.sink.position(), start) if p is not None), default=None)
+        st = slot_status(self.cfg.dsn, self.cfg.slot)
+        if ours is not None and st.confirmed_flush_lsn is not None and st.confirmed_flush_lsn > ours:
+            raise SlotMissingError(
+                f"replication slot {self.cfg.slot} starts at {st.confirmed_flush_lsn}, beyond {ours} where this"
+                " pipeline left it: it was recreated (a failover to a member without a copy of it?)"
+            )
+
     def _stream(self) -> None:
         # The shapes the warehouse holds as of its checkpoint, not today's catalog: the stream
         # replays from the checkpoint, and DDL messages carry each table forward from there.
         sources = {ident: SourceTable.from_json(d) for ident, d in self.sink.definitions().items()}
         sink_tables = {ident: sink_table(st) for ident, st in sources.items()}
         limits = BatchLimits(self.cfg.max_rows, self.cfg.max_wait_ms / 1000)
-        applier = Applier(self.sink, sink_tables, limits, catalog=self, sources=sources)
+        try:
+            self._check_slot_is_ours()
+        except SlotMissingError as e:
+            self._slot_lost(e.message)
+            return
+        waiter = SyncStandbyWait(self.cfg.dsn, self.stop) if self.cfg.sync_standby else None
+        applier = Applier(
+            self.sink, sink_tables, limits, catalog=self, sources=sources, durable=waiter.wait if waiter else None
+        )
         self.status.phase = "streaming"
         opts = StreamOptions(publications=(self.cfg.publication,))
         dsn = f"{self.cfg.dsn} options='{PG_SESSION_OPTIONS}'"
         window_start, window_changes = time.monotonic(), 0
         try:
-            with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream:
+            with ReplicationStream.start(dsn, self.cfg.slot, opts) as stream, contextlib.closing(applier):
                 self.status.state = "running"
                 while not self.stop.is_set():
                     pump(stream, applier, held=self.held)
@@ -590,6 +695,9 @@ class Pipeline:
                     stream.confirm(confirm)
         except SlotMissingError as e:
             self._slot_lost(e.message)
+        finally:
+            if waiter is not None:
+                waiter.close()
 
     def close(self) -> None:
         self.stop.set()

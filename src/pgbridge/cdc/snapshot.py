@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import re
 import select
 import threading
 import time
@@ -70,7 +71,7 @@ __all__ += ["sink_table", "table_from_definition"]
 
 PROGRESS_TABLE: Final = f"{META_SCHEMA}.load_progress"
 LOAD_LOCK_TIMEOUT: Final = "5s"
-_CHUNK_BYTES: Final = 16 << 20  # a chunk also ends at this size, whatever chunk_rows says
+_CHUNK_BYTES: Final = 4 << 20  # a chunk also ends at this size, whatever chunk_rows says (Arrow parses 4 MB best)
 _BUILTIN: Final = frozenset(pg_type_names.values())
 
 
@@ -315,7 +316,10 @@ def sink_table(st: SourceTable, policy: MappingPolicy | None = None) -> SinkTabl
         raise SnapshotError(st.problem)
     kept = [i for i, c in enumerate(st.columns) if not c.excluded]
     columns = tuple(SinkColumn(st.columns[i].name, st.columns[i].ctype(policy), st.columns[i].attnum) for i in kept)
-    return SinkTable(st.schema, st.name, columns, tuple(kept.index(i) for i in st.key))
+    key = tuple(kept.index(i) for i in st.key)
+    # Only REPLICA IDENTITY FULL without a primary key makes every column the key (NULLs allowed).
+    not_null = not (st.replica_identity == "f" and len(key) == len(kept))
+    return SinkTable(st.schema, st.name, columns, key, key_not_null=not_null)
 
 
 Range = tuple[int, int | None]  # pages [start, end); end None: to the end of the table
@@ -392,12 +396,30 @@ class LoadReport:
         return sum(t.rows for t in self.tables)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one table is copied: the source SELECT, what the parser makes of each column, the INSERTs.
+
+    Arrow parses a column straight to its warehouse type where its parser is exact and strict for
+    PostgreSQL's text (integers, floats, booleans, decimals, dates and timestamps): the warehouse
+    insert then casts nothing there. A value it refuses (``infinity``, a BC date, NaN in a decimal,
+    a year past 9999) makes the whole chunk parse as text instead, cast by the typemap's SQL.
+    """
+
+    select_sql: sql.Composable
+    types: tuple[pa.DataType | None, ...]  # per column: what Arrow parses it to; None: text
+    insert_typed: str  # from a chunk parsed with ``types``
+    insert_text: str  # from a chunk parsed as text only: every column cast in SQL
+
+    @property
+    def ncols(self) -> int:
+        return len(self.types)
+
+
 @dataclass(eq=False)
 class _State:
     st: SourceTable
-    select_sql: sql.Composable
-    insert_sql: str
-    ncols: int
+    plan: _Plan
     ranges_total: int = 0
     ranges_done: int = 0
     ranges_skipped: int = 0
@@ -436,32 +458,71 @@ _PARSE: Final = pcsv.ParseOptions(
 )
 
 
-def _parse(buf: bytearray, ncols: int, check_utf8: bool) -> pa.Table:
-    """COPY text lines -> string columns ``c0..`` holding PostgreSQL's text (``\\N`` -> NULL).
+def _arrow_type(ct: ColumnType) -> pa.DataType | None:
+    """The Arrow type whose CSV parser reads PostgreSQL's text of ``ct`` exactly (or refuses it), if any."""
+    if ct.kind == "int":
+        return _ARROW_INTS.get(ct.sql_type)
+    if ct.kind == "float":
+        return {"REAL": pa.float32(), "DOUBLE": pa.float64()}.get(ct.sql_type)
+    if ct.kind == "bool":
+        return pa.bool_()
+    if ct.kind == "decimal":
+        m = re.fullmatch(r"DECIMAL\((\d+),(\d+)\)", ct.sql_type)
+        return pa.decimal128(int(m.group(1)), int(m.group(2))) if m else None
+    if ct.kind == "datetime":
+        return {"DATE": pa.date32(), "TIMESTAMP": pa.timestamp("us"), "TIMESTAMPTZ": pa.timestamp("us", "UTC")}.get(
+            ct.sql_type
+        )
+    return None
 
-    Fields with backslash escapes are undone with :func:`~pgbridge.cdc.typemap.copy_text_fields`.
-    A UTF8 server has validated every string already (``check_utf8=False`` saves a tenth of the parse).
+
+_Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
+_ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
+
+
+def _parse(buf: bytearray, types: Sequence[pa.DataType | None], check_utf8: bool) -> tuple[pa.Table, bool]:
+    """COPY text lines -> columns ``c0..`` (``\\N`` -> NULL); True when they are typed as ``types`` says.
+
+    Columns without a type (and every column, when Arrow refuses a value of a typed one) hold
+    PostgreSQL's text; fields with backslash escapes are undone with
+    :func:`~pgbridge.cdc.typemap.copy_text_fields`. A UTF8 server has validated every string already
+    (``check_utf8=False`` saves a tenth of the parse).
     """
-    names = [f"c{i}" for i in range(ncols)]
-    types = dict.fromkeys(names, pa.string())
-    table = pcsv.read_csv(
-        pa.py_buffer(buf),
-        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=len(buf) + 1),
-        parse_options=_PARSE,
-        convert_options=pcsv.ConvertOptions(
-            column_types=types, null_values=["\\N"], strings_can_be_null=True, check_utf8=check_utf8
-        ),
-    )
-    if b"\\" not in buf.replace(b"\\N", b""):
-        return table  # every backslash starts a NULL (COPY doubles literal ones): nothing to unescape
-    for i in range(ncols):
+    names = [f"c{i}" for i in range(len(types))]
+    typed = any(t is not None for t in types)
+    data = pa.py_buffer(buf)
+    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=len(buf) + 1)
+
+    def parse(column_types: dict[str, pa.DataType]) -> pa.Table:
+        convert = pcsv.ConvertOptions(
+            column_types=column_types,
+            null_values=["\\N"],
+            true_values=["t"],
+            false_values=["f"],
+            strings_can_be_null=True,
+            check_utf8=check_utf8,
+        )
+        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert)
+
+    table = None
+    if typed:
+        with contextlib.suppress(pa.ArrowInvalid):  # a value the typed parser refuses: all as text
+            table = parse({n: t or pa.string() for n, t in zip(names, types, strict=True)})
+    if table is None:
+        typed = False
+        table = parse(dict.fromkeys(names, pa.string()))
+    if buf.count(b"\\") == buf.count(b"\\N"):
+        return table, typed  # every backslash starts a NULL (COPY doubles literal ones): nothing to unescape
+    for i in range(len(types)):
+        if typed and types[i] is not None:
+            continue  # parsed as a number, a date or a time: it had no backslash
         col = table.column(i).combine_chunks()
         mask = pc.fill_null(pc.match_substring(col, "\\"), False)
         if pc.any(mask).as_py():
             fixed = [copy_text_fields(v.encode())[0] for v in pc.filter(col, mask).to_pylist()]
             plain = pa.array([None if v is None else v.decode() for v in fixed], pa.string())
             table = table.set_column(i, names[i], pc.replace_with_mask(col, mask, plain))
-    return table
+    return table, typed
 
 
 class _Stopped(Exception):
@@ -523,13 +584,17 @@ def _copy_out(
             _raise_result(pgconn, result)
 
 
-def _statements(st: SourceTable, stt: SinkTable, target: str) -> tuple[sql.Composed, str, int]:
-    """The source SELECT of ``st``'s replicated columns, the warehouse INSERT from ``_pgb_load``, the width."""
+def _statements(st: SourceTable, stt: SinkTable, target: str) -> _Plan:
+    """How to copy ``st``: its replicated columns' SELECT, their parse types, the INSERTs from ``_pgb_load``."""
+    types = tuple(_arrow_type(c.ctype) for c in stt.columns)
     casts = [duckdb_cast_expr(c.ctype, f"c{i}") for i, c in enumerate(stt.columns)]
+    kept = [f"c{i}" if t is not None else cast for i, (t, cast) in enumerate(zip(types, casts, strict=True))]
     names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stt.columns)
     select_sql = sql.SQL("SELECT {} FROM ONLY {}").format(names, sql.Identifier(st.schema, st.name))
-    into = ", ".join(qi(c.name) for c in stt.columns)
-    return select_sql, f"INSERT INTO {target} ({into}) SELECT {', '.join(casts)} FROM _pgb_load", len(casts)
+    insert = f"INSERT INTO {target} ({', '.join(qi(c.name) for c in stt.columns)}) SELECT"
+    return _Plan(
+        select_sql, types, f"{insert} {', '.join(kept)} FROM _pgb_load", f"{insert} {', '.join(casts)} FROM _pgb_load"
+    )
 
 
 def copy_rows(
@@ -548,7 +613,8 @@ def copy_rows(
     used to re-copy a table after a rewrite, for ``pipeline resync TABLE`` and ``validate --repair``.
     Returns the rows copied.
     """
-    select_sql, insert_sql, ncols = _statements(st, stt, target)
+    plan = _statements(st, stt, target)
+    select_sql = plan.select_sql
     if where is not None:
         select_sql = sql.SQL("{} WHERE {}").format(select_sql, where)
     check_utf8 = conn.info.parameter_status("server_encoding") != "UTF8"
@@ -557,12 +623,12 @@ def copy_rows(
     def emit(buf: bytearray) -> None:
         nonlocal rows
         try:
-            table = _parse(buf, ncols, check_utf8)
+            table, typed = _parse(buf, plan.types, check_utf8)
         except (pa.ArrowInvalid, UnicodeError) as exc:
             raise SnapshotError(f"unexpected COPY output from {st.qualified}: {exc}") from None
         con.register("_pgb_load", table)
         try:
-            con.execute(insert_sql)
+            con.execute(plan.insert_typed if typed else plan.insert_text)
         except duckdb.Error as exc:
             raise SinkError(f"copying {st.qualified} into the warehouse failed: {exc}") from None
         finally:
@@ -642,7 +708,7 @@ class _Loader:
         self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         # (job, parsed chunk | None when the range is done | the exception a reader hit); bounded: memory stays bounded
-        self.out: queue.Queue[tuple[_Job | None, Future[pa.Table] | BaseException | None]] = queue.Queue(2 * workers)
+        self.out: queue.Queue[tuple[_Job | None, Future[_Parsed] | BaseException | None]] = queue.Queue(2 * workers)
         self.parsers = ThreadPoolExecutor(workers, thread_name_prefix="pgbridge-parse")
 
     def prepare(self, st: SourceTable, policy: MappingPolicy | None, resume: bool, per_range: int) -> list[_Job]:
@@ -650,7 +716,7 @@ class _Loader:
         stt, con, where = sink_table(st, policy), self.sink.con, [self.sink.pipeline, st.qualified]
         self.sink.ensure_table(stt)
         target = self.sink.target(stt)
-        state = _State(st, *_statements(st, stt, target))
+        state = _State(st, _statements(st, stt, target))
         self.states.append(state)
         query = (
             f"SELECT range_start, range_end, rows, snapshot, consistent_lsn FROM {PROGRESS_TABLE} WHERE pipeline = ?"
@@ -688,12 +754,12 @@ class _Loader:
                 except queue.Empty:
                     return
                 where = sql.SQL(_where(job.start, job.end))
-                query = sql.SQL("COPY ({}{}) TO STDOUT").format(job.state.select_sql, where).as_bytes(conn)
+                query = sql.SQL("COPY ({}{}) TO STDOUT").format(job.state.plan.select_sql, where).as_bytes(conn)
 
                 def emit(buf: bytearray, job: _Job = job) -> None:
                     if self.stop.is_set():
                         raise _Stopped
-                    self.out.put((job, self.parsers.submit(_parse, buf, job.state.ncols, check_utf8)))
+                    self.out.put((job, self.parsers.submit(_parse, buf, job.state.plan.types, check_utf8)))
 
                 _copy_out(conn.pgconn, query, self.stop, self.chunk_rows, emit)
                 self.out.put((job, None))
@@ -748,7 +814,7 @@ class _Loader:
                     t.join(0.05)
             self.parsers.shutdown(cancel_futures=True)
 
-    def write(self, job: _Job, chunk: Future[pa.Table] | None) -> None:
+    def write(self, job: _Job, chunk: Future[_Parsed] | None) -> None:
         state = job.state
         try:
             if job.cursor is None:
@@ -756,11 +822,11 @@ class _Loader:
                 job.cursor.execute("BEGIN TRANSACTION")
             if chunk is not None:
                 try:
-                    table = chunk.result()
+                    table, typed = chunk.result()
                 except (pa.ArrowInvalid, UnicodeError) as exc:
                     raise SnapshotError(f"unexpected COPY output from {state.st.qualified}: {exc}") from None
                 job.cursor.register("_pgb_load", table)
-                job.cursor.execute(state.insert_sql)
+                job.cursor.execute(state.plan.insert_typed if typed else state.plan.insert_text)
                 job.cursor.unregister("_pgb_load")
                 job.rows += table.num_rows
                 state.rows_now += table.num_rows

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, Final, Self, overload
 
@@ -25,14 +26,25 @@ import psycopg
 import psycopg2
 import psycopg2.extras
 
-from pgbridge.cdc.pgoutput import Begin, Commit, Decoder, Message, StreamAbort, StreamCommit, StreamStart
+from pgbridge.cdc.pgoutput import (
+    Begin,
+    Commit,
+    Decoder,
+    Message,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    decode,
+)
 from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.secrets.redact import redact_dsn
 from pgbridge.types import LSN
 
 __all__ = [
     "Batch",
+    "RawChunk",
     "ReplicationStream",
+    "SlotExistsError",
     "SlotInfo",
     "SlotMissingError",
     "SlotStatus",
@@ -68,6 +80,10 @@ class SlotMissingError(PgbridgeError):
 
 class SourceRejectedError(PgbridgeError):
     """The server refused a replication command for a reason retrying won't fix (no such publication, ...)."""
+
+
+class SlotExistsError(SourceRejectedError):
+    """A slot of that name already exists (Patroni recreates a permanent slot it finds missing)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +211,8 @@ def _translate(exc: BaseException, doing: str) -> PgbridgeError:
     if code == "58P01" and "has already been removed" in low:
         # The WAL the slot needs is gone: the slot can never be read again.
         return SlotMissingError(message)
+    if code == "42710" and "replication slot" in low:
+        return SlotExistsError(message)
     if code is None or code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES:
         return SourceError(message)
     return SourceRejectedError(message)
@@ -457,6 +475,29 @@ class Batch(Sequence[tuple[LSN, Message]]):
         return f"Batch({len(self.messages)} messages, {LSN(self.positions[0])}..{LSN(self.positions[-1])})"
 
 
+_STREAM_TAGS: Final = re.compile(rb"[SEcA]")
+_first_byte = itemgetter(0)
+
+
+class RawChunk:
+    """What one :meth:`ReplicationStream.read_raw` returned: pgoutput payloads, undecoded, in stream order.
+
+    ``tags`` holds the first byte (the message tag) of each payload.
+    """
+
+    __slots__ = ("payloads", "tags")
+
+    def __init__(self, payloads: list[bytes], tags: bytes) -> None:
+        self.payloads = payloads
+        self.tags = tags
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def __repr__(self) -> str:
+        return f"RawChunk({len(self.payloads)} messages)"
+
+
 class ReplicationStream:
     """Decoded pgoutput messages from one slot, with their WAL positions, and the feedback back.
 
@@ -570,17 +611,77 @@ class ReplicationStream:
                         if len(messages) >= max_messages:
                             break
                         continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if not self._wait_readable(deadline):
                         break
-                    # Wake up in time for the periodic status message (read_message sends it when due).
-                    self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
-                    if self._conn.closed:
-                        raise SourceError(f"the replication connection of slot {self.slot!r} closed")
         finally:
             self._position = position
             self._wal_end = max(self._wal_end, cursor.wal_end, position)
         return Batch(messages, positions)
+
+    def _wait_readable(self, deadline: float) -> bool:
+        """Wait on the socket until data arrives or ``deadline``; ``False`` once the deadline has passed.
+
+        Wakes up in time for the periodic status message (``read_message`` sends it when due).
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
+        if self._conn is None or self._conn.closed:
+            raise SourceError(f"the replication connection of slot {self.slot!r} closed")
+        return True
+
+    def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
+        """The pgoutput payloads buffered now, undecoded, up to ``max_messages`` or ``max_bytes``.
+
+        Returns as soon as the connection has nothing more buffered: under load a chunk holds what
+        arrived while the caller was busy, and a caller that has nothing to do learns at once that the
+        stream is drained. When nothing at all is buffered, waits on the socket until something arrives
+        or ``max_wait_s`` has passed (``0``: never blocks). Only Begin and Commit (and the streaming
+        messages) are decoded here, to know what is in flight; the caller decodes the rest.
+        """
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        cursor = self._require_cursor()
+        deadline = time.monotonic() + max_wait_s
+        read = cursor.read_message
+        payloads: list[bytes] = []
+        add = payloads.append
+        size = 0
+        last: Any = None
+        try:
+            with _boundary(f"replication from slot {self.slot!r} failed"):
+                while True:
+                    raw = read()
+                    if raw is not None:
+                        last = raw
+                        payload = raw.payload
+                        add(payload)
+                        size += len(payload)
+                        if len(payloads) >= max_messages or size >= max_bytes:
+                            break
+                        continue
+                    if payloads:
+                        break
+                    if not self._wait_readable(deadline):
+                        break
+        finally:
+            if last is not None:
+                self._position = last.data_start or self._position
+            self._wal_end = max(self._wal_end, cursor.wal_end, self._position)
+        tags = bytes(map(_first_byte, payloads))
+        if _STREAM_TAGS.search(tags) or self._decoder.in_stream:
+            for payload in payloads:  # stream blocks (protocol v2): follow them message by message
+                msg = self._decoder.decode(payload)
+                if type(msg) in _BOUNDARIES:
+                    self._follow(msg)
+        else:
+            last_begin, last_commit = tags.rfind(b"B"), tags.rfind(b"C")
+            if last_commit >= 0:
+                self._follow(decode(payloads[last_commit]))
+            if last_begin > last_commit:
+                self._in_transaction = True
+        return RawChunk(payloads, tags)
 
     def __iter__(self) -> Iterator[tuple[LSN, Message]]:
         """``(position, message)`` pairs one by one, forever (batched underneath); for tests and tools."""
@@ -647,11 +748,16 @@ class ReplicationStream:
         This is how an idle pipeline lets the slot move past WAL that has nothing for it (other
         tables, other databases), so it never pins WAL.
         """
+        lsn = self.idle_position()
+        if lsn is not None:
+            self.confirm(lsn)
+        return lsn
+
+    def idle_position(self) -> LSN | None:
+        """What :meth:`confirm_idle` would confirm now, if anything (to record it before confirming)."""
         if self.in_flight or self._wal_end <= self._confirmed:
             return None
-        lsn = LSN(self._wal_end)
-        self.confirm(lsn)
-        return lsn
+        return LSN(self._wal_end)
 
     def send_status(self, *, reply: bool = False) -> None:
         """Send a status message now (keeps the walsender from timing out during a long apply)."""

@@ -4,13 +4,17 @@ Runs inside the pipeline daemon, between transactions of the stream, because onl
 write the warehouse and only it knows how far the warehouse has applied. For each table:
 
 1. Copy the source table, as of a snapshot whose WAL position is ``L``, into a DuckDB temporary
-   table through the same casts as the load and the stream (so values compare exactly).
+   table through the same casts as the load and the stream (so values compare exactly). The
+   snapshot is the one a temporary logical slot exports: it sees exactly the transactions that
+   commit before the slot's consistent point ``L``. (A snapshot taken with ``pg_current_wal_lsn()``
+   beside it is not exact: a transaction can commit between the two, or be written to the WAL
+   before the snapshot but become visible after it; under a steady writer that showed up as a
+   difference in every pass now and then.)
 2. Let the stream apply through ``L`` (the caller's ``catch_up``), then hold it.
 3. Split the key space into ranges (``ntile`` over the first key column of the source copy) and
    compare per range: row count and the sum of row hashes, in DuckDB.
-4. A range that differs may only be in flight (committed after the snapshot and already applied,
-   or the reverse), so the table is compared again under a new snapshot; only ranges that differ
-   every time are reported.
+4. A range that differs is compared again under a new snapshot, and only ranges that differ every
+   time are reported, so a difference is never reported on the strength of one reading.
 
 ``repair`` replaces the rows of the differing ranges with the source's rows read *after* the
 warehouse's position, so changes the stream still has to replay only move them forward: the
@@ -19,21 +23,27 @@ warehouse converges to the source without moving its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import duckdb
 import psycopg
+from psycopg import sql
 
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import qi
 from pgbridge.cdc.snapshot import SourceTable, copy_rows
+from pgbridge.cdc.source import create_slot
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.types import LSN
 
 STAGE = "_pgb_validate"
 BOUNDS = "_pgb_bounds"
+_SLOTS = itertools.count(1)
 
 
 @dataclass
@@ -62,17 +72,25 @@ class TableResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def _stage(dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyConnection, target: str) -> LSN:
-    """The source table as of a fresh snapshot, in ``STAGE``; returns the snapshot's WAL position."""
+def _stage(
+    dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyConnection, target: str, *, exact: bool = True
+) -> LSN | None:
+    """The source table in ``STAGE``: as of an exact WAL position (returned), or as of now.
+
+    "Now" (``exact=False``) is later than anything the warehouse holds, which is what a repair needs.
+    """
     con.execute(f"CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT * FROM {target} LIMIT 0")
-    with psycopg.connect(dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as pg:
+    with contextlib.ExitStack() as stack:
+        slot = None
+        if exact:
+            slot = stack.enter_context(create_slot(dsn, f"pgb_validate_{os.getpid()}_{next(_SLOTS)}", temporary=True))
+        pg = stack.enter_context(psycopg.connect(dsn, connect_timeout=10, options=PG_SESSION_OPTIONS))
         pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        # The first statement takes the snapshot; every commit it sees lies before this position.
-        row = pg.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
+        if slot is not None:
+            pg.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(slot.snapshot_name)))
         copy_rows(pg, st, stt, con, STAGE)
         pg.rollback()
-    return LSN.parse(row[0])
+        return slot.consistent_lsn if slot is not None else None
 
 
 def _hash(stt: SinkTable) -> str:
@@ -142,6 +160,7 @@ def validate_table(
     suspect: list[RangeDiff] | None = None
     for _ in range(passes):
         lsn = _stage(dsn, st, stt, con, target)
+        assert lsn is not None
         catch_up(lsn)
         if suspect is None:
             result.ranges = _bounds(con, stt, range_rows)
@@ -152,7 +171,7 @@ def validate_table(
             break
     result.differences = suspect or []
     if repair and result.differences:
-        _stage(dsn, st, stt, con, target)  # as of now: later than anything the warehouse holds
+        _stage(dsn, st, stt, con, target, exact=False)
         where, params = _in_ranges(stt, result.differences)
         con.execute("BEGIN TRANSACTION")
         try:

@@ -18,7 +18,7 @@ import click
 from rich.table import Table
 
 from pgbridge import __version__
-from pgbridge.cli.render import err, out, print_json, report_table, styled
+from pgbridge.cli.render import err, out, print_json, report_table, rows_table, styled
 from pgbridge.errors import CheckFailed, NotFoundError, PgbridgeError, UsageError
 from pgbridge.settings import Settings, load_settings
 from pgbridge.spec.load import json_schema, load_spec
@@ -503,17 +503,31 @@ def pipeline_resync(c: Ctx, tables: tuple[str, ...]) -> None:
 
 
 @cli.command("query")
-@click.argument("sql")
+@click.argument("sql", required=False)
+@click.option("--pack", metavar="NAME", help="run an analytics pack (SQL files shipped with pgbridge) instead of SQL")
+@click.option("--source", is_flag=True, help="with --pack: run it on the OLTP PostgreSQL (read-only user) instead")
 @click.option("--json", "fmt", flag_value="json", help="rows as JSON objects")
 @click.option("--csv", "fmt", flag_value="csv", help="CSV with a header")
 @pass_ctx
 @handle_errors
-def query_cmd(c: Ctx, sql: str, fmt: str | None) -> None:
-    """Run read-only SQL on the warehouse (served by the pipeline, so it never meets a lock)."""
+def query_cmd(c: Ctx, sql: str | None, pack: str | None, source: bool, fmt: str | None) -> None:
+    """Run read-only SQL on the warehouse (served by the pipeline, so it never meets a lock).
+
+    With --pack NAME, run every query of an analytics pack (`--pack list` names them).
+    """
     import csv
 
     from pgbridge.ops import pipeline as ops
 
+    if pack is not None:
+        if sql is not None:
+            raise UsageError("pass either SQL or --pack NAME, not both")
+        _query_pack(c, pack, source, fmt)
+        return
+    if source:
+        raise UsageError("--source goes with --pack; for ad-hoc SQL on PostgreSQL use `pgbridge connect`")
+    if sql is None:
+        raise UsageError("no SQL given", hint='pgbridge query "SELECT ..." or pgbridge query --pack NAME')
     r = ops.query(c.deployment(), sql)
     cols, rows = r["columns"], r["rows"]
     if fmt == "json":
@@ -523,13 +537,207 @@ def query_cmd(c: Ctx, sql: str, fmt: str | None) -> None:
         w.writerow(cols)
         w.writerows(rows)
     else:
-        t = Table(title_justify="left")
-        for col in cols:
-            t.add_column(col, overflow="fold")
-        for row in rows:
-            t.add_row(*("NULL" if v is None else str(v) for v in row))
-        out.print(t)
+        out.print(rows_table(cols, rows))
         out.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}" + (" (truncated)" if r.get("truncated") else ""))
+
+
+def _query_pack(c: Ctx, pack: str, source: bool, fmt: str | None) -> None:
+    from pgbridge.ops import workload as wl
+    from pgbridge.workload.analytics import load_pack, pack_names
+
+    if pack == "list":
+        for name in pack_names():
+            out.print(f"{name}: " + ", ".join(q.name for q in load_pack(name)))
+        return
+    if fmt == "csv":
+        raise UsageError("--csv is for one result; a pack has several (use --json)")
+    results = wl.run_pack(c.deployment(), pack, on="source" if source else "warehouse")
+    where = "PostgreSQL (source)" if source else "warehouse"
+    if fmt == "json":
+        print_json(
+            [{**r.as_dict(), "rows": [dict(zip(r.columns, row, strict=True)) for row in r.rows]} for r in results]
+        )
+    else:
+        for r in results:
+            out.print(f"[bold]{r.name}[/]: {r.title} [dim]({where}, {r.seconds * 1000:.0f} ms)[/]")
+            out.print(f"  [red]failed:[/] {r.error}" if r.error else rows_table(r.columns, r.rows))
+    failed = [r.name for r in results if r.error]
+    if failed:
+        raise PgbridgeError(f"{len(failed)} of {len(results)} queries failed: {', '.join(failed)}")
+
+
+@cli.group()
+def workload() -> None:
+    """The e-commerce workload: schema, catalogue, and a concurrent transaction generator."""
+
+
+@workload.command("load")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="1 = 100k orders of history")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+@handle_errors
+def workload_load(c: Ctx, scale: float, as_json: bool) -> None:
+    """Create the shop's schema and load its catalogue and order history (once)."""
+    from dataclasses import asdict
+
+    from pgbridge.ops import workload as wl
+
+    with err.status(f"loading scale {scale:g}"):
+        r = wl.load_catalogue(c.deployment(), scale)
+    if as_json:
+        print_json(asdict(r))
+    elif not r.loaded:
+        out.print("the catalogue is already loaded; nothing to do")
+    else:
+        counts = ", ".join(f"{n} {t}" for t, n in r.rows.items())
+        out.print(f"loaded scale {scale:g} in {r.seconds:.1f}s: {counts}")
+
+
+@workload.command("run")
+@click.option("--rate", type=float, default=100, show_default=True, help="transactions per second offered")
+@click.option("--duration", type=float, default=60, show_default=True, help="seconds to run")
+@click.option("--scale", type=float, help="load this scale first if the shop has no catalogue yet")
+@click.option("--workers", type=int, default=4, show_default=True, help="concurrent connections")
+@click.option("--seed", type=int, help="random seed (for repeatable runs)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable summary")
+@pass_ctx
+@handle_errors
+def workload_run(
+    c: Ctx, rate: float, duration: float, scale: float | None, workers: int, seed: int | None, as_json: bool
+) -> None:
+    """Drive the shop's transaction mix through the writer endpoint; print tps and latency."""
+    from pgbridge.ops import workload as wl
+    from pgbridge.workload.load import sizes
+    from pgbridge.workload.mix import check_rate
+
+    check_rate(rate, duration)
+    if scale is not None:
+        sizes(scale)
+    dep = c.deployment()
+    if scale is not None and not wl.is_loaded(dep):
+        with err.status(f"loading scale {scale:g}"):
+            r = wl.load_catalogue(dep, scale)
+        err.print(f"loaded scale {scale:g} in {r.seconds:.1f}s")
+    run = wl.workload(dep, rate, duration, workers=workers, seed=seed)
+    with err.status("running") as st:
+
+        def tick() -> None:
+            w = run.recorder.window(5)
+            st.update(f"running: {w.tps:.0f} tps, p50 {w.p50_ms or 0:.1f} ms, p99 {w.p99_ms or 0:.1f} ms")
+
+        try:
+            run.run(on_tick=tick)
+        except KeyboardInterrupt:
+            run.close()
+    if run.fatal:
+        raise UsageError(run.fatal)
+    s = run.recorder.summary()
+    if as_json:
+        print_json(s.as_dict())
+        return
+    t = Table(title=f"workload: {s.transactions} transactions in {s.seconds:.0f}s", title_justify="left")
+    for col in ("transaction", "count", "p50 ms", "p99 ms"):
+        t.add_column(col, justify="left" if col == "transaction" else "right")
+    for kind, k in s.by_kind.items():
+        t.add_row(kind, str(k["count"]), f"{k['p50_ms']:.2f}", f"{k['p99_ms']:.2f}")
+    out.print(t)
+    outcomes = ", ".join(f"{n} {o}" for o, n in sorted(s.outcomes.items()))
+    out.print(f"{s.tps:.1f} tps, p50 {s.p50_ms or 0:.2f} ms, p99 {s.p99_ms or 0:.2f} ms ({outcomes})")
+    for e, n in s.errors.items():
+        out.print(f"  [yellow]{n} x[/] {e}")
+
+
+@cli.command()
+@click.option("--scale", type=float, default=1.0, show_default=True, help="shop size to load (1 = 100k orders)")
+@click.option("--rate", type=float, default=100, show_default=True, help="workload transactions per second")
+@click.option("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+@click.option("--workers", type=int, default=4, show_default=True, help="workload connections")
+@click.option("--pack", default="shop", show_default=True, help="analytics pack shown from the warehouse")
+@click.option(
+    "--headless",
+    is_flag=True,
+    help="plain periodic lines instead of the live dashboard (the default without a terminal)",
+)
+@click.option("--every", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@pass_ctx
+@handle_errors
+def demo(
+    c: Ctx, scale: float, rate: float, duration: float | None, workers: int, pack: str, headless: bool, every: float
+) -> None:
+    """Up a deployment with a pipeline, load the shop, run the workload, show OLTP, CDC and analytics live.
+
+    Without a spec file, writes the example spec with a pipeline first. Ctrl-C (or --duration)
+    stops the workload; the deployment keeps running for exploring.
+    """
+    import time
+
+    from pgbridge.cli.dashboard import dashboard, result_table, status_line
+    from pgbridge.ops import demo as demo_ops
+    from pgbridge.ops import workload as wl
+    from pgbridge.workload.analytics import load_pack
+    from pgbridge.workload.load import sizes
+    from pgbridge.workload.mix import check_rate
+
+    check_rate(rate, duration)
+    sizes(scale)
+    load_pack(pack)
+    if not 1 <= workers <= 64:
+        raise UsageError(f"--workers must be between 1 and 64, got {workers}")
+    if not 0.1 <= every <= 60:
+        raise UsageError(f"--every must be between 0.1 and 60 seconds, got {every:g}")
+    if not c.spec_path.exists():
+        demo_ops.write_default_spec(c.spec_path)
+        out.print(f"wrote {c.spec_path} (the example spec with a pipeline)")
+    with err.status("starting") as st:
+        prepared = demo_ops.prepare(c.settings, c.spec_path, c.home_opt, scale, pack, lambda s: st.update(s))
+    dep = prepared.dep
+    changed = sum(1 for ch in prepared.up.changes if ch.action != "unchanged")
+    loaded = (
+        f"loaded scale {scale:g} in {prepared.load.seconds:.1f}s" if prepared.load.loaded else "shop already loaded"
+    )
+    out.print(f"deployment {dep.spec.name} is up ({changed} changes); {loaded}")
+    d = demo_ops.Demo(dep, wl.workload(dep, rate, None, workers=workers), pack)
+    live_screen = out.is_terminal and not headless
+    d.start()
+    deadline = None if duration is None else time.monotonic() + duration
+    tick = 0
+    try:
+        if live_screen:
+            from rich.live import Live
+
+            with Live(console=out, auto_refresh=False, vertical_overflow="crop") as live:
+                while deadline is None or time.monotonic() < deadline:
+                    live.update(dashboard(d.snapshot(), dep.spec.name), refresh=True)
+                    if d.run.stop.wait(every):
+                        break
+        else:
+            while deadline is None or time.monotonic() < deadline:
+                snap = d.snapshot(refresh_pack=tick % 10 == 0)
+                out.print(status_line(snap))
+                tick += 1
+                if d.run.stop.wait(every):
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        d.stop()
+    if d.run.fatal:
+        raise UsageError(d.run.fatal)
+    final = d.snapshot()
+    if not live_screen:
+        for r in final.pack:
+            out.print(result_table(r, with_title=True))
+        out.print(status_line(final))
+    s = d.run.recorder.summary()
+    out.print(
+        f"workload stopped: {s.transactions} transactions in {s.seconds:.0f}s, {s.tps:.1f} tps,"
+        f" p50 {s.p50_ms or 0:.2f} ms, p99 {s.p99_ms or 0:.2f} ms"
+    )
+    f = f"-f {c.spec_path} " if c.spec_path.name != "pgbridge.yaml" or c.spec_path.parent != Path() else ""
+    out.print(
+        f"the deployment keeps running: `pgbridge {f}status`, `pgbridge {f}query --pack {pack}`,"
+        f" `pgbridge {f}connect`, `pgbridge {f}workload run`; `pgbridge {f}destroy --yes` removes it"
+    )
 
 
 def main() -> None:

@@ -44,3 +44,12 @@ def report_table(title: str, report: Report) -> Table:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def rows_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(*("NULL" if v is None else str(v) for v in row))
+    return t

@@ -98,6 +98,7 @@ def config(dep: Deployment) -> PipelineConfig:
         max_rows=p.batch.max_rows,
         max_wait_ms=p.batch.max_wait_ms,
         load_workers=p.load_workers,
+        sync_standby=spec.multi_az,
     )
 
 
@@ -133,6 +134,39 @@ def _ensure_ddl_capture(dep: Deployment) -> Action:
     return "unchanged" if have and have[0] == 3 else "created"
 
 
+def _ensure_standby_probe(dep: Deployment) -> Action:
+    """The function the daemon asks how far the synchronous standby has flushed (see SyncStandbyWait).
+
+    ``pg_stat_replication`` shows positions only to superusers and pg_read_all_stats, so the CDC
+    role gets this one answer through a SECURITY DEFINER function instead of a monitoring role.
+    """
+    cdc = sql.Identifier(dep.spec.database.users.cdc)
+    with admin_connection(dep.admin, dep.spec.database.name) as c:
+        have = c.execute(
+            "SELECT 1 FROM pg_proc WHERE proname = 'sync_standby_flush_lsn' AND pronamespace = %s::regnamespace",
+            (ddl.SCHEMA,),
+        ).fetchone()
+        c.execute(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}.sync_standby_flush_lsn() RETURNS pg_lsn"
+                " LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$"
+                " SELECT CASE WHEN current_setting('synchronous_standby_names') = '' THEN NULL"
+                " ELSE coalesce((SELECT max(flush_lsn) FROM pg_stat_replication"
+                " WHERE sync_state IN ('sync', 'quorum')), '0/0') END $$"
+            ).format(sql.Identifier(ddl.SCHEMA))
+        )
+        c.execute(
+            sql.SQL("REVOKE ALL ON FUNCTION {}.sync_standby_flush_lsn() FROM PUBLIC").format(sql.Identifier(ddl.SCHEMA))
+        )
+        c.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(ddl.SCHEMA), cdc))
+        c.execute(
+            sql.SQL("GRANT EXECUTE ON FUNCTION {}.sync_standby_flush_lsn() TO {}").format(
+                sql.Identifier(ddl.SCHEMA), cdc
+            )
+        )
+    return "unchanged" if have else "created"
+
+
 def ensure(dep: Deployment, report: Report) -> None:
     """The pipeline's part of `up`: publication, folders, config, and the daemon running."""
     if dep.spec.pipeline is None:
@@ -141,6 +175,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
     report.add(f"publication {pp.publication}", _ensure_publication(dep, pp.publication, schemas))  # type: ignore[arg-type]
     report.add("ddl capture", _ensure_ddl_capture(dep))
+    report.add("standby probe", _ensure_standby_probe(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)

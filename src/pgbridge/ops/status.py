@@ -51,6 +51,7 @@ def _members(dep: Deployment) -> list[dict[str, Any]]:
                 "name": name,
                 "role": role,
                 "state": "running" if m.get("state") in ("running", "streaming") else m.get("state"),
+                "port": m.get("port"),
                 "timeline": m.get("timeline"),
                 "lag_bytes": lag if isinstance(lag, int) else None,
                 "kind": plan.kind if plan else "leaving",

@@ -198,20 +198,21 @@ def hba_input(spec: Spec) -> HbaInput:
 
 def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on: bool = True) -> dict[str, Any]:
     operator = "root" if os.geteuid() == 0 else settings.user.name
-    # Patroni drops replication slots it does not know; the pipeline's slot is created by its
-    # daemon (it needs the exported snapshot), so Patroni is told to leave it alone.
-    ignore = (
-        [
-            {
-                "name": f"pgbridge_{spec.pipeline.name}",
-                "type": "logical",
-                "database": spec.database.name,
-                "plugin": "pgoutput",
-            }
-        ]
-        if spec.pipeline
-        else []
-    )
+    # Patroni drops replication slots it does not know. The pipeline's slot is created by its
+    # daemon (the initial load reads under the snapshot it exports). When another member may take
+    # over, it is a permanent slot: Patroni copies it to those members and keeps the copies
+    # advancing, so the pipeline resumes on a new primary. Patroni also creates a permanent slot
+    # it finds missing; the daemon drops that one before its own load, and refuses (slot-lost) a
+    # slot that starts beyond where it left off.
+    slots: dict[str, Any] = {}
+    ignore: list[dict[str, str]] = []
+    if spec.pipeline:
+        slot = {"type": "logical", "database": spec.database.name, "plugin": "pgoutput"}
+        name = f"pgbridge_{spec.pipeline.name}"
+        if any(not m.nofailover for m in members(spec)[1:]):
+            slots[name] = slot
+        else:
+            ignore.append({"name": name, **slot})
     return {
         **PROFILES[spec.failover_profile],
         # With a synchronous standby it has every acknowledged commit, so a crashed primary is
@@ -222,6 +223,7 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on:
         "synchronous_mode_strict": bool(spec.multi_az and sync_on),
         "synchronous_node_count": 1,
         "maximum_lag_on_failover": 1048576,
+        "slots": slots,
         "ignore_slots": ignore,
         "postgresql": {
             "use_pg_rewind": True,
@@ -341,7 +343,10 @@ def _reconcile_dcs(dep: Deployment, api: PatroniAPI, dcs: dict[str, Any], cat: C
     for key in ("pg_hba", "pg_ident", "use_pg_rewind", "use_slots"):
         if cur_pg.get(key) != want_pg[key]:
             patch_pg[key] = want_pg[key]
+    current = {**current, "slots": current.get("slots") or {}, "ignore_slots": current.get("ignore_slots") or []}
     patch: dict[str, Any] = {k: v for k, v in dcs.items() if k != "postgresql" and current.get(k) != v}
+    if "slots" in patch:  # Patroni merges a PATCH into its config: a slot no longer wanted is set to null
+        patch["slots"] = {**dict.fromkeys(current["slots"]), **dcs["slots"]}
     if patch_pg:
         patch["postgresql"] = patch_pg
     if not patch:

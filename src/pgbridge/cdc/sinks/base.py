@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import pyarrow as pa
+
 from pgbridge.cdc.reduce import TableDelta
 from pgbridge.cdc.typemap import ColumnType
 from pgbridge.types import LSN
@@ -23,12 +25,37 @@ class SinkColumn:
 
 @dataclass(frozen=True)
 class SinkTable:
-    """A replicated table as the sink sees it: target name, typed columns, key positions."""
+    """A replicated table as the sink sees it: target name, typed columns, key positions.
+
+    ``key_not_null``: the key is a primary key or replica identity index (never NULL), so a sink may
+    match keys with plain equality; with REPLICA IDENTITY FULL every column is the key and may be NULL.
+    """
 
     schema: str
     name: str
     columns: tuple[SinkColumn, ...]
     key: tuple[int, ...]
+    key_not_null: bool = False
+
+
+@dataclass(frozen=True)
+class StagedChanges:
+    """A batch's row changes to one table, columnar and in stream order, for a set-based apply.
+
+    ``rows`` has one row per change: ``_seq`` (int64, stream order), ``_op`` (uint8: ``ord('I')``,
+    ``ord('U')`` or ``ord('D')``), ``c<i>`` for every sink column ``i`` (PostgreSQL text of the new
+    value, NULL for a delete), ``k<i>`` for every key column ``i`` (text of the key the change
+    addresses) and ``u<i>`` (bool: column ``i`` is an unchanged TOAST value) for each ``i`` in
+    ``unchanged``.
+    No change moves a row to another key (those batches go through :class:`TableDelta`).
+    ``truncated``: the table was emptied before these changes. ``inserts_only``: every change is an
+    insert of a key that is unique in the source, so no key occurs twice.
+    """
+
+    rows: pa.Table
+    unchanged: tuple[int, ...] = ()
+    truncated: bool = False
+    inserts_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,8 @@ class Sink(Protocol):
 
     def apply(self, table: SinkTable, delta: TableDelta) -> None: ...
 
+    def apply_staged(self, table: SinkTable, changes: StagedChanges) -> None: ...
+
     # Schema changes, inside the open transaction (see pgbridge.cdc.ddl).
     def alter_table(self, old: SinkTable, steps: Sequence[Step]) -> bool: ...
 
@@ -60,7 +89,14 @@ class Sink(Protocol):
 
     def save_definition(self, schema: str, name: str, definition: str | None) -> None: ...
 
-    def commit(self, lsn: LSN) -> None: ...
+    # Commit, recording ``lsn`` as the checkpoint and ``confirm`` as the slot's position.
+    def commit(self, lsn: LSN, confirm: LSN | None = None) -> None: ...
+
+    # Record (committed at once) the position the slot is about to be confirmed to while idle.
+    def note_position(self, lsn: LSN) -> None: ...
+
+    # The highest position recorded by ``commit`` or ``note_position``.
+    def position(self) -> LSN | None: ...
 
     def commit_meta(self) -> None: ...
 

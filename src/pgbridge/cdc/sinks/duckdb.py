@@ -1,10 +1,17 @@
-"""DuckDB sink: applies a reduced batch set-based, with the checkpoint in the same transaction.
+"""DuckDB sink: applies a batch of changes set-based, with the checkpoint in the same transaction.
 
 Raw PostgreSQL text is staged through Arrow as VARCHAR and cast in SQL (the typemap's exact
 casts), which is several times faster than converting in Python. Per table and batch: resolve
 unchanged TOAST columns from the warehouse row at each row's origin key, clear the affected keys,
 insert the final rows. The commit LSN is written by the same transaction, so after a crash the
 pipeline skips exactly what the warehouse already holds.
+
+A batch comes in one of two forms. :meth:`DuckDBSink.apply_staged` takes the changes themselves,
+columnar and in stream order (:class:`~pgbridge.cdc.sinks.base.StagedChanges`), and folds them in
+SQL: the last change of each key wins, and an unchanged TOAST column takes the last value sent for
+that key in the batch (or the warehouse row's, when none was). :meth:`DuckDBSink.apply` takes a
+:class:`~pgbridge.cdc.reduce.TableDelta` folded in Python: the form for batches in which a change
+moves a row to another key.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import pyarrow as pa
 
 from pgbridge.cdc.ddl import DropColumn, RenameColumn, RetypeColumn, Step
 from pgbridge.cdc.reduce import UNCHANGED, Cell, TableDelta
-from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable
+from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable, StagedChanges
 from pgbridge.cdc.typemap import duckdb_cast_expr
 from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
@@ -55,6 +62,13 @@ class DuckDBSink:
             f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.checkpoint"
             " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
         )
+        # The highest position ever confirmed to the slot (the end of the last applied commit, or
+        # a keepalive's position while idle), written before it is confirmed: a slot whose
+        # confirmed position lies beyond it was not this pipeline's (recreated after a failover).
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.slot_position"
+            " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL)"
+        )
         # The shape of each replicated table, as of the checkpoint: written in the same transaction
         # as the data, so a restart resumes with the shapes the stream expects at that position.
         self.con.execute(
@@ -74,12 +88,31 @@ class DuckDBSink:
         self.con.execute("BEGIN TRANSACTION")
         self._in_tx = True
 
-    def commit(self, lsn: LSN) -> None:
+    def commit(self, lsn: LSN, confirm: LSN | None = None) -> None:
         self.con.execute(
             f"INSERT OR REPLACE INTO {META_SCHEMA}.checkpoint VALUES (?, ?, now())", [self.pipeline, int(lsn)]
         )
+        if confirm is not None:
+            self._position(confirm)
         self.con.execute("COMMIT")
         self._in_tx = False
+
+    def _position(self, lsn: LSN) -> None:
+        self.con.execute(
+            f"INSERT INTO {META_SCHEMA}.slot_position VALUES (?, ?)"
+            " ON CONFLICT (pipeline) DO UPDATE SET lsn = greatest(lsn, excluded.lsn)",
+            [self.pipeline, int(lsn)],
+        )
+
+    def note_position(self, lsn: LSN) -> None:
+        """Record, outside any batch, that the slot is about to be confirmed up to ``lsn``."""
+        self._position(lsn)
+
+    def position(self) -> LSN | None:
+        row = self.con.execute(
+            f"SELECT lsn FROM {META_SCHEMA}.slot_position WHERE pipeline = ?", [self.pipeline]
+        ).fetchone()
+        return LSN(int(row[0])) if row else None
 
     def commit_meta(self) -> None:
         """Commit without moving the checkpoint (bookkeeping, a re-copy outside the stream)."""
@@ -167,10 +200,13 @@ class DuckDBSink:
 
     # -- apply ------------------------------------------------------------------------------
     def _key_match(self, t: SinkTable, left: str, right: str) -> str:
+        # Plain equality lets DuckDB prune the warehouse scan with the key range of the batch (its
+        # zone maps); IS NOT DISTINCT FROM only where a key may be NULL (REPLICA IDENTITY FULL).
+        same = "=" if t.key_not_null else "IS NOT DISTINCT FROM"
         parts = []
         for i in t.key:
             c = t.columns[i]
-            parts.append(f"{left}.{qi(c.name)} IS NOT DISTINCT FROM {duckdb_cast_expr(c.ctype, f'{right}.k{i}')}")
+            parts.append(f"{left}.{qi(c.name)} {same} {duckdb_cast_expr(c.ctype, f'{right}.k{i}')}")
         return " AND ".join(parts)
 
     def apply(self, t: SinkTable, delta: TableDelta) -> None:
@@ -212,3 +248,65 @@ class DuckDBSink:
         if rows:
             con.execute(f"INSERT INTO {target} ({self.column_list(t)}) SELECT * FROM _pgb_res")
             con.execute("DROP TABLE _pgb_res")
+
+    def apply_staged(self, t: SinkTable, changes: StagedChanges) -> None:
+        try:
+            self._apply_staged(t, changes)
+        except duckdb.Error as e:
+            raise SinkError(f"applying changes to {t.schema}.{t.name} failed: {e}") from None
+
+    def _apply_staged(self, t: SinkTable, ch: StagedChanges) -> None:
+        con, target = self.con, self.target(t)
+        if ch.truncated:
+            con.execute(f"DELETE FROM {target}")
+        if not ch.rows.num_rows:
+            return
+        keys = [f"s.k{i}" for i in t.key]
+        same = "=" if t.key_not_null else "IS NOT DISTINCT FROM"
+        same_key = " AND ".join(f"l.k{i} {same} s.k{i}" for i in t.key)
+        con.register("_pgb_stg", ch.rows)
+        try:
+            if ch.unchanged:
+                # The last change of each key, each unchanged column resolved from the last value sent
+                # for the key since its last delete, else from the warehouse row at the key.
+                window = f"PARTITION BY {', '.join(keys)} ORDER BY s._seq"
+                frame = f"{window} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
+                sent = [
+                    f"last_value(CASE WHEN s._op = {ord('D')} THEN {{'d': true, 'v': NULL::VARCHAR}}"
+                    f" WHEN NOT s.u{i} THEN {{'d': false, 'v': s.c{i}}} END IGNORE NULLS) OVER ({frame}) AS r{i}"
+                    for i in ch.unchanged
+                ]
+                exprs = []
+                for i, c in enumerate(t.columns):
+                    if i in ch.unchanged:
+                        value = duckdb_cast_expr(c.ctype, f"struct_extract(s.r{i}, 'v')")
+                        sent_here = f"struct_extract(s.r{i}, 'd') IS FALSE"
+                        exprs.append(f"CASE WHEN {sent_here} THEN {value} ELSE o.{qi(c.name)} END")
+                    else:
+                        exprs.append(duckdb_cast_expr(c.ctype, f"s.c{i}"))
+                latest = f"row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY s._seq DESC) AS _rn"
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE _pgb_res AS SELECT {', '.join(exprs)}"
+                    f" FROM (SELECT s.*, {', '.join(sent)}, {latest} FROM _pgb_stg s) s"
+                    f" LEFT JOIN {target} o ON {self._key_match(t, 'o', 's')}"
+                    f" WHERE s._rn = 1 AND s._op <> {ord('D')}"
+                )
+                source = "SELECT * FROM _pgb_res"
+            else:
+                casts = ", ".join(duckdb_cast_expr(c.ctype, f"s.c{i}") for i, c in enumerate(t.columns))
+                later = f"SELECT 1 FROM _pgb_stg l WHERE {same_key} AND l._seq > s._seq"
+                last = "" if ch.inserts_only else f" AND NOT EXISTS ({later})"
+                source = f"SELECT {casts} FROM _pgb_stg s WHERE s._op <> {ord('D')}{last}"
+            if not ch.truncated:  # after a TRUNCATE nothing from before the batch is left to clear
+                # A join, not EXISTS: DuckDB pushes the batch's key range into the scan of the target
+                # only for a join, and without it every batch reads the whole table.
+                touched = ", ".join(f"k{i}" for i in t.key)
+                con.execute(
+                    f"DELETE FROM {target} AS o USING (SELECT DISTINCT {touched} FROM _pgb_stg) d"
+                    f" WHERE {self._key_match(t, 'o', 'd')}"
+                )
+            con.execute(f"INSERT INTO {target} ({self.column_list(t)}) {source}")
+            if ch.unchanged:
+                con.execute("DROP TABLE _pgb_res")
+        finally:
+            con.unregister("_pgb_stg")

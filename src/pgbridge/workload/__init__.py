@@ -1,0 +1,1 @@
+"""The e-commerce platform on pgbridge: schema, loader, workload generator and analytics packs."""
