@@ -177,6 +177,8 @@ def test_failover_drill_keeps_every_write_the_old_primary_rejoins_and_the_wareho
     refused = dep.run("drill", "failover", check=False)
     assert refused.returncode != 0 and "--yes" in refused.stderr
     wait_for("the pipeline to stream", lambda: pipeline_status(dep).get("phase") == "streaming")
+    # after the switchover test the former primary may still be catching up to become sync standby
+    wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
     old = next(n for n, r in roles(dep).items() if r == "primary")
     standby = next(n for n, r in roles(dep).items() if r == "sync standby")
     wait_for(
