@@ -17,19 +17,15 @@ On one real deployment (default spec: lz4, AES-256, archive_timeout 30 s) with a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import psycopg
-
 from rig import Rig, deployment, say
 
 ROW_BYTES = 128  # measured heap bytes per row of the bench table (tuple + header + page overhead)
@@ -82,19 +78,9 @@ def basebackup(rig: Rig) -> float:
 
 def kill_everything(rig: Rig) -> None:
     """The host vanishes: SIGKILL supervisord's tree and every postmaster of the home, by pid."""
-    pids = []
-    for f in [rig.home / "run" / "supervisord.pid", *rig.home.glob("data/*/postmaster.pid")]:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pids.append(int(f.read_text().split()[0]))
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            p = psutil.Process(pid)
-            procs += [p, *p.children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=10)
+    from tests.pgserver import kill_home_processes  # importable once rig put the repository root on sys.path
+
+    kill_home_processes(rig.home)
 
 
 def freshness(rig: Rig, seconds: float) -> dict[str, float]:
