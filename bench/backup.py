@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import psycopg
+
 from rig import Rig, deployment, say
 
 ROW_BYTES = 128  # measured heap bytes per row of the bench table (tuple + header + page overhead)
