@@ -99,13 +99,15 @@ def phase(
     """The workload for `seconds`; alongside, the pack back to back (`every` 0) or started every `every` s."""
     stop = threading.Event()
     runs = [0]
+    failed: list[str] = []
 
     def loop() -> None:
         next_at = time.monotonic()
         while not stop.is_set():
             results = wl.run_pack(dep, "shop", on=analytics_on or "warehouse")
             if any(r.error for r in results):
-                raise RuntimeError(str([r.error for r in results if r.error]))
+                failed.append(str([r.error for r in results if r.error]))
+                return
             runs[0] += 1
             next_at += every
             if every:
@@ -119,6 +121,8 @@ def phase(
     stop.set()
     if t:
         t.join(120)
+    if failed:
+        raise RuntimeError(f"the analytics pack failed during {label}: {failed[0]}")
     s = run.recorder.summary()
     return {"label": label, "tps": s.tps, "p50": s.p50_ms, "p99": s.p99_ms, "pack_runs": runs[0], "errors": s.errors}
 

@@ -87,6 +87,11 @@ def _optional(env: str, default: Path, program: str) -> Path | None:
         return None
 
 
+def pgbackrest_path() -> Path | None:
+    """pgBackRest, as `find_binaries` and the rendered archive_command both name it."""
+    return _optional("PGBRIDGE_PGBACKREST", Path("/usr/bin/pgbackrest"), "pgbackrest")
+
+
 def find_binaries() -> Binaries:
     bindir = Path(os.environ.get("PGBRIDGE_PG_BINDIR", f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
     for prog in ("postgres", "initdb", "pg_ctl", "pg_rewind"):
@@ -104,7 +109,7 @@ def find_binaries() -> Binaries:
         python=Path(sys.executable),
         haproxy=_optional("PGBRIDGE_HAPROXY", Path("/usr/sbin/haproxy"), "haproxy"),
         pgbouncer=_optional("PGBRIDGE_PGBOUNCER", Path("/usr/sbin/pgbouncer"), "pgbouncer"),
-        pgbackrest=_optional("PGBRIDGE_PGBACKREST", Path("/usr/bin/pgbackrest"), "pgbackrest"),
+        pgbackrest=pgbackrest_path(),
     )
 
 

@@ -19,6 +19,7 @@ most one piece of sink work is in flight; anything else that touches the sink wa
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
@@ -26,7 +27,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from pgbridge.cdc import columnar, ddl
 from pgbridge.cdc.pgoutput import (
+    STREAM_TAGS,
     Begin,
     Commit,
     Decoder,
@@ -46,6 +47,7 @@ from pgbridge.cdc.pgoutput import (
     TupleData,
     Update,
     decode,
+    first_byte,
 )
 from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta
 from pgbridge.cdc.sinks.base import Sink, SinkTable, StagedChanges
@@ -128,10 +130,7 @@ class _Staged:
 _STAGE_TYPES: Final = {"_": pa.int64(), "c": pa.large_string(), "k": pa.large_string()}
 _Segment = _Staged | TableDelta  # a table's changes in a batch: applied in order
 
-_ROW_TAGS: Final = frozenset(b"IUD")
 _NOT_ROW: Final = re.compile(rb"[^IUD]")
-_STREAM_TAGS: Final = re.compile(rb"[SEcA]")
-_first_byte = itemgetter(0)
 
 
 class _Worker:
@@ -231,8 +230,8 @@ class Applier:
         Returns an LSN the caller may now confirm (work that committed meanwhile), if any.
         """
         if tags is None:
-            tags = bytes(map(_first_byte, payloads))
-        if _STREAM_TAGS.search(tags) or self._decoder.in_stream:
+            tags = bytes(map(first_byte, payloads))
+        if STREAM_TAGS.search(tags) or self._decoder.in_stream:
             for payload in payloads:  # stream blocks: message by message, as the decoder follows them
                 self.feed(self._decoder.decode(payload))
             return self.poll()
@@ -403,10 +402,8 @@ class Applier:
 
     def close(self) -> None:
         """Wait for the sink work in flight (its error is dropped: nothing was committed) and end the worker."""
-        try:
+        with contextlib.suppress(Exception):  # the caller is stopping anyway; the sink rolls back on close
             self.wait()
-        except Exception:  # the caller is stopping anyway; the sink rolls back on close
-            self._inflight = None
         self._worker.stop()
 
     def _dispatch(
@@ -490,10 +487,8 @@ class Applier:
 
     def abort(self) -> None:
         """Drop everything not yet committed (the caller restarts from the sink's checkpoint)."""
-        try:
+        with contextlib.suppress(Exception):  # the work that failed committed nothing: it is rolled back below
             self.wait()
-        except Exception:  # the work that failed committed nothing: it is rolled back below
-            self._inflight = None
         self.sink.rollback()
         self._sink_open = False
         self._rows.clear()

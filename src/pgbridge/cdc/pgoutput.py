@@ -17,11 +17,13 @@ Python values is the job of a module that knows the column types.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from operator import itemgetter
 from typing import Final, TypeAlias
 
 from pgbridge.errors import PgbridgeError
@@ -29,6 +31,7 @@ from pgbridge.types import LSN
 
 __all__ = [
     "PG_EPOCH",
+    "STREAM_TAGS",
     "TRUNCATE_CASCADE",
     "TRUNCATE_RESTART_IDENTITY",
     "Begin",
@@ -53,8 +56,13 @@ __all__ = [
     "Type",
     "Update",
     "decode",
+    "first_byte",
     "pg_timestamp",
 ]
+
+# First bytes of the messages that open, close or abort a streamed (protocol v2) transaction block.
+STREAM_TAGS: Final = re.compile(rb"[SEcA]")
+first_byte = itemgetter(0)  # a message's tag, from its raw payload
 
 
 class DecodeError(PgbridgeError):

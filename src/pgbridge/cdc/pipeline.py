@@ -28,6 +28,7 @@ import duckdb
 import psycopg
 from psycopg import sql
 
+from pgbridge.cdc import ddl
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
 from pgbridge.cdc.pgoutput import Begin, decode
 from pgbridge.cdc.sinks.base import SinkTable
@@ -303,7 +304,7 @@ class SyncStandbyWait:
     With no synchronous standby configured (``synchronous_standby_names`` empty) nothing waits.
     """
 
-    SQL: Final = "SELECT _pgbridge.sync_standby_flush_lsn()::text"
+    SQL: Final = f"SELECT {ddl.SCHEMA}.sync_standby_flush_lsn()::text"
 
     def __init__(self, dsn: str, stop: threading.Event, poll_s: float = 0.002) -> None:
         self.dsn, self.stop, self.poll_s = dsn, stop, poll_s
@@ -318,7 +319,7 @@ class SyncStandbyWait:
             if row is None or row[0] is None or LSN.parse(row[0]) >= lsn:
                 return
             if self.stop.wait(delay):
-                raise TransientError("stopping while the synchronous standby had not confirmed a batch")
+                raise _Stopping  # the batch is not committed: the slot replays it on the next start
             delay = min(delay * 2, 0.1)
 
     def close(self) -> None:
@@ -572,7 +573,7 @@ class Pipeline:
                 if self.stop.wait(min(0.1 * 2**attempt, 5)):
                     raise _Stopping from None
         raise SchemaMismatch(
-            "tables kept changing shape while the initial load started (20 attempts)",
+            f"tables kept changing shape while the initial load started (20 attempts; last: {self.status.last_error})",
             hint="pause schema changes on the replicated tables until `pipeline status` says streaming",
         )
 
@@ -693,6 +694,8 @@ class Pipeline:
                 confirm = applier.flush()
                 if confirm is not None:
                     stream.confirm(confirm)
+        except _Stopping:
+            pass  # stopped while a batch waited for the standby: it replays on the next start
         except SlotMissingError as e:
             self._slot_lost(e.message)
         finally:

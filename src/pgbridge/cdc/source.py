@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import itemgetter
 from types import TracebackType
 from typing import Any, Final, Self, overload
 
@@ -27,6 +26,7 @@ import psycopg2
 import psycopg2.extras
 
 from pgbridge.cdc.pgoutput import (
+    STREAM_TAGS,
     Begin,
     Commit,
     Decoder,
@@ -35,6 +35,7 @@ from pgbridge.cdc.pgoutput import (
     StreamCommit,
     StreamStart,
     decode,
+    first_byte,
 )
 from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.secrets.redact import redact_dsn
@@ -475,10 +476,6 @@ class Batch(Sequence[tuple[LSN, Message]]):
         return f"Batch({len(self.messages)} messages, {LSN(self.positions[0])}..{LSN(self.positions[-1])})"
 
 
-_STREAM_TAGS: Final = re.compile(rb"[SEcA]")
-_first_byte = itemgetter(0)
-
-
 class RawChunk:
     """What one :meth:`ReplicationStream.read_raw` returned: pgoutput payloads, undecoded, in stream order.
 
@@ -669,8 +666,8 @@ class ReplicationStream:
             if last is not None:
                 self._position = last.data_start or self._position
             self._wal_end = max(self._wal_end, cursor.wal_end, self._position)
-        tags = bytes(map(_first_byte, payloads))
-        if _STREAM_TAGS.search(tags) or self._decoder.in_stream:
+        tags = bytes(map(first_byte, payloads))
+        if STREAM_TAGS.search(tags) or self._decoder.in_stream:
             for payload in payloads:  # stream blocks (protocol v2): follow them message by message
                 msg = self._decoder.decode(payload)
                 if type(msg) in _BOUNDARIES:

@@ -7,26 +7,12 @@ main.py are looked up when a command runs, so importing this module first causes
 from __future__ import annotations
 
 import datetime as dt
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.table import Table
 
-from pgbridge.cli.render import err, out, print_json, report_table
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handled(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pgbridge.cli.main import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+from pgbridge.cli.render import err, handle_errors, out, print_json, report_table
 
 
 def _when(ts: float | None) -> str:
@@ -47,7 +33,7 @@ def backup_group() -> None:
 @click.option("--snapshot", metavar="NAME", help="keep this backup as a named snapshot until it is deleted")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-@_handled
+@handle_errors
 def backup_create(c: Any, kind: str | None, snapshot: str | None, as_json: bool) -> None:
     """Take a backup now (a snapshot is a full backup kept outside the retention window)."""
     from pgbridge.ops import backup as ops
@@ -68,7 +54,7 @@ def backup_create(c: Any, kind: str | None, snapshot: str | None, as_json: bool)
 @backup_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-@_handled
+@handle_errors
 def backup_list(c: Any, as_json: bool) -> None:
     """Backups and snapshots with sizes and times, and the earliest and latest restorable time."""
     from pgbridge.ops import backup as ops
@@ -91,7 +77,7 @@ def backup_list(c: Any, as_json: bool) -> None:
 @backup_group.command("delete-snapshot")
 @click.argument("name")
 @click.pass_obj
-@_handled
+@handle_errors
 def backup_delete_snapshot(c: Any, name: str) -> None:
     """Delete a named snapshot (the backup set it holds is expired)."""
     from pgbridge.ops import backup as ops
@@ -107,7 +93,7 @@ def backup_delete_snapshot(c: Any, name: str) -> None:
 @click.option("--name", "new_name", required=True, help="name of the NEW deployment (beside the source)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-@_handled
+@handle_errors
 def restore(c: Any, to_time: str | None, latest: bool, snapshot: str | None, new_name: str, as_json: bool) -> None:
     """Restore into a new deployment with its own ports, and bring it up (the source is untouched)."""
     from pgbridge.errors import UsageError
@@ -137,7 +123,7 @@ def restore(c: Any, to_time: str | None, latest: bool, snapshot: str | None, new
 @click.command("restore")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-@_handled
+@handle_errors
 def drill_restore(c: Any, as_json: bool) -> None:
     """Restore the latest backup to a scratch instance, check it, report the time, remove it."""
     from pgbridge.ops.restore import drill

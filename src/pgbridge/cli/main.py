@@ -6,7 +6,7 @@ PGBRIDGE_DEBUG=1 is set.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import shutil
 import sys
@@ -18,7 +18,7 @@ import click
 from rich.table import Table
 
 from pgbridge import __version__
-from pgbridge.cli.render import err, out, print_json, report_table, rows_table, styled
+from pgbridge.cli.render import err, handle_errors, out, print_json, report_table, rows_table, styled
 from pgbridge.errors import CheckFailed, NotFoundError, PgbridgeError, UsageError
 from pgbridge.settings import Settings, load_settings
 from pgbridge.spec.load import json_schema, load_spec
@@ -56,31 +56,6 @@ class Ctx:
         else:
             home = resolve_home(self.settings, home=self.home_opt, spec=None, name=self.name)
         return Deployment(self.settings, home)
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PgbridgeError as e:
-            err.print(f"[bold red]error:[/] {e.message}", markup=True)
-            if e.hint:
-                err.print(f"  [dim]hint:[/] {e.hint}")
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            sys.exit(130)
-        except click.exceptions.Exit:
-            raise
-        except Exception as e:  # the last line of defence: a message, never a traceback
-            if os.environ.get("PGBRIDGE_DEBUG"):
-                raise
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
-            err.print("  [dim]hint:[/] run again with PGBRIDGE_DEBUG=1 for details and report it")
-            sys.exit(70)
-
-    return wrapper  # type: ignore[return-value]
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -610,7 +585,7 @@ def workload_run(
     from pgbridge.workload.load import sizes
     from pgbridge.workload.mix import check_rate
 
-    check_rate(rate, duration)
+    check_rate(rate, duration, workers)
     if scale is not None:
         sizes(scale)
     dep = c.deployment()
@@ -625,10 +600,8 @@ def workload_run(
             w = run.recorder.window(5)
             st.update(f"running: {w.tps:.0f} tps, p50 {w.p50_ms or 0:.1f} ms, p99 {w.p99_ms or 0:.1f} ms")
 
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # run() closes the workload on its way out
             run.run(on_tick=tick)
-        except KeyboardInterrupt:
-            run.close()
     if run.fatal:
         raise UsageError(run.fatal)
     s = run.recorder.summary()
@@ -678,11 +651,9 @@ def demo(
     from pgbridge.workload.load import sizes
     from pgbridge.workload.mix import check_rate
 
-    check_rate(rate, duration)
+    check_rate(rate, duration, workers)
     sizes(scale)
     load_pack(pack)
-    if not 1 <= workers <= 64:
-        raise UsageError(f"--workers must be between 1 and 64, got {workers}")
     if not 0.1 <= every <= 60:
         raise UsageError(f"--every must be between 0.1 and 60 seconds, got {every:g}")
     if not c.spec_path.exists():
@@ -738,14 +709,6 @@ def demo(
         f"the deployment keeps running: `pgbridge {f}status`, `pgbridge {f}query --pack {pack}`,"
         f" `pgbridge {f}connect`, `pgbridge {f}workload run`; `pgbridge {f}destroy --yes` removes it"
     )
-
-
-def main() -> None:
-    cli(standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()
 
 
 @cli.command()
@@ -828,3 +791,11 @@ def events_cmd(c: Ctx, kind: str | None, as_json: bool) -> None:
 from pgbridge.cli.backup import register as _register_backup  # noqa: E402  (needs `drill` above)
 
 _register_backup(cli, drill)
+
+
+def main() -> None:
+    cli(standalone_mode=True)
+
+
+if __name__ == "__main__":  # last: every command above must be registered first
+    main()

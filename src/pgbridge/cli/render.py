@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import click
 from rich.console import Console
 from rich.table import Table
 
+from pgbridge.errors import PgbridgeError
 from pgbridge.ops.tasks import Report
 
 out = Console(highlight=False, soft_wrap=True)
@@ -53,3 +59,31 @@ def rows_table(columns: list[str], rows: list[list[Any]], title: str | None = No
     for row in rows:
         t.add_row(*("NULL" if v is None else str(v) for v in row))
     return t
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PgbridgeError as e:
+            err.print(f"[bold red]error:[/] {e.message}", markup=True)
+            if e.hint:
+                err.print(f"  [dim]hint:[/] {e.hint}")
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # the last line of defence: a message, never a traceback
+            if os.environ.get("PGBRIDGE_DEBUG"):
+                raise
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+            err.print("  [dim]hint:[/] run again with PGBRIDGE_DEBUG=1 for details and report it")
+            sys.exit(70)
+
+    return wrapper  # type: ignore[return-value]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pgbridge.errors import DeploymentError, HostError, NotFoundError, PgbridgeError, UsageError
+from pgbridge.errors import DeploymentError, HostError, NotFoundError, UsageError
 from pgbridge.home import Home, atomic_write, write_if_changed
 from pgbridge.ops import events
 from pgbridge.ops.context import Deployment
@@ -37,8 +37,9 @@ from pgbridge.platform.pgbackrest import (
     parse_info,
     render_conf,
 )
+from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
-from pgbridge.settings import Settings
+from pgbridge.settings import Settings, pgbackrest_path
 from pgbridge.spec.models import Spec
 
 CIPHER_SECRET = "backup:cipher-pass"
@@ -55,7 +56,7 @@ def layout(home: Home) -> Layout:
 
 def default_binary() -> Path:
     """Where archive_command finds pgBackRest (the parameters are computed without Settings)."""
-    return Path(os.environ.get("PGBRIDGE_PGBACKREST", "/usr/bin/pgbackrest"))
+    return pgbackrest_path() or Path("/usr/bin/pgbackrest")
 
 
 def archive_parameters(spec: Spec, home: Home) -> dict[str, str]:
@@ -133,7 +134,7 @@ def _repo_settings(dep: Deployment) -> RepoSettings:
     )
 
 
-def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], bool]:
+def render(dep: Deployment) -> tuple[list[Program], bool]:
     """Folders, pgbackrest.conf and the scheduler's config; returns its program and whether files changed."""
     spec = dep.spec
     if not spec.backup.enabled:
@@ -145,24 +146,14 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], bool]
     flock = lay.lock / FLOCK
     flock.touch(mode=0o640)
     system.chown(flock, user)  # the CLI (root) and the scheduler (service user) both lock it
+    repo = _repo_settings(dep)
     if spec.backup.repository.type == "local":
-        system.make_dir(Path(_repo_settings(dep).path), 0o750, user)
-    hosts = [
-        PgHost(
-            dep.home.pgdata(m.name),
-            spec.network.port if m.name == dep.primary_member else ports[f"postgres:{m.name}"],
-            dep.home.socket_dir,
-        )
-        for m in dep.members
-    ]
-    conf_changed = write_if_changed(
-        lay.conf, render_conf(spec.name, lay, _repo_settings(dep), hosts, ADMIN_ROLE), mode=0o600
-    )
+        system.make_dir(Path(repo.path), 0o750, user)
+    hosts = [PgHost(dep.home.pgdata(m.name), dep.member_port(m.name), dep.home.socket_dir) for m in dep.members]
+    conf_changed = write_if_changed(lay.conf, render_conf(spec.name, lay, repo, hosts, ADMIN_ROLE), mode=0o600)
     system.chown(lay.conf, user)
     sched = {
-        "home": str(dep.home.root),
         "stanza": spec.name,
-        "binary": str(dep.settings.binaries.backup_tool()),
         "hosts": [{"socket_dir": str(h.socket_dir), "port": h.port} for h in hosts],
     }
     sched_changed = write_if_changed(lay.scheduler_conf, json.dumps(sched, indent=2) + "\n", mode=0o640)
@@ -181,14 +172,8 @@ def ensure(dep: Deployment, report: Report, restart_scheduler: bool = False) -> 
     if not ev.exists():
         ev.touch(mode=0o640)
     system.chown(ev, user)  # the scheduler (the service user) appends to it
-    snaps = layout(dep.home).snapshots
-    if not snaps.exists():
-        atomic_write(snaps, "{}\n", mode=0o640)
-        system.chown(snaps, user)
     pb = tool(dep.settings, dep.home, dep.spec.name)
     marker = layout(dep.home).root / "stanza-created"  # not in state.json: `up` rewrites its own copy
-    from pgbridge.platform.postgres import admin_connection
-
     with admin_connection(dep.admin) as c:
         row = c.execute("SELECT current_setting('archive_mode')").fetchone()
     archiving = row is not None and row[0] == "on"
@@ -317,9 +302,7 @@ def latest_archived(pb: PgBackRest, archive: dict[str, Any]) -> float | None:
     archive_id = archive.get("id")
     if not archive_id:
         return None
-    with contextlib.suppress(PgbridgeError):
-        return pb.archived_wal_times(str(archive_id))
-    return None
+    return pb.archived_wal_times(str(archive_id))
 
 
 def catalog(dep: Deployment) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the demo stops the workload only: the deployment stays up for exploring.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,8 +106,9 @@ class Demo:
         except PgbridgeError as e:
             status = {"state": "unknown", "last_error": e.message}
         if refresh_pack:
-            self._pack = wl.run_pack(self.dep, self.pack)
-            self._pack_at = time.monotonic()
+            with contextlib.suppress(PgbridgeError):  # the pipeline restarting: keep the last results
+                self._pack = wl.run_pack(self.dep, self.pack)
+                self._pack_at = time.monotonic()
         rec = self.run.recorder
         return Snapshot(
             elapsed_s=time.monotonic() - self.started,

@@ -112,13 +112,13 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
     if _write_checked(dep, files["haproxy"], cfg, haproxy_bin):
         changed.add(HAPROXY)
     ini = pgbouncer.render_ini(pgbouncer_input(dep, ports))
-    console_secret = pgbouncer.scram_secret(store.get(CONSOLE_SECRET).reveal())
+    console_password = store.get(CONSOLE_SECRET).reveal()
     users_now = files["users"].read_text() if files["users"].exists() else ""
     pooler_password = store.get(secret_name_for_role(POOLER_ROLE)).reveal()
     # The console entry is a SCRAM secret with a random salt: keep the one on disk while it
     # still matches the password, so an unchanged deployment rewrites nothing.
-    kept = _kept_console_secret(users_now, store.get(CONSOLE_SECRET).reveal())
-    users = pgbouncer.render_userlist(POOLER_ROLE, pooler_password, [(CONSOLE_USER, kept or console_secret)])
+    kept = _kept_console_secret(users_now, console_password) or pgbouncer.scram_secret(console_password)
+    users = pgbouncer.render_userlist(POOLER_ROLE, pooler_password, [(CONSOLE_USER, kept)])
     if write_if_changed(files["ini"], ini, mode=0o644):
         changed.add(PGBOUNCER)
     if write_if_changed(files["users"], users, mode=0o600):

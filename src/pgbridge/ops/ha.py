@@ -50,7 +50,8 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
     last = "unknown"
     while time.monotonic() < deadline:
         try:
-            with admin_connection(dep.admin) as c:
+            view = dep.cluster_view()  # one answer for both: who leads, and whom Patroni names sync
+            with admin_connection(dep.member_admin(leader_of(view) or dep.primary_member)) as c:
                 row = c.execute(
                     "SELECT current_setting('synchronous_standby_names'),"
                     " (SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync')"
@@ -60,7 +61,7 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
             last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
             # Patroni 4.1.5 first sets '*' (any standby, even a read replica, may acknowledge);
             # only a named standby that Patroni lists in /sync can be promoted without loss.
-            named = any(m.get("role") == "sync_standby" for m in dep.cluster_view().get("members", []))
+            named = any(m.get("role") == "sync_standby" for m in view.get("members", []))
             if (want and names not in ("", "*") and sync_count > 0 and named) or (not want and not names):
                 return
         except TransientError as e:

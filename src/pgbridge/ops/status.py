@@ -118,10 +118,8 @@ def status(dep: Deployment) -> dict[str, Any]:
     except PgbridgeError as e:
         out["error"] = e.message
     running = any(m.get("role") == "primary" and m.get("state") == "running" for m in out["members"])
-    if running and any(m.get("state") != "running" for m in out["members"]):
-        out["status"] = "degraded"
-    if out["status"] != "degraded" or not running:
-        out["status"] = ("pending-reboot" if out["pending_reboot"] else "available") if running else "degraded"
+    healthy = running and all(m.get("state") == "running" for m in out["members"])
+    out["status"] = ("pending-reboot" if out["pending_reboot"] else "available") if healthy else "degraded"
     data = dep.home.data
     out["storage"]["used_bytes"] = _dir_size(data)
     out["storage"]["filesystem_free_bytes"] = shutil.disk_usage(data).free

@@ -294,10 +294,10 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     pipeline_program = pipeline_ops.program(dep)
     if pipeline_program is not None:
         programs.append(pipeline_program)
-    backup_programs, backup_changed = backup_ops.render(dep, ports)
+    backup_programs, backup_changed = backup_ops.render(dep)
     programs += backup_programs
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
-    if not (changed or sup_changed or endpoints_changed):
+    if not (changed or sup_changed or endpoints_changed or backup_changed):
         report.add("process config", "unchanged")
     else:
         report.add("process config", "created" if first else "changed")

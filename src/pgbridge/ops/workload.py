@@ -63,9 +63,7 @@ def workload(
     dep: Deployment, rate: float, duration: float | None, *, workers: int = 4, seed: int | None = None
 ) -> Workload:
     """A workload ready to `run()` (or `start()`) against the deployment's catalogue."""
-    check_rate(rate, duration)
-    if not 1 <= workers <= 64:
-        raise UsageError(f"--workers must be between 1 and 64, got {workers}")
+    check_rate(rate, duration, workers)
     if not is_loaded(dep):
         raise UsageError("the shop has no catalogue yet", hint="pass --scale S, or run `pgbridge workload load`")
     return Workload(target(dep), rate, workers=workers, duration=duration, seed=seed, recorder=Recorder())
@@ -76,7 +74,6 @@ def run_pack(dep: Deployment, name: str, *, on: str = "warehouse") -> list[analy
     queries = analytics.load_pack(name)
     schema = dep.spec.database.schema_
     if on == "warehouse":
-        pipeline_ops.paths(dep)  # a deployment without a pipeline says so
 
         def execute(sql: str) -> tuple[list[str], list[list[Any]]]:
             r = pipeline_ops.query(dep, sql)

@@ -12,7 +12,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,7 @@ class MemberConfig:
     replication_password: str
     rewind_password: str
     dcs: dict[str, Any]
-    tags: dict[str, bool] = field(
-        default_factory=lambda: {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False}
-    )
+    tags: dict[str, bool]  # MemberPlan.tags()
 
 
 def render_member(home: Home, cfg: MemberConfig) -> str:

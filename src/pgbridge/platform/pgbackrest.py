@@ -158,10 +158,6 @@ def archive_command(binary: Path | str, conf: Path, stanza: str) -> str:
     )
 
 
-def restore_command(binary: Path | str, conf: Path, stanza: str) -> str:
-    return f'{shlex.quote(str(binary))} --config={shlex.quote(str(conf))} --stanza={stanza} archive-get %f "%p"'
-
-
 def _ts(value: Any) -> float:
     return float(value) if value is not None else 0.0
 
@@ -285,7 +281,7 @@ class PgBackRest:
         try:
             doc = json.loads(out)
         except ValueError:
-            return None
+            raise DeploymentError(f"pgbackrest repo-ls returned no JSON: {out[:200]}") from None
         times = [
             float(v.get("time", 0))
             for name, v in doc.items()

@@ -27,6 +27,7 @@ from psycopg import pq
 
 from pgbridge.errors import DeploymentError, SpecError, TransientError
 from pgbridge.platform.postgres import SCRAM_ITERATIONS, scram_verifier
+from pgbridge.spec.models import IDENT_RE
 
 READER_SUFFIX = "_ro"
 ADMIN_DATABASE = "pgbouncer"
@@ -35,7 +36,7 @@ AUTH_FUNCTION = f"{AUTH_SCHEMA}.user_lookup"
 # PgBouncer runs this in the database the client asked for, as the auth user.
 AUTH_QUERY = f"SELECT username, password FROM {AUTH_FUNCTION}($1)"
 
-_IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENT_RE = re.compile(IDENT_RE)
 _SCRAM_RE = re.compile(r"^SCRAM-SHA-256\$\d+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$")
 _MD5_RE = re.compile(r"^md5[0-9a-f]{32}$")
 

@@ -46,7 +46,9 @@ class Mix:
         return (self._cumulative[i] - low) / self._cumulative[-1]
 
 
-def check_rate(rate: float, duration: float | None) -> None:
+def check_rate(rate: float, duration: float | None, workers: int | None = None) -> None:
+    if workers is not None and not 1 <= workers <= 64:
+        raise UsageError(f"--workers must be between 1 and 64, got {workers}")
     if not rate > 0 or rate > MAX_RATE:
         raise UsageError(f"--rate must be above 0 and at most {MAX_RATE:g} transactions/s, got {rate:g}")
     if duration is not None and not duration > 0:
