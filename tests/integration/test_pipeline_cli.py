@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -176,17 +177,20 @@ def test_lost_slot_is_reported_and_a_full_resync_killed_mid_load_still_converges
     assert not s["slot"]["exists"]  # never recreated silently
     status_file = dep.home / "run" / "pipeline-analytics.status.json"
     status_file.unlink()
-    dep.run("pipeline", "resync")
+    # Watched while `resync` runs: the load of 600k rows can end before the command returns
+    # (it waits for supervisord to see the daemon running).
+    resync = threading.Thread(target=dep.run, args=("pipeline", "resync"), kwargs={"check": False})
+    resync.start()
     deadline = time.monotonic() + 60
-    while True:  # the status file, not the CLI: the load takes about a second
+    while True:  # the status file, not the CLI: the load takes well under a second
         with contextlib.suppress(OSError, ValueError):
             s = json.loads(status_file.read_text())
             if s["phase"] == "initial-load":
                 break
         assert time.monotonic() < deadline, f"no initial load seen; status {s}\nlog:\n{log_tail(dep)}"
-        time.sleep(0.01)
-    time.sleep(0.3)
+        time.sleep(0.005)
     os.kill(s["pid"], signal.SIGKILL)  # mid-load: supervisord restarts it, the load starts over
+    resync.join(120)
     with app(dep) as c:
         c.execute("UPDATE bulk SET pad = 'changed' WHERE id % 1000 = 0")
     wait_same(dep, "SELECT count(*), count(*) FILTER (WHERE pad = 'changed') FROM bulk",
