@@ -100,8 +100,10 @@ def test_reader_checks_lag_and_falls_back_to_primary(tmp_path: Path) -> None:
 
 
 def test_timing_foreground_and_socket(tmp_path: Path) -> None:
-    cfg = render_config(_input(tmp_path, check_interval_ms=2000, fast_interval_ms=700, fall=3, rise=2))
-    assert "default-server inter 2000ms fastinter 700ms downinter 2000ms fall 3 rise 2" in cfg
+    cfg = render_config(
+        _input(tmp_path, check_interval_ms=2000, fast_interval_ms=700, down_interval_ms=400, fall=3, rise=2)
+    )
+    assert "default-server inter 2000ms fastinter 700ms downinter 400ms fall 3 rise 2" in cfg
     assert f"stats socket {tmp_path / 'haproxy.sock'} mode 600 level admin" in cfg
     assert "daemon" not in cfg and "pidfile" not in cfg
     assert haproxy_command(Path("/usr/sbin/haproxy"), Path("/x/h.cfg")) == [

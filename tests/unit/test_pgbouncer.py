@@ -88,17 +88,17 @@ def test_ini_two_databases_transaction_pooling_tls(tmp_path: Path) -> None:
     assert s["client_tls_cert_file"].endswith("server.crt") and s["client_tls_key_file"].endswith("server.key")
     assert (s["server_tls_sslmode"], s["server_tls_ca_file"]) == ("verify-ca", str(tmp_path / "tls" / "ca.crt"))
     assert s["unix_socket_dir"] == str(tmp_path / "run")
-    assert s["server_login_retry"] == "1"
+    assert s["server_login_retry"] == "0.5"
     assert "pidfile" not in s and "logfile" not in s
     assert reader_database("shop") == "shop_ro"
 
 
 def test_ini_options(tmp_path: Path) -> None:
-    ini = render_ini(_input(tmp_path, stats_users=("monitor",), tls_min_version="TLSv1.3", server_login_retry_s=0.5))
+    ini = render_ini(_input(tmp_path, stats_users=("monitor",), tls_min_version="TLSv1.3", server_login_retry_s=2))
     s = _settings(ini)
     assert s["stats_users"] == f"{CONSOLE_USER},monitor"
     assert s["client_tls_protocols"] == "tlsv1.3"
-    assert s["server_login_retry"] == "0.5"
+    assert s["server_login_retry"] == "2"
     assert "pool_size=20" in ini.split("shop_ro = ")[1].splitlines()[0]  # reader defaults to pool_size
     assert pgbouncer_command(Path("/usr/sbin/pgbouncer"), Path("/h/pgbouncer.ini")) == [
         "/usr/sbin/pgbouncer",

@@ -9,8 +9,10 @@ standby. A member that holds the leader key is never removed: `up` first hands t
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,54 @@ from pgbridge.platform.postgres import admin_connection
 
 def patroni_program(member: str) -> str:
     return f"patroni-{member}"
+
+
+@contextlib.contextmanager
+def patroni_paused(dep: Deployment, programs: list[str], timeout: float = 60) -> Iterator[None]:
+    """Keep PostgreSQL serving while the named programs restart, if any of them is a Patroni.
+
+    Patroni stops PostgreSQL when it exits, which on the primary is an outage or a failover. In
+    maintenance mode (``pause``) it leaves PostgreSQL running, neither fails over nor demotes on
+    a DCS outage, and a restarted Patroni takes the running server over again; the pause ends
+    once every restarted Patroni answers.
+    """
+    members = [m for m in dep.recorded_members() if patroni_program(m) in programs]
+    view: dict[str, Any] = {}
+    with contextlib.suppress(TransientError):
+        view = dep.cluster_view()
+    running = [str(m["name"]) for m in view.get("members", []) if m.get("state") == "running"]
+    if not members or not running:
+        yield  # nothing serves yet, so there is nothing to keep up
+        return
+    api = dep.patroni(running[0])
+    api.patch_config({"pause": True})
+    try:
+        _wait_members(dep, running, lambda m: bool(m.get("pause")), "enter maintenance mode", timeout)
+        yield
+        up = {n for n, i in dep.supervisor.processes().items() if i.get("statename") == "RUNNING"}
+        back = [m for m in members if m in running and patroni_program(m) in up]
+        _wait_members(dep, back, lambda m: m.get("state") == "running", "take PostgreSQL over again", timeout)
+    finally:
+        for m in running:  # any member that answers can lift the pause
+            with contextlib.suppress(TransientError, DeploymentError):
+                dep.patroni(m).patch_config({"pause": None})
+                break
+
+
+def _wait_members(
+    dep: Deployment, members: list[str], ok: Callable[[dict[str, Any]], bool], what: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(members)
+    while pending and time.monotonic() < deadline:
+        for m in list(pending):
+            with contextlib.suppress(TransientError):
+                if ok(dep.patroni(m, timeout=3).member()):
+                    pending.remove(m)
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        raise DeploymentError(f"Patroni on {', '.join(pending)} did not {what} within {timeout:.0f}s")
 
 
 def wait_replica(api: PatroniAPI, member: str, timeout: float) -> None:

@@ -33,6 +33,7 @@ from pgbridge.ops.context import (
     secret_name_for_role,
 )
 from pgbridge.ops.parameters import desired_parameters, host_resources
+from pgbridge.ops.pmwatch import PROGRAM as PMWATCH
 from pgbridge.ops.tasks import Report, Undo, interruptible
 from pgbridge.plan.hba import ADMIN_ROLE, REPLICATION_ROLE, REWIND_ROLE, HbaInput, render_hba, render_ident
 from pgbridge.plan.instance_classes import resolve_class
@@ -289,6 +290,8 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
                 autostart=m.name == dep.primary_member,
             )
         )
+    # Wakes a member's Patroni the moment its postmaster dies (see ops/pmwatch.py).
+    programs.append(Program(PMWATCH, [str(b.python), "-m", "pgbridge.ops.pmwatch", str(home.root)], priority=25))
     endpoint_programs, endpoints_changed = endpoints.render(dep, ports)
     programs += endpoint_programs
     pipeline_program = pipeline_ops.program(dep)
@@ -591,7 +594,7 @@ def up(
                 step("restoring data")
                 seed(dep)
             if sup.running():
-                programs_changed = sup.reread()
+                programs_changed = sup.reread(around=lambda names: ha.patroni_paused(dep, names))
                 report.add("processes", "changed" if any(programs_changed.values()) else "unchanged")
             else:
                 sup.start()

@@ -72,7 +72,7 @@ class PgBouncerInput:
     tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
     # PgBouncer refuses new server logins for this long after one failed (default 15s). During a
     # failover HAProxy briefly has no primary, so a long wait here would outlast the failover.
-    server_login_retry_s: float = 1.0
+    server_login_retry_s: float = 0.5
     server_connect_timeout_s: float = 5.0
     query_wait_timeout_s: int = 120  # how long clients queue (e.g. during PAUSE) before an error
     ignore_startup_parameters: tuple[str, ...] = ("extra_float_digits",)

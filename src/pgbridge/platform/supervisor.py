@@ -11,9 +11,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import xmlrpc.client
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,13 @@ from pgbridge.settings import ServiceUser
 # environment (e.g. PGBRIDGE_MASTER_KEY) may leak into the servers' /proc/<pid>/environ.
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
+
+# supervisord gives each child a pipe as stdin and keeps it open; PostgreSQL inherits it through
+# Patroni. A backend whose postmaster dies while it waits for the synchronous standby switches to
+# "interactive" input and reads stdin: on that pipe it blocks forever, keeps the shared memory
+# attached, and the member can never start again. Every program therefore reads /dev/null (exec
+# keeps the pid supervisord watches).
+NO_STDIN = ("/bin/sh", "-c", 'exec "$0" "$@" </dev/null')
 
 # supervisord XML-RPC fault codes that mean "already in the state you asked for".
 _ALREADY_STARTED = 60
@@ -82,7 +91,7 @@ def render_config(home: Home, name: str, user: ServiceUser, programs: Sequence[P
         lines += [
             "",
             f"[program:{p.name}]",
-            "command=" + " ".join(_quote(a) for a in p.command),
+            "command=" + " ".join(_quote(a) for a in (*NO_STDIN, *p.command)),
             f"priority={p.priority}",
             f"autostart={'true' if p.autostart else 'false'}",
             "autorestart=true",
@@ -147,40 +156,65 @@ class Supervisor:
         return write_if_changed(self.home.supervisor_conf, text, mode=0o644)
 
     def start(self, timeout: float = 30) -> None:
+        """Start supervisord in the background as a child subreaper of the deployment's processes.
+
+        Patroni starts the postmaster detached, so when the postmaster dies its zombie belongs to
+        the host's init, and Patroni counts a zombie as running until init reaps it: seconds on
+        some hosts, never in a container without an init. As subreaper, supervisord inherits such
+        orphans and reaps them at once. (The attribute survives exec, not fork, so supervisord
+        runs in the foreground of its own session instead of daemonizing.)
+        """
         if self.running():
             return
         log = self.home.logs / "supervisord.start.log"
+        launcher = (
+            "import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0);"  # PR_SET_CHILD_SUBREAPER
+            " os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        argv = [sys.executable, "-c", launcher, str(self.executable), "-n", "-s", "-c", str(self.home.supervisor_conf)]
         with open(log, "w") as out:
-            proc = subprocess.run(
-                [str(self.executable), "-c", str(self.home.supervisor_conf)],
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=CLEAN_ENV,
                 cwd=self.home.root,
-                check=False,
+                start_new_session=True,
             )
-        if proc.returncode != 0:
-            raise DeploymentError(f"supervisord did not start:\n{log.read_text()[-2000:]}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.running():
                 return
+            if proc.poll() is not None:
+                raise DeploymentError(f"supervisord did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.1)
         raise DeploymentError(f"supervisord did not come up within {timeout:.0f}s; see {self.home.logs}")
 
-    def reread(self) -> dict[str, list[str]]:
-        """Load a changed config: add new programs, restart changed ones, remove dropped ones."""
+    def reread(
+        self, around: Callable[[list[str]], AbstractContextManager[object]] | None = None
+    ) -> dict[str, list[str]]:
+        """Load a changed config: add new programs, restart changed ones, remove dropped ones.
+
+        A changed program that was running runs again afterwards, also one that does not start
+        by itself (``autostart=false``: e.g. a joining standby's Patroni). ``around(changed)``,
+        if given, wraps the restarts (e.g. to keep PostgreSQL up while Patroni restarts).
+        """
         proxy = self._proxy()
         added, changed, removed = proxy.supervisor.reloadConfig()[0]
+        running = {n for n, i in self.processes().items() if i.get("statename") in ("RUNNING", "STARTING", "BACKOFF")}
         for name in removed:
             with contextlib.suppress(xmlrpc.client.Fault):
                 proxy.supervisor.stopProcessGroup(name)
             proxy.supervisor.removeProcessGroup(name)
-        for name in changed:
-            with contextlib.suppress(xmlrpc.client.Fault):
-                proxy.supervisor.stopProcessGroup(name)
-            proxy.supervisor.removeProcessGroup(name)
-            proxy.supervisor.addProcessGroup(name)
+        with around(changed) if around is not None and changed else contextlib.nullcontext():
+            for name in changed:
+                with contextlib.suppress(xmlrpc.client.Fault):
+                    proxy.supervisor.stopProcessGroup(name)
+                proxy.supervisor.removeProcessGroup(name)
+                proxy.supervisor.addProcessGroup(name)
+                if name in running:
+                    self.start_program(name)
         for name in added:
             proxy.supervisor.addProcessGroup(name)
         return {"added": added, "changed": changed, "removed": removed}
@@ -231,6 +265,8 @@ class Supervisor:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):  # started by this very process: reap it
+                os.waitpid(pid, os.WNOHANG)
             if not pid_alive(pid):
                 return
             time.sleep(0.1)
