@@ -218,6 +218,21 @@ def test_failover_drill_keeps_every_write_the_old_primary_rejoins_and_the_wareho
     assert dep.run("pipeline", "validate").returncode == 0
 
 
+def test_a_crashed_postmaster_fails_over_and_its_member_starts_again(dep: Env) -> None:
+    """Only the postmaster dies: its backends must not keep the member from starting again (one
+    waiting for the synchronous standby used to block on supervisord's stdin pipe, holding the
+    shared memory), and pmwatch wakes Patroni at once instead of after its loop_wait."""
+    wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
+    old = next(n for n, r in roles(dep).items() if r == "primary")
+    standby = next(n for n, r in roles(dep).items() if r == "sync standby")
+    r = json.loads(dep.run("drill", "failover", "--mode", "crash", "--yes", "--json", timeout=600).stdout)
+    assert r["old_primary"] == old and r["new_primary"] == standby, r
+    assert r["rpo_lost"] == 0 and r["rejoined"], r
+    assert roles(dep)[old] in ("replica", "sync standby")
+    woke = (dep.home / "logs" / "pmwatch.log").read_text()
+    assert f"of {old} is gone; woke its Patroni" in woke
+
+
 def test_replicas_follow_the_spec(dep: Env) -> None:
     with_r2 = SPEC.replace("  - {name: r1, region: zone-c}", "  - {name: r2, region: zone-d, promotable: true}")
     dep.write_spec(with_r2)

@@ -1,6 +1,6 @@
 """The postmaster watch: `python -m pgbridge.ops.pmwatch HOME`, run by supervisord.
 
-Patroni looks at PostgreSQL once per HA loop (``loop_wait``: 10 s in the default profile), so a
+Patroni looks at PostgreSQL once per HA loop (``loop_wait``: 3 s in the default profile), so a
 crashed postmaster can go unnoticed that long before Patroni fails over (Multi-AZ) or restarts
 it in place. This daemon looks at every member's postmaster five times a second. A
 ``postmaster.pid`` whose process is gone means a crash: a clean or immediate shutdown removes the

@@ -22,9 +22,12 @@ from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.home import Home
 from pgbridge.plan.hba import REWIND_ROLE
 
-# Failover timing profiles (Patroni refuses ttl < 20). Issue "Multi-AZ" documents what each gives.
+# Failover timing profiles (Patroni refuses ttl < 20 and wants loop_wait + 2 * retry_timeout <= ttl;
+# docs/multi-az.md says what each gives). A short loop_wait matters twice on a host loss: a former
+# primary coming back waits one loop for the new primary's checkpoint before pg_rewind, and with
+# strict synchronous replication no commit succeeds until a standby streams again.
 PROFILES: dict[str, dict[str, int]] = {
-    "default": {"ttl": 30, "loop_wait": 10, "retry_timeout": 10},
+    "default": {"ttl": 25, "loop_wait": 3, "retry_timeout": 10},
     "fast": {"ttl": 20, "loop_wait": 2, "retry_timeout": 5},
 }
 
