@@ -1,4 +1,5 @@
-"""Backups through the CLI on one real deployment: archiving, encryption, PITR, snapshots, drills.
+"""Backups through the CLI on one real deployment: archiving, encryption, PITR, snapshots, drills,
+scheduled drills, and a stalled archive that drops WAL past its queue limit.
 
 The tests share one deployment and run in file order (the last one damages the repository).
 """
@@ -30,6 +31,7 @@ pytestmark = [
 SPEC = """\
 backup:
   archive_timeout: 10
+  archive_stalled_after: 10
   drill:
     checks:
       - {name: rows present, sql: "SELECT count(*) > 0 FROM shop.t"}
@@ -187,6 +189,130 @@ def test_bad_input_is_refused_cleanly(dep: Env) -> None:
     r = dep.run("backup", "list", check=False, env=env)
     assert r.returncode == 3 and "apt-get install -y pgbackrest" in r.stderr
     assert sorted(p.name for p in dep.home.parent.iterdir() if not p.name.startswith(".")) == [dep.name]
+
+
+def events_of(e: Env, kind: str) -> list[dict]:
+    return json.loads(e.run("events", "--kind", kind, "--json").stdout)  # type: ignore[no-any-return]
+
+
+def wait_event(e: Env, kind: str, since: float, timeout: float = 60) -> dict:
+    """The first event of `kind` recorded after `since` (archive_stalled_after 10: a 5 s scheduler cycle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [ev for ev in events_of(e, kind) if ev["time"] > since]
+        if found:
+            return found[0]
+        log = (e.home / "logs" / "backup-scheduler.log").read_text()
+        assert time.monotonic() < deadline, f"no {kind} event within {timeout:.0f}s\n" + "\n".join(
+            log.splitlines()[-8:]
+        )
+        time.sleep(1)
+
+
+def scheduler_pid(e: Env) -> int:
+    return int(json.loads(e.run("status", "--json").stdout)["processes"]["backup-scheduler"]["pid"])
+
+
+def processes_using(path: Path) -> list[str]:
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmd:
+            out.append(f"{proc.name}: {cmd}")
+    return out
+
+
+def test_scheduled_drill_runs_when_due_and_up_keeps_the_scheduler(dep: Env) -> None:
+    # Quarterly drills, and a smaller archive queue (the next test needs it): `up` rewrites
+    # pgbackrest.conf, which pgBackRest reads on every run, so the scheduler keeps running.
+    pid = scheduler_pid(dep)
+    conf = dep.home / "backup" / "pgbackrest.conf"
+    assert "archive-push-queue-max=1024MiB" in conf.read_text()
+    dep.write_spec(SPEC.replace("  drill:\n", "  archive_queue_max_mb: 64\n  drill:\n    every_days: 90\n"))
+    t0 = time.time()
+    dep.run("up", timeout=600)
+    assert "archive-push-queue-max=64MiB" in conf.read_text()
+    assert scheduler_pid(dep) == pid, "the scheduler was restarted though its own config did not change"
+    # No drill has run yet, so one is due at once: the scheduler runs it on its next cycle.
+    ev = wait_event(dep, "drill-restore", t0, timeout=120)
+    assert ev["scheduled"] is True and ev["message"].startswith("scheduled restore drill passed"), ev
+    assert 0 < ev["restore_seconds"] < 120 and ev["tables"] >= 1
+    assert not events_of(dep, "drill-restore-failed")
+    # the scratch copy is gone (files and processes), and the drill is recorded where the
+    # scheduler (the service user) reads it, so the next one is 90 days away
+    scratch = dep.home / "backup" / "scratch"
+    assert not list(scratch.iterdir()), "the scheduled drill left its copy behind"
+    assert not processes_using(scratch), processes_using(scratch)
+    last = dep.home / "backup" / "last-drill.json"
+    assert last.stat().st_uid == load_settings().user.uid
+    done = json.loads(last.read_text())
+    assert done["ok"] and done["scheduled"] and done["time"] == pytest.approx(ev["time"], abs=600)
+    assert done["checks"] == [{"name": "rows present", "ok": True, "detail": ""}]
+    assert "drill ok in" in (dep.home / "logs" / "backup-scheduler.log").read_text()
+
+
+def wal_segment(e: Env) -> str:
+    """Write a little and close the current WAL segment: one more segment for the archiver."""
+    sql(e, "CREATE TABLE IF NOT EXISTS shop.wal (at timestamptz DEFAULT now()); INSERT INTO shop.wal DEFAULT VALUES")
+    return str(sql(e, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+
+
+def archiver(e: Env) -> dict:
+    cols = "archived_count, failed_count, last_archived_wal, last_failed_wal"
+    return dict(zip(cols.split(", "), sql(e, f"SELECT {cols} FROM pg_stat_archiver")[0], strict=True))
+
+
+def ready_files(e: Env) -> list[str]:
+    """WAL segments PostgreSQL keeps in pg_wal until they are archived."""
+    rows = sql(e, "SELECT name FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready' ORDER BY 1")
+    return [str(r[0]).removesuffix(".ready") for r in rows]
+
+
+def test_a_stalled_archive_is_reported_drops_wal_past_the_queue_limit_and_recovers(dep: Env) -> None:
+    conf = (dep.home / "backup" / "pgbackrest.conf").read_text()
+    assert "archive-push-queue-max=64MiB" in conf, "the test before sets a 64 MiB queue"
+    assert not ready_files(dep)
+    archive = dep.home / "backup" / "repo" / "archive" / dep.name
+    folders = [p for p in archive.rglob("*") if p.is_dir()]
+    modes = {p: p.stat().st_mode & 0o777 for p in folders}
+    t0 = time.time()
+    # The repository turns read-only for the service user (a full or read-only volume): pushes fail.
+    for p in folders:
+        os.chmod(p, 0o550)
+    try:
+        first = wal_segment(dep)
+        stalled = wait_event(dep, "archive-stalled", t0)
+        assert stalled["last_archived"] is None or stalled["last_archived"] < stalled["time"] - 10
+        assert first in stalled["message"] and archiver(dep)["last_failed_wal"] == first
+        assert ready_files(dep), "a stalled segment stays in pg_wal while under the queue limit"
+        # Past 64 MiB of waiting WAL (five 16 MiB segments) pgBackRest drops it and tells PostgreSQL
+        # it was archived: pg_wal does not fill up, and pg_stat_archiver alone looks healthy again.
+        t1 = time.time()
+        for _ in range(5):
+            wal_segment(dep)
+        dropped = wait_event(dep, "archive-wal-dropped", t1)
+        assert dropped["repo_max"] < first <= dropped["last_archived_wal"], dropped
+        assert not events_of(dep, "archive-resumed"), "WAL being dropped was reported as archiving resumed"
+        assert first not in ready_files(dep)
+        logs = "".join(p.read_text() for p in (dep.home / "backup" / "log").glob("*archive-push*"))
+        assert f"dropped WAL file '{first}' because archive queue exceeded 64MB" in logs
+    finally:
+        for p, mode in modes.items():
+            os.chmod(p, mode)
+    # Repaired: the next segment reaches the repository, the scheduler says so and, because WAL
+    # was lost, takes a full backup at once (PITR cannot cross the gap; it can from this backup on).
+    t2 = time.time()
+    after = wal_segment(dep)
+    resumed = wait_event(dep, "archive-resumed", t2)
+    assert resumed["gap"] is True and resumed["repo_max"] > dropped["last_archived_wal"], resumed
+    backup = wait_event(dep, "backup", t2, timeout=90)
+    assert backup["type"] == "full" and "WAL was dropped" in backup["message"], backup
+    a = archiver(dep)
+    assert a["last_archived_wal"] >= after and not ready_files(dep)
+    assert listing(dep)["archive"]["max"] >= a["last_archived_wal"][:24]  # it may be the backup's .backup file
 
 
 def test_drill_passes_and_fails_loudly_on_a_damaged_backup(dep: Env) -> None:

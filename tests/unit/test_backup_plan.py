@@ -10,6 +10,8 @@ import pytest
 from pgbridge.errors import SpecError
 from pgbridge.plan.backup import (
     DAY,
+    ArchiveStatus,
+    ArchiveVerdict,
     BackupSet,
     Policy,
     backup_type_for,
@@ -18,6 +20,7 @@ from pgbridge.plan.backup import (
     parse_window,
     restorable,
     set_for_time,
+    watch_archive,
     window_start,
 )
 from pgbridge.platform.pgbackrest import Layout, PgHost, RepoSettings, archive_command, parse_info, render_conf
@@ -88,6 +91,55 @@ def test_hourly_incrementals_between_windows() -> None:
     later = SUN_0310 + 5 * 3600
     assert decide(later, policy(incr_every_hours=4), sets, None)[0].type == "incr"
     assert decide(later, policy(incr_every_hours=6), sets, None)[0].action == "wait"
+
+
+def test_a_wal_gap_asks_for_a_full_backup_at_once() -> None:
+    sets = [full("F1", SUN_0310)]
+    now = SUN_0310 + 2 * 3600  # outside the window, nothing else due
+    assert decide(now, policy(), sets, None)[0].action == "wait"
+    d = decide(now, policy(), sets, None, wal_gap=True)[0]
+    assert (d.action, d.type) == ("backup", "full") and "WAL was dropped" in d.reason
+
+
+SEG = "0000000100000000000000"
+
+
+def archiver(last_ok: float | None, last_fail: float | None, ok_wal: str | None, repo: str | None) -> ArchiveStatus:
+    return ArchiveStatus(5, 3, last_ok, last_fail, ok_wal, SEG + "0A", repo)
+
+
+def test_archive_stall_after_its_period_then_resumed() -> None:
+    now = 10_000.0
+    failing = archiver(now - 30, now - 1, SEG + "09", SEG + "09")
+    assert watch_archive(now, failing, "ok", 60).event is None  # failing, but not for long yet
+    v = watch_archive(now, failing, "ok", 20)
+    assert (v.state, v.event) == ("stalled", "archive-stalled")
+    assert watch_archive(now, failing, "stalled", 20).event is None  # said once
+    healthy = archiver(now - 1, now - 30, SEG + "0A", SEG + "0A")
+    v = watch_archive(now, healthy, "stalled", 20)
+    assert (v.state, v.event, v.gap) == ("ok", "archive-resumed", False)
+    # an unreadable repository is not a recovery
+    assert watch_archive(now, archiver(now - 1, now - 30, SEG + "0A", None), "stalled", 20).state == "stalled"
+
+
+def test_dropped_wal_is_not_a_recovery() -> None:
+    now = 10_000.0
+    # pgBackRest told PostgreSQL that 0C was archived, but the repository ends at 09: it was dropped
+    dropping = archiver(now - 1, now - 5, SEG + "0C", SEG + "09")
+    assert dropping.dropped and not dropping.failing
+    v = watch_archive(now, dropping, "stalled", 20)
+    assert (v.state, v.event) == ("dropped", "archive-wal-dropped")
+    assert watch_archive(now, dropping, "dropped", 20) == ArchiveVerdict("dropped")
+    # failing again between drops: still the dropped state, no second event
+    again = archiver(now - 60, now - 1, SEG + "0C", SEG + "09")
+    assert watch_archive(now, again, "dropped", 20).state == "dropped"
+    assert watch_archive(now, again, "dropped", 20).event is None
+    # a segment really reached the repository: resumed, with a gap a full backup must close
+    v = watch_archive(now, archiver(now - 1, now - 60, SEG + "0D", SEG + "0D"), "dropped", 20)
+    assert (v.state, v.event, v.gap) == ("ok", "archive-resumed", True)
+    # names that are not plain segments give no verdict on drops
+    assert archiver(now, None, "00000002.history", SEG + "09").dropped is None
+    assert archiver(now, None, SEG + "0C.partial", SEG + "09").dropped is None
 
 
 def test_drill_is_due_by_its_interval() -> None:

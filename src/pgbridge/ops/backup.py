@@ -134,11 +134,16 @@ def _repo_settings(dep: Deployment) -> RepoSettings:
     )
 
 
-def render(dep: Deployment) -> tuple[list[Program], bool]:
-    """Folders, pgbackrest.conf and the scheduler's config; returns its program and whether files changed."""
+def render(dep: Deployment) -> tuple[list[Program], bool, bool]:
+    """Folders, pgbackrest.conf and the scheduler's config.
+
+    Returns the scheduler's program, whether any file changed, and whether the scheduler's own
+    config changed: only that one needs a restart (pgBackRest reads its file on every run, the
+    scheduler the spec on every cycle, and a restart would cut a running backup or drill short).
+    """
     spec = dep.spec
     if not spec.backup.enabled:
-        return [], False
+        return [], False, False
     lay, user = layout(dep.home), dep.settings.user
     system.make_dir(lay.root, 0o750, user)
     for d in (lay.lock, lay.spool, lay.log, lay.scratch):
@@ -160,7 +165,11 @@ def render(dep: Deployment) -> tuple[list[Program], bool]:
     system.chown(lay.scheduler_conf, user)
     argv = [str(dep.settings.binaries.python), "-m", "pgbridge.ops.backup_scheduler", str(dep.home.root)]
     # Started by `up` once the stanza exists; supervisord restarts it if it dies.
-    return [Program(PROGRAM, argv, priority=40, stop_wait=30, autostart=False)], conf_changed or sched_changed
+    return (
+        [Program(PROGRAM, argv, priority=40, stop_wait=30, autostart=False)],
+        conf_changed or sched_changed,
+        sched_changed,
+    )
 
 
 def ensure(dep: Deployment, report: Report, restart_scheduler: bool = False) -> None:

@@ -310,14 +310,15 @@ def _user_checks(s: Scratch, spec: Spec) -> list[dict[str, Any]]:
     return results
 
 
-def drill(settings: Settings, home: Home) -> dict[str, Any]:
+def drill(settings: Settings, home: Home, *, scheduled: bool = False) -> dict[str, Any]:
     """Restore the latest backup to a scratch instance, check it, record the time, remove it."""
     dep = Deployment(settings, home)
     backup_ops.require_enabled(dep)
     spec = dep.spec
     pb = backup_ops.tool(settings, home, spec.name)
     base = backup_ops.layout(home).scratch / f"drill-{int(time.time())}"
-    result: dict[str, Any] = {"time": time.time(), "ok": False}
+    result: dict[str, Any] = {"time": time.time(), "ok": False, "scheduled": scheduled}
+    what = "scheduled restore drill" if scheduled else "restore drill"
     try:
         with contextlib.suppress(PgbridgeError):
             pb.check()  # close the current WAL segment, if the source runs
@@ -346,13 +347,13 @@ def drill(settings: Settings, home: Home) -> dict[str, Any]:
             raise CheckFailed(f"restore drill: {what.strip('; ')}")
         result["ok"] = True
         tables = len(result["row_counts"])
-        events.record(dep, "drill-restore", f"restore drill passed: restored in {result['restore_seconds']:.1f}s,"
+        events.record(dep, "drill-restore", f"{what} passed: restored in {result['restore_seconds']:.1f}s,"
                       f" {tables} tables counted, {len(result['checks'])} checks passed",
-                      restore_seconds=result["restore_seconds"], tables=tables)  # fmt: skip
+                      restore_seconds=result["restore_seconds"], tables=tables, scheduled=scheduled)  # fmt: skip
         return result
     except PgbridgeError as e:
         result["error"] = e.message
-        events.record(dep, "drill-restore-failed", f"restore drill FAILED: {e.message}")
+        events.record(dep, "drill-restore-failed", f"{what} FAILED: {e.message}", scheduled=scheduled)
         if isinstance(e, CheckFailed):
             raise
         raise CheckFailed(f"restore drill failed: {e.message}") from None

@@ -241,6 +241,7 @@ class Rendered:
     members_changed: set[str]  # members whose Patroni file changed
     endpoints_changed: set[str]  # endpoint programs whose files changed
     backup_changed: bool = False  # pgbackrest.conf or the scheduler's config changed
+    scheduler_changed: bool = False  # the scheduler's own config (read once at its start) changed
 
 
 def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report: Report, first: bool) -> Rendered:
@@ -297,14 +298,14 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     pipeline_program = pipeline_ops.program(dep)
     if pipeline_program is not None:
         programs.append(pipeline_program)
-    backup_programs, backup_changed = backup_ops.render(dep)
+    backup_programs, backup_changed, scheduler_changed = backup_ops.render(dep)
     programs += backup_programs
     sup_changed = dep.supervisor.write_config(render_config(home, spec.name, settings.user, programs))
     if not (changed or sup_changed or endpoints_changed or backup_changed):
         report.add("process config", "unchanged")
     else:
         report.add("process config", "created" if first else "changed")
-    return Rendered(changed, endpoints_changed, backup_changed)
+    return Rendered(changed, endpoints_changed, backup_changed, scheduler_changed)
 
 
 def _normalized_params(raw: dict[str, Any]) -> dict[str, str]:
@@ -649,7 +650,7 @@ def up(
 
             if spec.backup.enabled:
                 step("backups (WAL archiving, stanza, scheduler)")
-                backup_ops.ensure(dep, report, restart_scheduler=rendered.backup_changed and not fresh)
+                backup_ops.ensure(dep, report, restart_scheduler=rendered.scheduler_changed and not fresh)
 
             report.pending_reboot = pending_reboot(dep, params, cat)
             if report.pending_reboot:

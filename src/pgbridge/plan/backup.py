@@ -93,13 +93,20 @@ class Decision:
     reason: str = ""
 
 
-def decide(now: float, policy: Policy, sets: Sequence[BackupSet], last_drill: float | None) -> list[Decision]:
-    """What the scheduler should do in this cycle (in order); `wait` when nothing is due."""
+def decide(
+    now: float, policy: Policy, sets: Sequence[BackupSet], last_drill: float | None, wal_gap: bool = False
+) -> list[Decision]:
+    """What the scheduler should do in this cycle (in order); `wait` when nothing is due.
+
+    `wal_gap`: WAL was dropped since the newest backup; no backup before the gap restores past it.
+    """
     out: list[Decision] = []
     autos = sorted(auto_sets(sets), key=lambda s: s.start)
     opened = window_start(now, policy.window)
     if not any(s.type == "full" for s in autos):
         out.append(Decision("backup", "full", "no automated full backup yet: the first one is taken at once"))
+    elif wal_gap:
+        out.append(Decision("backup", "full", "WAL was dropped: a new full backup makes point-in-time restore whole"))
     elif opened is not None and autos[-1].start < opened and not any(s.start >= opened for s in autos):
         weekday = WEEKDAYS[_utc(now).weekday()]
         newest_full = max(s.start for s in autos if s.type == "full")
@@ -168,3 +175,64 @@ def set_for_time(sets: Sequence[BackupSet], target: float) -> BackupSet | None:
     """The newest backup that finished at or before `target` (the one PITR to `target` starts from)."""
     before = [s for s in sets if s.stop <= target]
     return max(before, key=lambda s: s.stop) if before else None
+
+
+# -- watching WAL archiving -------------------------------------------------------------------------
+
+ArchiveState = Literal["ok", "stalled", "dropped"]
+
+
+@dataclass(frozen=True)
+class ArchiveStatus:
+    """pg_stat_archiver of the primary, read before the repository, and the newest segment there."""
+
+    archived_count: int
+    failed_count: int
+    last_archived: float | None  # epoch seconds
+    last_failed: float | None
+    last_archived_wal: str | None
+    last_failed_wal: str | None
+    repo_max: str | None  # the newest WAL segment in the repository; None when it could not be read
+
+    @property
+    def failing(self) -> bool:
+        """PostgreSQL's last attempt failed (the archiver retries the same segment until it works)."""
+        return self.last_failed is not None and (self.last_archived is None or self.last_failed > self.last_archived)
+
+    @property
+    def dropped(self) -> bool | None:
+        """PostgreSQL counts a segment as archived that the repository does not hold (None: unknown).
+
+        pgBackRest reports success for the WAL it drops past archive-push-queue-max, so
+        pg_stat_archiver alone looks healthy exactly when WAL is being lost. A segment is only
+        marked done after it reached the repository, and the repository is read after PostgreSQL,
+        so in normal operation the repository is never behind. Only plain segment names are
+        compared (a .partial, .backup or .history file is the newest one for a moment only).
+        """
+        wal = self.last_archived_wal
+        if self.repo_max is None or wal is None or len(wal) != 24 or any(c not in "0123456789ABCDEF" for c in wal):
+            return None
+        return wal > self.repo_max
+
+
+@dataclass(frozen=True)
+class ArchiveVerdict:
+    state: ArchiveState
+    event: Literal["archive-stalled", "archive-wal-dropped", "archive-resumed"] | None = None
+    gap: bool = False  # archiving works again after WAL was dropped: PITR needs a new full backup
+
+
+def watch_archive(now: float, status: ArchiveStatus, was: ArchiveState, stalled_after: float) -> ArchiveVerdict:
+    """The archive's state after this look, and the event to record when it changed.
+
+    Dropped WAL outranks a stall and stays the state until segments reach the repository again
+    (between drops pgBackRest's successes would otherwise read as a recovery).
+    """
+    if status.dropped:
+        return ArchiveVerdict("dropped", None if was == "dropped" else "archive-wal-dropped")
+    since = status.last_archived
+    if status.failing and (since is None or now - since > stalled_after):
+        return ArchiveVerdict(was if was == "dropped" else "stalled", "archive-stalled" if was == "ok" else None)
+    if was != "ok" and not status.failing and status.dropped is False:
+        return ArchiveVerdict("ok", "archive-resumed", gap=was == "dropped")
+    return ArchiveVerdict(was)

@@ -275,6 +275,9 @@ class Backup(_Model):
     archive_queue_max_mb: int = Field(
         1024, ge=64, le=1_048_576, description="WAL held back by a stalled archive before it is dropped"
     )
+    archive_stalled_after: int = Field(
+        120, ge=10, le=86400, description="seconds: WAL archiving failing this long raises an archive-stalled event"
+    )
     drill: RestoreDrill = Field(default_factory=lambda: RestoreDrill())
 
     @field_validator("window")
