@@ -16,7 +16,7 @@ trees of its pid files, never by name). On it, in this order:
                without an acknowledged write after the fault), the acknowledged commits lost (RPO), the
                writes cut mid-commit (unknown outcome) and how long the old primary took to rejoin.
                Modes: kill (the primary's host dies), crash (only the postmaster dies), hang (the host
-               freezes; off by default: it does not fail over at present, a known bug). A drill that takes
+               freezes; off by default: it has no goal of its own and behaves like kill). A drill that takes
                longer than ``--drill-timeout`` seconds, exits non-zero or does not return JSON counts as a
                failure (its log tails are printed and the logs/ folder is copied out of the deployment)
                and the run goes on. Between drills it waits (up to ``--settle-timeout`` s) for

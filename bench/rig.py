@@ -63,6 +63,8 @@ def deployment(
     base = Path(tempfile.mkdtemp(prefix="pgbridge-bench-", dir="/tmp"))
     os.chmod(base, 0o755)  # the service user must be able to enter it
     rig = rig_class(base, f"bench-{uuid.uuid4().hex[:6]}", free_port())
+    if "backup:" not in extra:  # the product's default (the tests' spec turns backups off)
+        extra = "backup: {enabled: true}\n" + extra
     rig.spec.write_text(spec_text(rig.name, rig.port, extra, instance_class=instance_class, size_gb=size_gb))
     prefix = f"[{label}] " if label else ""
     try:

@@ -23,6 +23,9 @@ PGBRIDGE = str(BIN / "pgbridge")
 
 
 def spec_text(name: str, port: int, extra: str = "", *, instance_class: str = "db.micro", size_gb: int = 5) -> str:
+    # Backups are on by default; a test pays for a repository, WAL archiving and a first full
+    # backup only when its spec names a backup section (the backup and Multi-AZ tests do).
+    backup = "" if "backup:" in extra else "backup: {enabled: false}\n"
     return f"""\
 name: {name}
 instance_class: {instance_class}
@@ -36,7 +39,7 @@ database:
   name: shop
   schema: shop
   users: {{app: shop_app, readonly: shop_ro, cdc: shop_cdc}}
-{extra}"""
+{backup}{extra}"""
 
 
 @dataclass

@@ -27,6 +27,7 @@ failover_profile: fast
 replicas:
   - {name: r1, region: zone-c}
 endpoints: {max_reader_lag_mb: 1}
+backup: {enabled: true}  # the default, with every member archiving its own WAL
 pipeline:
   name: wh
   batch: {max_wait_ms: 100}
