@@ -191,18 +191,15 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
             if pg:
                 os.kill(pg[0], signal.SIGKILL)
         elif mode == "kill":
-            # The host is gone: nothing of it may run again until the drill brings it back, so
-            # supervisord's restart of Patroni must fail (a restarted Patroni would shut down
-            # cleanly on our stop and hand the leader key over, which is not a host loss).
+            # The host is gone: nothing of it may run again until the drill brings it back. Its
+            # Patroni file stays hidden until then, so each restart supervisord tries fails (a
+            # restarted Patroni would find PostgreSQL dead and fail over at once, or shut down
+            # cleanly and hand the leader key over: neither is a host loss).
             conf = dep.home.patroni_conf(old)
-            os.replace(conf, hidden := conf.with_suffix(".drill"))
-            try:
-                for pid in [p for p in (patroni_pid, *pg) if p]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                dep.supervisor.stop_program(ha.patroni_program(old))
-            finally:
-                os.replace(hidden, conf)
+            os.replace(conf, conf.with_suffix(".drill"))
+            for pid in [p for p in (patroni_pid, *pg) if p]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         else:
             stopped = [p for p in (patroni_pid, *pg) if p]
             for pid in stopped:
@@ -280,6 +277,11 @@ def _restore(dep: Deployment, member: str, mode: Mode, stopped: list[int]) -> No
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     if mode == "kill":
+        hidden = dep.home.patroni_conf(member).with_suffix(".drill")
+        if hidden.exists():
+            with contextlib.suppress(PgbridgeError):  # ends the failing restarts before the file is back
+                dep.supervisor.stop_program(ha.patroni_program(member))
+            os.replace(hidden, dep.home.patroni_conf(member))
         with contextlib.suppress(PgbridgeError):
             dep.supervisor.start_program(ha.patroni_program(member))
 

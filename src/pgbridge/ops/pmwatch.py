@@ -68,7 +68,7 @@ def dead_postmaster(data_dir: Path) -> tuple[int, str] | None:
     earlier one costs nothing and helps where Patroni is already looking.
     """
     pid = read_pid(data_dir / "postmaster.pid")
-    if pid is None:
+    if pid is None or pid <= 0:  # a single-user backend (Patroni's crash recovery) writes -pid
         return None
     try:
         return (pid, "zombie") if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else None
@@ -102,7 +102,10 @@ class Watch:
             if time.monotonic() - scanned > RESCAN_S:
                 found, scanned = members(self.home), time.monotonic()
             for m in found:
-                self.check(m)
+                try:
+                    self.check(m)
+                except Exception:  # the watch must outlive any surprise; Patroni still loops
+                    log.exception("checking %s failed", m.name)
             time.sleep(POLL_S)
 
     def check(self, m: Member) -> None:
