@@ -98,3 +98,8 @@ class LSN:
 
     def __sub__(self, other: LSN) -> int:
         return self.value - other.value
+
+
+def quote_ident(name: str) -> str:
+    """A SQL identifier, double-quoted (PostgreSQL and DuckDB quote alike)."""
+    return '"' + name.replace('"', '""') + '"'

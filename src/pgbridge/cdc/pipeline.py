@@ -54,6 +54,7 @@ from pgbridge.cdc.source import (
     drop_slot,
     slot_exists,
     slot_status,
+    sql_connect,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.cdc.validate import validate_table
@@ -309,14 +310,22 @@ class SyncStandbyWait:
     def __init__(self, dsn: str, stop: threading.Event, poll_s: float = 0.002) -> None:
         self.dsn, self.stop, self.poll_s = dsn, stop, poll_s
         self._conn: psycopg.Connection[Any] | None = None
+        # The standby's flush position last seen on this connection (it only grows): a batch at or
+        # below it needs no query. Never "no standby": that setting can change at any time.
+        self._flushed: LSN | None = None
 
     def wait(self, lsn: LSN) -> None:
         delay = self.poll_s
         while True:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+                self._conn, self._flushed = sql_connect(self.dsn), None
+            if self._flushed is not None and self._flushed >= lsn:
+                return
             row = self._conn.execute(self.SQL).fetchone()
-            if row is None or row[0] is None or LSN.parse(row[0]) >= lsn:
+            if row is None or row[0] is None:
+                return
+            self._flushed = LSN.parse(row[0])
+            if self._flushed >= lsn:
                 return
             if self.stop.wait(delay):
                 raise _Stopping  # the batch is not committed: the slot replays it on the next start

@@ -241,7 +241,7 @@ WHERE s.slot_name = %s
 """
 
 
-def _sql_connect(dsn: str) -> psycopg.Connection[Any]:
+def sql_connect(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
 
 
@@ -251,7 +251,7 @@ def _parse_lsn(text: str | None) -> LSN | None:
 
 def slot_status(conn_dsn: str, slot: str) -> SlotStatus:
     """The slot's row in ``pg_replication_slots`` (``exists=False`` when there is none)."""
-    with _boundary(f"cannot read the status of replication slot {slot!r}"), _sql_connect(conn_dsn) as conn:
+    with _boundary(f"cannot read the status of replication slot {slot!r}"), sql_connect(conn_dsn) as conn:
         row = conn.execute(_STATUS_SQL, (slot,)).fetchone()
     if row is None:
         return SlotStatus(name=slot, exists=False)
@@ -272,7 +272,7 @@ def slot_status(conn_dsn: str, slot: str) -> SlotStatus:
 
 
 def slot_exists(conn_dsn: str, slot: str) -> bool:
-    with _boundary(f"cannot look up replication slot {slot!r}"), _sql_connect(conn_dsn) as conn:
+    with _boundary(f"cannot look up replication slot {slot!r}"), sql_connect(conn_dsn) as conn:
         row = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     return row is not None
 
@@ -285,7 +285,7 @@ def drop_slot(conn_dsn: str, slot: str, *, terminate_active: bool = False, timeo
     retries for up to ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
-    with _boundary(f"cannot drop replication slot {slot!r}"), _sql_connect(conn_dsn) as conn:
+    with _boundary(f"cannot drop replication slot {slot!r}"), sql_connect(conn_dsn) as conn:
         while True:
             try:
                 cur = conn.execute(

@@ -52,8 +52,8 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def rows_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> Table:
-    t = Table(title=title, title_justify="left")
+def rows_table(columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table()
     for col in columns:
         t.add_column(col, overflow="fold")
     for row in rows:

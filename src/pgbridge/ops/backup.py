@@ -235,11 +235,12 @@ def snapshot_labels(home: Home) -> dict[str, str]:
 # -- services -------------------------------------------------------------------------------------
 
 
-def require_enabled(dep: Deployment) -> None:
+def require_enabled(dep: Deployment) -> PgBackRest:
+    """The deployment's pgBackRest, once the home exists and backups are on (else a clear error)."""
     dep.home.require()
     if not dep.spec.backup.enabled:
         raise UsageError(f"deployment {dep.spec.name} has backups disabled", hint="set backup.enabled: true and run up")
-    dep.settings.binaries.backup_tool()
+    return tool(dep.settings, dep.home, dep.spec.name)
 
 
 @contextlib.contextmanager
@@ -282,7 +283,7 @@ def run_backup(
 
 
 def create(dep: Deployment, wanted: BackupType | None, snapshot: str | None) -> dict[str, Any]:
-    require_enabled(dep)
+    pb = require_enabled(dep)
     if snapshot is not None:
         if not SNAPSHOT_RE.match(snapshot):
             raise UsageError(
@@ -292,7 +293,6 @@ def create(dep: Deployment, wanted: BackupType | None, snapshot: str | None) -> 
             raise UsageError(f"snapshot {snapshot!r} exists", hint="choose another name or delete it first")
         if wanted not in (None, "full"):
             raise UsageError("a snapshot is always a full backup (it must not depend on backups that expire)")
-    pb = tool(dep.settings, dep.home, dep.spec.name)
     t0 = time.monotonic()
     new, kind = run_backup(pb, dep.home, wanted or "full", snapshot)
     took = time.monotonic() - t0
@@ -316,8 +316,7 @@ def latest_archived(pb: PgBackRest, archive: dict[str, Any]) -> float | None:
 
 def catalog(dep: Deployment) -> dict[str, Any]:
     """Backups, snapshots and the restorable window (what `backup list` shows)."""
-    require_enabled(dep)
-    pb = tool(dep.settings, dep.home, dep.spec.name)
+    pb = require_enabled(dep)
     sets, meta = backup_sets(pb, dep.home)
     window = restorable(sets, latest_archived(pb, meta.get("archive", {})))
     snaps = read_snapshots(dep.home)
@@ -346,13 +345,12 @@ def catalog(dep: Deployment) -> dict[str, Any]:
 
 
 def delete_snapshot(dep: Deployment, name: str) -> dict[str, Any]:
-    require_enabled(dep)
+    pb = require_enabled(dep)
     snaps = read_snapshots(dep.home)
     if name not in snaps:
         known = ", ".join(sorted(snaps)) or "none"
         raise NotFoundError(f"no snapshot named {name!r}", hint=f"snapshots: {known}")
     label = str(snaps[name]["label"])
-    pb = tool(dep.settings, dep.home, dep.spec.name)
     with backup_lock(dep.home):
         sets, _ = backup_sets(pb, dep.home)
         if any(s.label == label for s in sets):

@@ -186,10 +186,11 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
         if not any(w.outcome == "acked" for w in writer.writes):
             raise DeploymentError("the drill writer could not commit through the writer endpoint before the fault")
         patroni_pid, pg = _member_pids(dep, old)
+        if not pg or (mode != "crash" and patroni_pid is None):
+            raise DeploymentError(f"cannot find the processes of {old} to injure", hint="see `pgbridge status`")
         t0 = time.monotonic()
         if mode == "crash":
-            if pg:
-                os.kill(pg[0], signal.SIGKILL)
+            os.kill(pg[0], signal.SIGKILL)
         elif mode == "kill":
             # The host is gone: nothing of it may run again until the drill brings it back. Its
             # Patroni file stays hidden until then, so each restart supervisord tries fails (a
@@ -203,7 +204,8 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
         else:
             stopped = [p for p in (patroni_pid, *pg) if p]
             for pid in stopped:
-                os.kill(pid, signal.SIGSTOP)
+                with contextlib.suppress(ProcessLookupError):  # a backend may end meanwhile
+                    os.kill(pid, signal.SIGSTOP)
         if mode == "crash":  # Patroni fails over or restarts in place; either way, writes resume
             rto = _wait_recovered(writer, t0, timeout)
             new = leader_of(dep.cluster_view()) or old

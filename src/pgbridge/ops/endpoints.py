@@ -109,7 +109,7 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
     files, user, store = _files(dep), dep.settings.user, dep.secrets
     cfg = haproxy.render_config(haproxy_input(dep, ports))
     changed: set[str] = set()
-    if _write_checked(dep, files["haproxy"], cfg, haproxy_bin):
+    if _write_checked(files["haproxy"], cfg, haproxy_bin):
         changed.add(HAPROXY)
     ini = pgbouncer.render_ini(pgbouncer_input(dep, ports))
     console_password = store.get(CONSOLE_SECRET).reveal()
@@ -140,7 +140,7 @@ def _kept_console_secret(userlist: str, password: str) -> str | None:
     return None
 
 
-def _write_checked(dep: Deployment, path: Path, text: str, haproxy_bin: Path) -> bool:
+def _write_checked(path: Path, text: str, haproxy_bin: Path) -> bool:
     """Replace HAProxy's config only with one HAProxy itself accepts."""
     if path.exists() and path.read_text() == text:
         return False

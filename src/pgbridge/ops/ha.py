@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.ops.context import Deployment
 from pgbridge.platform import etcd
-from pgbridge.platform.patroni import PatroniAPI, leader_of
+from pgbridge.platform.patroni import RUNNING_STATES, PatroniAPI, leader_of
 from pgbridge.platform.postgres import admin_connection
 
 
@@ -40,7 +41,7 @@ def patroni_paused(dep: Deployment, programs: list[str], timeout: float = 60) ->
     view: dict[str, Any] = {}
     with contextlib.suppress(TransientError):
         view = dep.cluster_view()
-    running = [str(m["name"]) for m in view.get("members", []) if m.get("state") == "running"]
+    running = [str(m["name"]) for m in view.get("members", []) if m.get("state") in RUNNING_STATES]
     if not members or not running:
         yield  # nothing serves yet, so there is nothing to keep up
         return
@@ -57,6 +58,11 @@ def patroni_paused(dep: Deployment, programs: list[str], timeout: float = 60) ->
             with contextlib.suppress(TransientError, DeploymentError):
                 dep.patroni(m).patch_config({"pause": None})
                 break
+        else:
+            if sys.exc_info()[0] is None:  # an error already on its way says more
+                raise DeploymentError(
+                    "Patroni is still in maintenance mode: no automatic failover", hint="run `pgbridge up` again"
+                )
 
 
 def _wait_members(
@@ -125,7 +131,6 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
 class Switched:
     old: str
     new: str
-    seconds: float
 
 
 def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 90) -> Switched:
@@ -143,9 +148,7 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
         able = [
             m
             for m in view.get("members", [])
-            if m.get("name") != old
-            and m.get("state") in ("running", "streaming")
-            and not m.get("tags", {}).get("nofailover")
+            if m.get("name") != old and m.get("state") in RUNNING_STATES and not m.get("tags", {}).get("nofailover")
         ]
         sync = [m for m in able if m.get("role") == "sync_standby"]
         pick = (sync or able)[:1]
@@ -160,7 +163,7 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     while time.monotonic() < deadline:
         try:
             if leader_of(dep.cluster_view()) == candidate:
-                return Switched(old, candidate, time.monotonic() - t0)
+                return Switched(old, candidate)
         except TransientError:
             pass
         time.sleep(0.2)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import psycopg
 import yaml
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgbridge.errors import CheckFailed, DeploymentError, NotFoundError, PgbridgeError, UsageError
 from pgbridge.home import Home
@@ -105,9 +106,8 @@ class Scratch:
     port: int
     settings: Settings
 
-    @property
-    def conninfo(self) -> str:
-        return f"host={self.sock} port={self.port} user=postgres dbname=postgres connect_timeout=5"
+    def dsn(self, dbname: str = "postgres") -> str:
+        return make_conninfo(host=str(self.sock), port=self.port, user="postgres", dbname=dbname, connect_timeout=5)
 
     def pg(self, name: str, *args: str, timeout: float = 600, what: str = "") -> str:
         argv = self.settings.user.command([str(self.settings.binaries.pg(name)), *args])
@@ -181,7 +181,7 @@ def recovered(
 def _wait_promoted(s: Scratch, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(psycopg.Error), psycopg.connect(s.conninfo, autocommit=True) as c:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(s.dsn(), autocommit=True) as c:
             row = c.execute("SELECT pg_is_in_recovery()").fetchone()
             if row is not None and not row[0]:
                 return
@@ -237,13 +237,12 @@ def new_spec(src: Spec, name: str) -> tuple[Spec, str]:
 def restore(src: Deployment, name: str, target: Target, step: Step = lambda s: None) -> dict[str, Any]:
     from pgbridge.ops.up import deployment_lock, up
 
-    backup_ops.require_enabled(src)
+    pb = backup_ops.require_enabled(src)
     if not re.match(NAME_RE, name):
         raise UsageError(f"{name!r} is not a deployment name", hint="lower-case letters, digits and '-'")
     home = Home(src.home.root.parent / name)
     if home.root.exists() or name == src.spec.name:
         raise UsageError(f"the name {name!r} is already in use ({home.root})", hint="choose another --name")
-    pb = backup_ops.tool(src.settings, src.home, src.spec.name)
     step("checking the target")
     if target.kind != "snapshot":
         # With the source alive, close the current WAL segment so `latest` includes every commit so far.
@@ -279,10 +278,10 @@ def restore(src: Deployment, name: str, target: Target, step: Step = lambda s: N
 
 def _counts(s: Scratch) -> dict[str, int]:
     out: dict[str, int] = {}
-    with psycopg.connect(s.conninfo, autocommit=True) as c:
+    with psycopg.connect(s.dsn(), autocommit=True) as c:
         dbs = [r[0] for r in c.execute("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate")]
     for db in dbs:
-        with psycopg.connect(s.conninfo.replace("dbname=postgres", f"dbname={db}"), autocommit=True) as c:
+        with psycopg.connect(s.dsn(db), autocommit=True) as c:
             tables = c.execute(
                 "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                 " WHERE c.relkind IN ('r', 'p', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
@@ -298,7 +297,7 @@ def _counts(s: Scratch) -> dict[str, int]:
 
 def _user_checks(s: Scratch, spec: Spec) -> list[dict[str, Any]]:
     results = []
-    dsn = s.conninfo.replace("dbname=postgres", f"dbname={spec.database.name}")
+    dsn = s.dsn(spec.database.name)
     for check in spec.backup.drill.checks:
         try:
             with psycopg.connect(dsn, autocommit=True) as c:
@@ -313,9 +312,8 @@ def _user_checks(s: Scratch, spec: Spec) -> list[dict[str, Any]]:
 def drill(settings: Settings, home: Home, *, scheduled: bool = False) -> dict[str, Any]:
     """Restore the latest backup to a scratch instance, check it, record the time, remove it."""
     dep = Deployment(settings, home)
-    backup_ops.require_enabled(dep)
+    pb = backup_ops.require_enabled(dep)
     spec = dep.spec
-    pb = backup_ops.tool(settings, home, spec.name)
     base = backup_ops.layout(home).scratch / f"drill-{int(time.time())}"
     result: dict[str, Any] = {"time": time.time(), "ok": False, "scheduled": scheduled}
     what = "scheduled restore drill" if scheduled else "restore drill"
@@ -327,7 +325,7 @@ def drill(settings: Settings, home: Home, *, scheduled: bool = False) -> dict[st
         with recovered(pb, settings, base, resolved) as s:
             result["restore_seconds"] = time.monotonic() - t0
             t1 = time.monotonic()
-            with psycopg.connect(s.conninfo, autocommit=True) as c:
+            with psycopg.connect(s.dsn(), autocommit=True) as c:
                 row = c.execute("SELECT now()").fetchone()
             try:
                 s.pg("pg_amcheck", "-h", str(s.sock), "-p", str(s.port), "-U", "postgres", "--all",
@@ -341,22 +339,23 @@ def drill(settings: Settings, home: Home, *, scheduled: bool = False) -> dict[st
             result["restored_at"] = row[0].timestamp() if row else None
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
         if result["amcheck"] != "ok" or failed:
-            what = ("pg_amcheck found damage; " if result["amcheck"] != "ok" else "") + (
+            why = ("pg_amcheck found damage; " if result["amcheck"] != "ok" else "") + (
                 f"checks failed: {', '.join(failed)}" if failed else ""
             )
-            raise CheckFailed(f"restore drill: {what.strip('; ')}")
+            raise CheckFailed(f"restore drill: {why.strip('; ')}")
         result["ok"] = True
         tables = len(result["row_counts"])
         events.record(dep, "drill-restore", f"{what} passed: restored in {result['restore_seconds']:.1f}s,"
                       f" {tables} tables counted, {len(result['checks'])} checks passed",
                       restore_seconds=result["restore_seconds"], tables=tables, scheduled=scheduled)  # fmt: skip
         return result
-    except PgbridgeError as e:
-        result["error"] = e.message
-        events.record(dep, "drill-restore-failed", f"{what} FAILED: {e.message}", scheduled=scheduled)
+    except (PgbridgeError, psycopg.Error, OSError) as e:  # the scratch instance failing is a failed drill too
+        message = e.message if isinstance(e, PgbridgeError) else str(e).strip()
+        result["error"] = message
+        events.record(dep, "drill-restore-failed", f"{what} FAILED: {message}", scheduled=scheduled)
         if isinstance(e, CheckFailed):
             raise
-        raise CheckFailed(f"restore drill failed: {e.message}") from None
+        raise CheckFailed(f"restore drill failed: {message}") from None
     finally:
         backup_ops.record_drill(home, settings, result)
         shutil.rmtree(base, ignore_errors=True)

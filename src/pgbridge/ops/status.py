@@ -18,6 +18,7 @@ from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.up import catalogue_for, pending_reboot
 from pgbridge.plan.params import ParamValue, with_defaults
 from pgbridge.platform import haproxy
+from pgbridge.platform.patroni import RUNNING_STATES
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.tls import cert_info
 
@@ -50,7 +51,7 @@ def _members(dep: Deployment) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "role": role,
-                "state": "running" if m.get("state") in ("running", "streaming") else m.get("state"),
+                "state": "running" if m.get("state") in RUNNING_STATES else m.get("state"),
                 "port": m.get("port"),
                 "timeline": m.get("timeline"),
                 "lag_bytes": lag if isinstance(lag, int) else None,

@@ -57,6 +57,8 @@ def is_loaded(dep: Deployment) -> bool:
             return loaded(conn, t.schema)
         except psycopg.errors.UndefinedTable:
             return False
+        except psycopg.Error as e:
+            raise DeploymentError(f"cannot read the shop's catalogue: {str(e).strip()}") from None
 
 
 def workload(

@@ -120,6 +120,10 @@ exec {bindir}/psql "$1" -X -q -v ON_ERROR_STOP=1 -c "CREATE ROLE {admin_role} LO
 """
 
 
+# A member's PostgreSQL serves in these GET /cluster states (a streaming replica says "streaming").
+RUNNING_STATES = ("running", "streaming")
+
+
 def leader_of(view: dict[str, Any]) -> str | None:
     """The member running as primary in a GET /cluster answer, if any."""
     for m in view.get("members", []):

@@ -202,7 +202,8 @@ class Supervisor:
         """
         proxy = self._proxy()
         added, changed, removed = proxy.supervisor.reloadConfig()[0]
-        running = {n for n, i in self.processes().items() if i.get("statename") in ("RUNNING", "STARTING", "BACKOFF")}
+        states = self.processes() if changed else {}
+        running = {n for n, i in states.items() if i.get("statename") in ("RUNNING", "STARTING", "BACKOFF")}
         for name in removed:
             with contextlib.suppress(xmlrpc.client.Fault):
                 proxy.supervisor.stopProcessGroup(name)

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from pgbridge.errors import UsageError
-from pgbridge.workload.schema import quote_ident
+from pgbridge.types import quote_ident
 
 _FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 

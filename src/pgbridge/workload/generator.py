@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
+from pgbridge.types import quote_ident
 from pgbridge.workload.mix import Mix, Schedule
-from pgbridge.workload.schema import quote_ident
 from pgbridge.workload.stats import Recorder
 
 CATEGORIES = ("kitchen", "home", "outdoor", "audio", "furniture", "office", "fashion", "sport")
@@ -312,6 +312,10 @@ class Workload:
                 if shop.c.closed or shop.c.broken:
                     shop.c.close()
                     shop = None
+            except Exception as e:  # a bug must stop the run loudly, not quietly lower its rate
+                self.fatal = f"{kind}: {e}"
+                self.stop.set()
+                break
         if shop is not None:
             shop.c.close()
 

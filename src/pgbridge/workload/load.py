@@ -18,7 +18,8 @@ from typing import Any
 import psycopg
 
 from pgbridge.errors import UsageError
-from pgbridge.workload.schema import ddl, quote_ident
+from pgbridge.types import quote_ident
+from pgbridge.workload.schema import ddl
 
 BASE = {"customers": 20_000, "products": 5_000, "orders": 100_000, "searches": 150_000, "carts": 2_000}
 MAX_SCALE = 100.0

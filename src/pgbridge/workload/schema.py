@@ -9,6 +9,8 @@ so the CDC path meets TOAST values. Every table has a primary key, which the pip
 
 from __future__ import annotations
 
+from pgbridge.types import quote_ident
+
 TABLES = (
     "customers", "products", "inventory", "carts", "cart_items", "orders", "order_items", "payments", "search_log",
 )  # fmt: skip
@@ -16,7 +18,6 @@ TABLES = (
 ORDER_STATUSES = ("pending", "paid", "shipped", "cancelled", "refunded")
 PAYMENT_STATUSES = ("pending", "captured", "failed", "refunded", "voided")
 # Revenue counts orders whose money was taken and kept.
-REVENUE_STATUSES = ("paid", "shipped")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {s}.customers (
@@ -98,10 +99,6 @@ CREATE TABLE IF NOT EXISTS {s}.search_log (
 );
 CREATE INDEX IF NOT EXISTS search_log_created_idx ON {s}.search_log (created_at);
 """
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _in_list(values: tuple[str, ...]) -> str:

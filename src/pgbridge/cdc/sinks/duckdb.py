@@ -28,7 +28,7 @@ from pgbridge.cdc.reduce import UNCHANGED, Cell, TableDelta
 from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable, StagedChanges
 from pgbridge.cdc.typemap import duckdb_cast_expr
 from pgbridge.errors import PgbridgeError
-from pgbridge.types import LSN
+from pgbridge.types import LSN, quote_ident
 
 META_SCHEMA = "_pgbridge"
 
@@ -37,8 +37,7 @@ class SinkError(PgbridgeError):
     """The warehouse refused a write (a value it cannot hold, a damaged file, ...)."""
 
 
-def qi(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+qi = quote_ident
 
 
 def _text(v: Cell) -> str | None:
@@ -93,20 +92,17 @@ class DuckDBSink:
             f"INSERT OR REPLACE INTO {META_SCHEMA}.checkpoint VALUES (?, ?, now())", [self.pipeline, int(lsn)]
         )
         if confirm is not None:
-            self._position(confirm)
+            self.note_position(confirm)
         self.con.execute("COMMIT")
         self._in_tx = False
 
-    def _position(self, lsn: LSN) -> None:
+    def note_position(self, lsn: LSN) -> None:
+        """Record that the slot is about to be confirmed up to ``lsn`` (in a batch, or outside one)."""
         self.con.execute(
             f"INSERT INTO {META_SCHEMA}.slot_position VALUES (?, ?)"
             " ON CONFLICT (pipeline) DO UPDATE SET lsn = greatest(lsn, excluded.lsn)",
             [self.pipeline, int(lsn)],
         )
-
-    def note_position(self, lsn: LSN) -> None:
-        """Record, outside any batch, that the slot is about to be confirmed up to ``lsn``."""
-        self._position(lsn)
 
     def position(self) -> LSN | None:
         row = self.con.execute(
