@@ -6,7 +6,16 @@ import duckdb
 import pytest
 
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
-from pgbridge.cdc.snapshot import SourceColumn, SourceTable, _parse, _statements, sink_table
+from pgbridge.cdc.snapshot import (
+    _CHUNK_BYTES,
+    SourceColumn,
+    SourceTable,
+    _next_span,
+    _parse,
+    _span_end,
+    _statements,
+    sink_table,
+)
 from pgbridge.cdc.typemap import duckdb_type
 
 # (pg type oid, atttypmod, PostgreSQL text values as COPY prints them with pgbridge's session settings)
@@ -113,3 +122,11 @@ def test_only_exact_parsers_are_used() -> None:
     plan = _statements(st, stt, "s.t")
     assert plan.types[1:] == (None,) * 5  # numeric text, uuid, interval, jsonb, text[]: cast in SQL
     assert isinstance(stt.columns[0], SinkColumn)
+
+
+def test_spans_cover_a_range_and_follow_the_text_size() -> None:
+    assert _span_end(0, 64, 100, 1000) == 64 and _span_end(64, 64, 100, 1000) == 100
+    assert _span_end(900, 64, None, 1000) == 964 and _span_end(960, 64, None, 1000) is None
+    assert _span_end(0, 64, None, 0) is None  # an empty table: one open-ended COPY
+    assert _next_span(64, _CHUNK_BYTES // 2) == 128 and _next_span(64, _CHUNK_BYTES * 64) == 1
+    assert _next_span(64, 0) == 256  # empty pages: look further, but not unboundedly
