@@ -7,8 +7,8 @@ reader on its own connection that imports the snapshot. A reader copies its rang
 ``COPY ... TO STDOUT`` statements over page spans of about 4 MB of text each, which psycopg2's
 ``copy_expert`` gathers in C (a Python loop over libpq's row messages costs the client nearly twice
 the CPU, and on a small host the client and the server share the cores), Arrow's C++ CSV reader
-parses each span outside the GIL, and the one writer casts the string columns set-based in DuckDB
-(:func:`~pgbridge.cdc.typemap.duckdb_cast_expr`).
+parses each span outside the GIL, and each reader's writer inserts the chunks on its own DuckDB
+cursor, casting the string columns set-based (:func:`~pgbridge.cdc.typemap.duckdb_cast_expr`).
 
 Resuming. Each range is written in its own DuckDB transaction together with its row in
 ``_pgbridge.load_progress``, which names the snapshot (and its consistent LSN) the rows are as of:
@@ -455,7 +455,7 @@ class _Job:
     start: int
     end: int | None
     rows: int = 0
-    cursor: Any = None  # the range's own DuckDB connection, holding its open transaction
+    begun: bool = False  # its DuckDB transaction is open (on its writer's cursor)
 
 
 _PARSE: Final = pcsv.ParseOptions(
@@ -482,6 +482,7 @@ def _arrow_type(ct: ColumnType) -> pa.DataType | None:
 
 
 _Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
+_Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range being parsed; None: range read
 _ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
 
 
@@ -720,7 +721,13 @@ def load_snapshot(
 
 
 class _Loader:
-    """One load: reader threads (each with its own connection), a parser pool, the writer (the caller)."""
+    """One load: reader threads (each with its own connection), a parser pool, a writer per reader.
+
+    Reader *i* hands its parsed chunks to writer *i*, which inserts them on its own DuckDB cursor,
+    one transaction per range. The caller's thread keeps the account and reports progress. A writer
+    per reader because the DuckDB side (the insert, and compressing row groups as they fill and at
+    commit) is about half of the client's CPU: a single writer was the slowest stage.
+    """
 
     def __init__(
         self,
@@ -736,8 +743,8 @@ class _Loader:
         self.states: list[_State] = []
         self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        # (job, parsed chunk | None when the range is done | the exception a reader hit); bounded: memory stays bounded
-        self.out: queue.Queue[tuple[_Job | None, Future[_Parsed] | BaseException | None]] = queue.Queue(2 * workers)
+        # (job, rows inserted | None: its range is committed) or (None, the exception a reader or writer hit)
+        self.events: queue.SimpleQueue[tuple[_Job | None, int | BaseException | None]] = queue.SimpleQueue()
         self.parsers = ThreadPoolExecutor(workers, thread_name_prefix="pgbridge-parse")
 
     def prepare(self, st: SourceTable, policy: MappingPolicy | None, resume: bool, per_range: int) -> list[_Job]:
@@ -766,7 +773,7 @@ class _Loader:
         state.ranges_total = state.ranges_skipped + len(ranges)
         return [_Job(state, a, b) for a, b in ranges]
 
-    def read(self) -> None:
+    def read(self, lane: queue.Queue[_Chunk | None]) -> None:
         """A reader thread: imports the snapshot, then copies ranges until none are left.
 
         A range is read as a series of ``COPY`` statements over consecutive page spans, each sized
@@ -791,6 +798,7 @@ class _Loader:
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
+                    lane.put(None)
                     return
                 plan, start = job.state.plan, job.start
                 while True:
@@ -801,41 +809,51 @@ class _Loader:
                         raise _Stopped
                     size = out.tell()
                     if size:
-                        self.out.put((job, self.parsers.submit(_parse, out.getvalue(), plan.types, check_utf8)))
+                        lane.put((job, self.parsers.submit(_parse, out.getvalue(), plan.types, check_utf8)))
                     if end is None or end == job.end:
                         break
                     span = _next_span(end - start, size)
                     start = end
-                self.out.put((job, None))
+                lane.put((job, None))
         except _Stopped:
             pass
         except psycopg2.Error as exc:
-            self.out.put((None, _source_error(exc.pgcode, str(exc), "reading failed")))
-        except BaseException as exc:  # a PgbridgeError, or a bug: the writer raises it either way
-            self.out.put((None, exc))
+            self.events.put((None, _source_error(exc.pgcode, str(exc), "reading failed")))
+        except BaseException as exc:  # a PgbridgeError, or a bug: the caller raises it either way
+            self.events.put((None, exc))
         finally:
             if conn is not None:
                 conn.close()  # also abandons a COPY in flight
 
     def run(self, pending: list[_Job]) -> None:
-        """The writer: one DuckDB transaction per range, committed with its progress record."""
+        """Start the readers and writers; account for what they did until every range is committed."""
         for pending_job in pending:
             self.jobs.put(pending_job)
         n = min(self.workers, len(pending))
-        threads = [threading.Thread(target=self.read, name=f"pgbridge-load-{i}") for i in range(n)]
-        for t in threads:
+        lanes: list[queue.Queue[_Chunk | None]] = [queue.Queue(2) for _ in range(n)]  # bounded: so is memory
+        cursors = [self.sink.con.cursor() for _ in range(n)]
+        readers = [threading.Thread(target=self.read, args=(lanes[i],), name=f"pgbridge-load-{i}") for i in range(n)]
+        writers = [
+            threading.Thread(target=self.write, args=(lanes[i], cursors[i]), name=f"pgbridge-write-{i}")
+            for i in range(n)
+        ]
+        for t in readers + writers:
             t.start()
         remaining, last = len(pending), time.monotonic()
         try:
             while remaining:
-                job, payload = self.out.get()
+                job, what = self.events.get()
                 if job is None:
-                    assert isinstance(payload, BaseException)
-                    raise payload
+                    assert isinstance(what, BaseException)
+                    raise what
                 state = job.state
                 state.started = state.started or time.monotonic()
-                self.write(job, payload if isinstance(payload, Future) else None)
-                remaining -= payload is None
+                if what is None:
+                    state.ranges_done += 1
+                    remaining -= 1
+                else:
+                    assert isinstance(what, int)
+                    state.rows_now += what
                 now = time.monotonic()
                 if state.ranges_done + state.ranges_skipped == state.ranges_total:
                     state.finished = now
@@ -848,41 +866,63 @@ class _Loader:
                             self.progress(s.progress(now))
         finally:
             self.stop.set()
-            for pending_job in pending:
-                if pending_job.cursor is not None:
-                    with contextlib.suppress(duckdb.Error):
-                        pending_job.cursor.close()  # rolls its open transaction back
-            for t in threads:
-                while t.is_alive():  # drain, so that no reader stays blocked on the full queue
-                    with contextlib.suppress(queue.Empty):
-                        self.out.get(timeout=0.1)
+            for t in readers:
+                while t.is_alive():  # drain, so that no reader stays blocked on a full lane
+                    for lane in lanes:
+                        with contextlib.suppress(queue.Empty):
+                            lane.get_nowait()
                     t.join(0.05)
+            for t in writers:
+                t.join()  # each rolls back the range it had open
+            for cursor in cursors:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.close()
             self.parsers.shutdown(cancel_futures=True)
 
-    def write(self, job: _Job, chunk: Future[_Parsed] | None) -> None:
+    def write(self, lane: queue.Queue[_Chunk | None], cursor: duckdb.DuckDBPyConnection) -> None:
+        """A writer thread: one DuckDB transaction per range, committed with its progress record."""
+        job: _Job | None = None
+        try:
+            while not self.stop.is_set():
+                try:
+                    item = lane.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                job, chunk = item
+                self.events.put((job, self._write(cursor, job, chunk)))
+                if chunk is None:
+                    job = None
+        except BaseException as exc:
+            self.events.put((None, exc))
+        finally:
+            if job is not None and job.begun:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+
+    def _write(self, cursor: duckdb.DuckDBPyConnection, job: _Job, chunk: Future[_Parsed] | None) -> int | None:
+        """Insert a chunk of ``job``'s range (returns its rows), or commit the range (returns None)."""
         state = job.state
         try:
-            if job.cursor is None:
-                job.cursor = self.sink.con.cursor()
-                job.cursor.execute("BEGIN TRANSACTION")
+            if not job.begun:
+                cursor.execute("BEGIN TRANSACTION")
+                job.begun = True
             if chunk is not None:
                 try:
                     table, typed = chunk.result()
                 except (pa.ArrowInvalid, UnicodeError) as exc:
                     raise SnapshotError(f"unexpected COPY output from {state.st.qualified}: {exc}") from None
-                job.cursor.register("_pgb_load", table)
-                job.cursor.execute(state.plan.insert_typed if typed else state.plan.insert_text)
-                job.cursor.unregister("_pgb_load")
+                cursor.register("_pgb_load", table)
+                cursor.execute(state.plan.insert_typed if typed else state.plan.insert_text)
+                cursor.unregister("_pgb_load")
                 job.rows += table.num_rows
-                state.rows_now += table.num_rows
-                return
-            job.cursor.execute(
+                return int(table.num_rows)
+            cursor.execute(
                 f"INSERT INTO {PROGRESS_TABLE} VALUES (?, ?, ?, ?, ?, now(), ?, ?)",
                 [self.sink.pipeline, state.st.qualified, job.start, job.end, job.rows, *self.ident],
             )
-            job.cursor.execute("COMMIT")
-            job.cursor.close()
-            job.cursor = None
-            state.ranges_done += 1
+            cursor.execute("COMMIT")
+            return None
         except duckdb.Error as exc:
             raise SinkError(f"loading {state.st.qualified} into the warehouse failed: {exc}") from None
