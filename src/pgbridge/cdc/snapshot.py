@@ -481,6 +481,19 @@ def _arrow_type(ct: ColumnType) -> pa.DataType | None:
     return None
 
 
+def _parse_pool() -> pa.MemoryPool:
+    """Arrow's jemalloc pool where the build has it: it keeps freed pages for reuse a while.
+
+    The default (mimalloc) handed a chunk's pages back and faulted fresh, zeroed (huge) pages in for
+    the next: a third to a half CPU-second of kernel time per 2M rows of order_items on 2 cores.
+    """
+    try:
+        return pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowException):
+        return pa.default_memory_pool()
+
+
+_POOL: Final = _parse_pool()
 _Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
 _Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range being parsed; None: range read
 _ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
@@ -508,7 +521,7 @@ def _parse(buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_ut
             strings_can_be_null=True,
             check_utf8=check_utf8,
         )
-        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert)
+        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert, memory_pool=_POOL)
 
     table = None
     if typed:
