@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import duckdb
+import pyarrow as pa
 import pytest
 
+from pgbridge.cdc import snapshot
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
 from pgbridge.cdc.snapshot import (
     _CHUNK_BYTES,
@@ -12,6 +16,7 @@ from pgbridge.cdc.snapshot import (
     SourceTable,
     _next_span,
     _parse,
+    _pieces,
     _span_end,
     _statements,
     sink_table,
@@ -130,3 +135,21 @@ def test_spans_cover_a_range_and_follow_the_text_size() -> None:
     assert _span_end(0, 64, None, 0) is None  # an empty table: one open-ended COPY
     assert _next_span(64, _CHUNK_BYTES // 2) == 128 and _next_span(64, _CHUNK_BYTES * 64) == 1
     assert _next_span(64, 0) == 256  # empty pages: look further, but not unboundedly
+
+
+def test_a_span_is_parsed_in_line_aligned_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 10)
+    text = b"".join(b"%d\tx%d\n" % (i, i) for i in range(100)) + b"7\t" + b"y" * 40 + b"\n"
+    pieces = _pieces(text)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(text) and len(pieces) > 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert all(text[b - 1 : b] == b"\n" and b - a >= 10 for a, b in pieces[:-1])
+    assert _pieces(b"") == [(0, 0)] and _pieces(b"1\t" + b"z" * 30 + b"\n") == [(0, 33)]
+    rows = [
+        r
+        for a, b in pieces
+        for r in zip(
+            *_parse(text, (pa.int64(), None), check_utf8=True, piece=(a, b))[0].to_pydict().values(), strict=True
+        )
+    ]
+    assert rows == [*((i, f"x{i}") for i in range(100)), (7, "y" * 40)]

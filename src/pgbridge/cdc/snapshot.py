@@ -499,8 +499,12 @@ _Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range b
 _ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
 
 
-def _parse(buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_utf8: bool) -> tuple[pa.Table, bool]:
-    """COPY text lines -> columns ``c0..`` (``\\N`` -> NULL); True when they are typed as ``types`` says.
+def _parse(
+    buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_utf8: bool, piece: tuple[int, int] | None = None
+) -> tuple[pa.Table, bool]:
+    """COPY text lines (``buf[start:stop]`` for a ``piece``) -> columns ``c0..`` (``\\N`` -> NULL).
+
+    The second value is True when the columns are typed as ``types`` says.
 
     Columns without a type (and every column, when Arrow refuses a value of a typed one) hold
     PostgreSQL's text; fields with backslash escapes are undone with
@@ -509,8 +513,9 @@ def _parse(buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_ut
     """
     names = [f"c{i}" for i in range(len(types))]
     typed = any(t is not None for t in types)
-    data = pa.py_buffer(buf)
-    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=len(buf) + 1)
+    start, stop = piece or (0, len(buf))
+    data = pa.py_buffer(buf).slice(start, stop - start)  # no copy
+    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=stop - start + 1)
 
     def parse(column_types: dict[str, pa.DataType]) -> pa.Table:
         convert = pcsv.ConvertOptions(
@@ -530,7 +535,7 @@ def _parse(buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_ut
     if table is None:
         typed = False
         table = parse(dict.fromkeys(names, pa.string()))
-    if buf.count(b"\\") == buf.count(b"\\N"):
+    if buf.count(b"\\", start, stop) == buf.count(b"\\N", start, stop):
         return table, typed  # every backslash starts a NULL (COPY doubles literal ones): nothing to unescape
     for i in range(len(types)):
         if typed and types[i] is not None:
@@ -663,7 +668,7 @@ def copy_rows(
     return rows
 
 
-_FIRST_SPAN: Final = 64  # pages in a range's first COPY; the next ones are sized from what it returned
+_FIRST_SPAN: Final = 8  # pages in a reader's first COPY; the next ones are sized from what the last returned
 
 
 def _span_end(start: int, span: int, end: int | None, pages: int) -> int | None:
@@ -683,6 +688,22 @@ def _next_span(pages: int, size: int) -> int:
     if size <= 0:
         return pages * 4
     return max(1, min(pages * 4, pages * _CHUNK_BYTES // size))
+
+
+def _pieces(text: bytes) -> list[tuple[int, int]]:
+    """``text`` (whole COPY lines) cut at line ends into pieces of about ``_CHUNK_BYTES`` (the last up to 1.5x).
+
+    A span's text can exceed its aim (its rows are wider than the last span's); its pieces still
+    parse in chunks of the size Arrow parses best, and no string column nears Arrow's 2 GB limit.
+    """
+    pieces, start = [], 0
+    while len(text) - start > _CHUNK_BYTES * 3 // 2:
+        cut = text.find(b"\n", start + _CHUNK_BYTES - 1) + 1
+        if cut >= len(text):
+            break
+        pieces.append((start, cut))
+        start = cut
+    return [*pieces, (start, len(text))]
 
 
 def _where(start: int, end: int | None) -> str:
@@ -821,8 +842,9 @@ class _Loader:
                     if self.stop.is_set():
                         raise _Stopped
                     size = out.tell()
-                    if size:
-                        lane.put((job, self.parsers.submit(_parse, out.getvalue(), plan.types, check_utf8)))
+                    text = out.getvalue()  # BytesIO's own buffer: no copy
+                    for piece in _pieces(text) if size else ():
+                        lane.put((job, self.parsers.submit(_parse, text, plan.types, check_utf8, piece)))
                     if end is None or end == job.end:
                         break
                     span = _next_span(end - start, size)
