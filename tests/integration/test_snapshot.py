@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgbridge.cdc import snapshot
 from pgbridge.cdc.sinks.duckdb import DuckDBSink, SinkError
 from pgbridge.cdc.snapshot import (
     LoadProgress,
@@ -206,7 +207,6 @@ def test_multi_range_load_equals_source(pg: Server, sink: DuckDBSink, slot: str)
             sink,
             workers=3,
             pages_per_range=3,
-            chunk_rows=100,
             consistent_lsn=snap.consistent_lsn,
             progress=seen.append,
             progress_every_s=0,
@@ -224,6 +224,25 @@ def test_multi_range_load_equals_source(pg: Server, sink: DuckDBSink, slot: str)
         [f"{s}.mixed"],
     ).fetchall()
     assert len(ranges) == t.ranges and sum(r[2] for r in ranges) == 3000 and ranges[-1][1] is None
+
+
+def test_a_range_read_in_several_copies_equals_source(
+    pg: Server, sink: DuckDBSink, slot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader copies a range as several COPY statements over page spans sized from what came back."""
+    s = _schema(pg)
+    _mixed_table(pg, f"{s}.mixed", 3000)
+    pg.sql(f"VACUUM ANALYZE {s}.mixed")
+    [table] = pg.tables([f"{s}.mixed"])
+    monkeypatch.setattr(snapshot, "_FIRST_SPAN", 1)
+    monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 20_000)
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        pg.sql(f"INSERT INTO {s}.mixed (id) SELECT g FROM generate_series(100001, 103000) g")  # new pages: not seen
+        report = load_snapshot(pg.dsn, snap.snapshot_name, [table], sink, workers=2, pages_per_range=7)
+    [t] = report.tables
+    assert t.rows == 3000 and t.ranges == len(plan_ranges(table.pages, 7))
+    pg.sql(f"DELETE FROM {s}.mixed WHERE id > 100000")
+    assert _duck_rows(sink, f'"{s}".mixed') == _pg_rows(pg, f"{s}.mixed")
 
 
 def test_load_is_as_of_the_slot_snapshot(pg: Server, sink: DuckDBSink, slot: str) -> None:

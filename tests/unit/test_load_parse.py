@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+
 import duckdb
+import pyarrow as pa
 import pytest
 
+from pgbridge.cdc import snapshot
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
-from pgbridge.cdc.snapshot import SourceColumn, SourceTable, _parse, _statements, sink_table
+from pgbridge.cdc.snapshot import (
+    _CHUNK_BYTES,
+    SourceColumn,
+    SourceTable,
+    _next_span,
+    _parse,
+    _pieces,
+    _span_end,
+    _statements,
+    sink_table,
+)
 from pgbridge.cdc.typemap import duckdb_type
 
 # (pg type oid, atttypmod, PostgreSQL text values as COPY prints them with pgbridge's session settings)
@@ -113,3 +127,29 @@ def test_only_exact_parsers_are_used() -> None:
     plan = _statements(st, stt, "s.t")
     assert plan.types[1:] == (None,) * 5  # numeric text, uuid, interval, jsonb, text[]: cast in SQL
     assert isinstance(stt.columns[0], SinkColumn)
+
+
+def test_spans_cover_a_range_and_follow_the_text_size() -> None:
+    assert _span_end(0, 64, 100, 1000) == 64 and _span_end(64, 64, 100, 1000) == 100
+    assert _span_end(900, 64, None, 1000) == 964 and _span_end(960, 64, None, 1000) is None
+    assert _span_end(0, 64, None, 0) is None  # an empty table: one open-ended COPY
+    assert _next_span(64, _CHUNK_BYTES // 2) == 128 and _next_span(64, _CHUNK_BYTES * 64) == 1
+    assert _next_span(64, 0) == 256  # empty pages: look further, but not unboundedly
+
+
+def test_a_span_is_parsed_in_line_aligned_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 10)
+    text = b"".join(b"%d\tx%d\n" % (i, i) for i in range(100)) + b"7\t" + b"y" * 40 + b"\n"
+    pieces = _pieces(text)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(text) and len(pieces) > 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert all(text[b - 1 : b] == b"\n" and b - a >= 10 for a, b in pieces[:-1])
+    assert _pieces(b"") == [(0, 0)] and _pieces(b"1\t" + b"z" * 30 + b"\n") == [(0, 33)]
+    rows = [
+        r
+        for a, b in pieces
+        for r in zip(
+            *_parse(text, (pa.int64(), None), check_utf8=True, piece=(a, b))[0].to_pydict().values(), strict=True
+        )
+    ]
+    assert rows == [*((i, f"x{i}") for i in range(100)), (7, "y" * 40)]

@@ -3,10 +3,12 @@
 The stream starts at the slot's consistent point, so the tables must be copied exactly as of the
 snapshot the slot exported, or rows are lost or doubled where load and stream meet. Reading is
 parallel across tables and across CTID ranges of a table (PostgreSQL 15 scans TID ranges), each
-reader on its own connection that imports the snapshot. A reader takes ``COPY ... TO STDOUT`` text
-from libpq a row message at a time (psycopg's ``Copy`` iterator costs 2.7x the client CPU), Arrow's
-C++ CSV reader parses whole chunks outside the GIL, and the one writer casts the string columns
-set-based in DuckDB (:func:`~pgbridge.cdc.typemap.duckdb_cast_expr`).
+reader on its own connection that imports the snapshot. A reader copies its range as a series of
+``COPY ... TO STDOUT`` statements over page spans of about 4 MB of text each, which psycopg2's
+``copy_expert`` gathers in C (a Python loop over libpq's row messages costs the client nearly twice
+the CPU, and on a small host the client and the server share the cores), Arrow's C++ CSV reader
+parses each span outside the GIL, and each reader's writer inserts the chunks on its own DuckDB
+cursor, casting the string columns set-based (:func:`~pgbridge.cdc.typemap.duckdb_cast_expr`).
 
 Resuming. Each range is written in its own DuckDB transaction together with its row in
 ``_pgbridge.load_progress``, which names the snapshot (and its consistent LSN) the rows are as of:
@@ -31,6 +33,7 @@ as pgoutput on PostgreSQL 15 leaves them out of the stream.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import queue
 import re
@@ -45,6 +48,7 @@ from typing import Any, Final
 
 import duckdb
 import psycopg
+import psycopg2
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -71,7 +75,7 @@ __all__ += ["sink_table", "table_from_definition"]
 
 PROGRESS_TABLE: Final = f"{META_SCHEMA}.load_progress"
 LOAD_LOCK_TIMEOUT: Final = "5s"
-_CHUNK_BYTES: Final = 4 << 20  # a chunk also ends at this size, whatever chunk_rows says (Arrow parses 4 MB best)
+_CHUNK_BYTES: Final = 4 << 20  # the COPY text a parse chunk aims at (Arrow parses 4 MB best)
 _BUILTIN: Final = frozenset(pg_type_names.values())
 
 
@@ -407,6 +411,7 @@ class _Plan:
     """
 
     select_sql: sql.Composable
+    select_text: str  # the same, for the loader's psycopg2 connections
     types: tuple[pa.DataType | None, ...]  # per column: what Arrow parses it to; None: text
     insert_typed: str  # from a chunk parsed with ``types``
     insert_text: str  # from a chunk parsed as text only: every column cast in SQL
@@ -450,7 +455,7 @@ class _Job:
     start: int
     end: int | None
     rows: int = 0
-    cursor: Any = None  # the range's own DuckDB connection, holding its open transaction
+    begun: bool = False  # its DuckDB transaction is open (on its writer's cursor)
 
 
 _PARSE: Final = pcsv.ParseOptions(
@@ -476,12 +481,30 @@ def _arrow_type(ct: ColumnType) -> pa.DataType | None:
     return None
 
 
+def _parse_pool() -> pa.MemoryPool:
+    """Arrow's jemalloc pool where the build has it: it keeps freed pages for reuse a while.
+
+    The default (mimalloc) handed a chunk's pages back and faulted fresh, zeroed (huge) pages in for
+    the next: a third to a half CPU-second of kernel time per 2M rows of order_items on 2 cores.
+    """
+    try:
+        return pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowException):
+        return pa.default_memory_pool()
+
+
+_POOL: Final = _parse_pool()
 _Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
+_Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range being parsed; None: range read
 _ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
 
 
-def _parse(buf: bytearray, types: Sequence[pa.DataType | None], check_utf8: bool) -> tuple[pa.Table, bool]:
-    """COPY text lines -> columns ``c0..`` (``\\N`` -> NULL); True when they are typed as ``types`` says.
+def _parse(
+    buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_utf8: bool, piece: tuple[int, int] | None = None
+) -> tuple[pa.Table, bool]:
+    """COPY text lines (``buf[start:stop]`` for a ``piece``) -> columns ``c0..`` (``\\N`` -> NULL).
+
+    The second value is True when the columns are typed as ``types`` says.
 
     Columns without a type (and every column, when Arrow refuses a value of a typed one) hold
     PostgreSQL's text; fields with backslash escapes are undone with
@@ -490,8 +513,9 @@ def _parse(buf: bytearray, types: Sequence[pa.DataType | None], check_utf8: bool
     """
     names = [f"c{i}" for i in range(len(types))]
     typed = any(t is not None for t in types)
-    data = pa.py_buffer(buf)
-    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=len(buf) + 1)
+    start, stop = piece or (0, len(buf))
+    data = pa.py_buffer(buf).slice(start, stop - start)  # no copy
+    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=stop - start + 1)
 
     def parse(column_types: dict[str, pa.DataType]) -> pa.Table:
         convert = pcsv.ConvertOptions(
@@ -502,7 +526,7 @@ def _parse(buf: bytearray, types: Sequence[pa.DataType | None], check_utf8: bool
             strings_can_be_null=True,
             check_utf8=check_utf8,
         )
-        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert)
+        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert, memory_pool=_POOL)
 
     table = None
     if typed:
@@ -511,7 +535,7 @@ def _parse(buf: bytearray, types: Sequence[pa.DataType | None], check_utf8: bool
     if table is None:
         typed = False
         table = parse(dict.fromkeys(names, pa.string()))
-    if buf.count(b"\\") == buf.count(b"\\N"):
+    if buf.count(b"\\", start, stop) == buf.count(b"\\N", start, stop):
         return table, typed  # every backslash starts a NULL (COPY doubles literal ones): nothing to unescape
     for i in range(len(types)):
         if typed and types[i] is not None:
@@ -593,7 +617,11 @@ def _statements(st: SourceTable, stt: SinkTable, target: str) -> _Plan:
     select_sql = sql.SQL("SELECT {} FROM ONLY {}").format(names, sql.Identifier(st.schema, st.name))
     insert = f"INSERT INTO {target} ({', '.join(qi(c.name) for c in stt.columns)}) SELECT"
     return _Plan(
-        select_sql, types, f"{insert} {', '.join(kept)} FROM _pgb_load", f"{insert} {', '.join(casts)} FROM _pgb_load"
+        select_sql,
+        select_sql.as_string(),
+        types,
+        f"{insert} {', '.join(kept)} FROM _pgb_load",
+        f"{insert} {', '.join(casts)} FROM _pgb_load",
     )
 
 
@@ -640,6 +668,44 @@ def copy_rows(
     return rows
 
 
+_FIRST_SPAN: Final = 8  # pages in a reader's first COPY; the next ones are sized from what the last returned
+
+
+def _span_end(start: int, span: int, end: int | None, pages: int) -> int | None:
+    """Where the COPY starting at page ``start`` of the range ending at ``end`` stops.
+
+    The span of an open-ended range that reaches past ``pages`` (the table's size when the load was
+    planned) is open-ended too, so rows in pages added since are copied.
+    """
+    stop = start + span
+    if end is None:
+        return None if stop >= pages else stop
+    return min(stop, end)
+
+
+def _next_span(pages: int, size: int) -> int:
+    """Pages for the next COPY of a range: about ``_CHUNK_BYTES`` of text, as the last ``pages`` gave ``size``."""
+    if size <= 0:
+        return pages * 4
+    return max(1, min(pages * 4, pages * _CHUNK_BYTES // size))
+
+
+def _pieces(text: bytes) -> list[tuple[int, int]]:
+    """``text`` (whole COPY lines) cut at line ends into pieces of about ``_CHUNK_BYTES`` (the last up to 1.5x).
+
+    A span's text can exceed its aim (its rows are wider than the last span's); its pieces still
+    parse in chunks of the size Arrow parses best, and no string column nears Arrow's 2 GB limit.
+    """
+    pieces, start = [], 0
+    while len(text) - start > _CHUNK_BYTES * 3 // 2:
+        cut = text.find(b"\n", start + _CHUNK_BYTES - 1) + 1
+        if cut >= len(text):
+            break
+        pieces.append((start, cut))
+        start = cut
+    return [*pieces, (start, len(text))]
+
+
 def _where(start: int, end: int | None) -> str:
     parts = [f"ctid >= '({start},0)'::tid"] if start > 0 else []
     parts += [f"ctid < '({end},0)'::tid"] if end is not None else []
@@ -654,7 +720,6 @@ def load_snapshot(
     *,
     workers: int = 2,
     pages_per_range: int = 4096,
-    chunk_rows: int = 200_000,
     resume: bool = False,
     consistent_lsn: LSN | None = None,
     policy: MappingPolicy | None = None,
@@ -674,7 +739,7 @@ def load_snapshot(
     if problems:
         raise SnapshotError("; ".join(p for p in problems if p))
     started, ident = time.monotonic(), (snapshot_name, consistent_lsn.value if consistent_lsn else None)
-    loader = _Loader(dsn, sink, ident, max(1, workers), chunk_rows, progress, progress_every_s)
+    loader = _Loader(dsn, sink, ident, max(1, workers), progress, progress_every_s)
     try:
         sink.con.execute(_PROGRESS_DDL)
         pending = [job for st in tables for job in loader.prepare(st, policy, resume, pages_per_range)]
@@ -690,7 +755,13 @@ def load_snapshot(
 
 
 class _Loader:
-    """One load: reader threads (each with its own connection), a parser pool, the writer (the caller)."""
+    """One load: reader threads (each with its own connection), a parser pool, a writer per reader.
+
+    Reader *i* hands its parsed chunks to writer *i*, which inserts them on its own DuckDB cursor,
+    one transaction per range. The caller's thread keeps the account and reports progress. A writer
+    per reader because the DuckDB side (the insert, and compressing row groups as they fill and at
+    commit) is about half of the client's CPU: a single writer was the slowest stage.
+    """
 
     def __init__(
         self,
@@ -698,17 +769,16 @@ class _Loader:
         sink: DuckDBSink,
         ident: tuple[str, int | None],
         workers: int,
-        chunk_rows: int,
         progress: Callable[[LoadProgress], None] | None,
         every_s: float,
     ) -> None:
-        self.dsn, self.sink, self.ident, self.workers, self.chunk_rows = dsn, sink, ident, workers, chunk_rows
+        self.dsn, self.sink, self.ident, self.workers = dsn, sink, ident, workers
         self.progress, self.every_s = progress, every_s
         self.states: list[_State] = []
         self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        # (job, parsed chunk | None when the range is done | the exception a reader hit); bounded: memory stays bounded
-        self.out: queue.Queue[tuple[_Job | None, Future[_Parsed] | BaseException | None]] = queue.Queue(2 * workers)
+        # (job, rows inserted | None: its range is committed) or (None, the exception a reader or writer hit)
+        self.events: queue.SimpleQueue[tuple[_Job | None, int | BaseException | None]] = queue.SimpleQueue()
         self.parsers = ThreadPoolExecutor(workers, thread_name_prefix="pgbridge-parse")
 
     def prepare(self, st: SourceTable, policy: MappingPolicy | None, resume: bool, per_range: int) -> list[_Job]:
@@ -737,60 +807,88 @@ class _Loader:
         state.ranges_total = state.ranges_skipped + len(ranges)
         return [_Job(state, a, b) for a, b in ranges]
 
-    def read(self) -> None:
-        """A reader thread: imports the snapshot, then copies ranges until none are left."""
-        conn: psycopg.Connection[Any] | None = None
+    def read(self, lane: queue.Queue[_Chunk | None]) -> None:
+        """A reader thread: imports the snapshot, then copies ranges until none are left.
+
+        A range is read as a series of ``COPY`` statements over consecutive page spans, each sized
+        to about :data:`_CHUNK_BYTES` of text and taken whole by psycopg2's ``copy_expert`` into a
+        ``BytesIO``: libpq's row messages are then gathered in C, at about 0.4 instead of 0.6 client
+        CPU-microseconds a row for a Python loop over ``get_copy_data``, and each statement's output is
+        one parse chunk. Every statement runs in the same transaction, under the imported snapshot.
+        """
+        conn: Any = None
         try:
-            conn = psycopg.connect(self.dsn, options=PG_SESSION_OPTIONS, autocommit=True, application_name="pgbridge")
+            conn = psycopg2.connect(self.dsn, options=PG_SESSION_OPTIONS, application_name="pgbridge")
+            conn.autocommit = True
+            cur = conn.cursor()
             # Never wait long for a table lock: an ALTER TABLE queued behind a lock the caller holds
             # for the whole load would wait for us while we wait for it. Failing lets the caller retry.
-            conn.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.ident[0])))
-            check_utf8 = conn.info.parameter_status("server_encoding") != "UTF8"
+            cur.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (self.ident[0],))
+            check_utf8 = conn.get_parameter_status("server_encoding") != "UTF8"
+            span = _FIRST_SPAN
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
+                    lane.put(None)
                     return
-                where = sql.SQL(_where(job.start, job.end))
-                query = sql.SQL("COPY ({}{}) TO STDOUT").format(job.state.plan.select_sql, where).as_bytes(conn)
-
-                def emit(buf: bytearray, job: _Job = job) -> None:
+                plan, start = job.state.plan, job.start
+                while True:
+                    end = _span_end(start, span, job.end, job.state.st.pages)
+                    out = io.BytesIO()
+                    cur.copy_expert(f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT", out)
                     if self.stop.is_set():
                         raise _Stopped
-                    self.out.put((job, self.parsers.submit(_parse, buf, job.state.plan.types, check_utf8)))
-
-                _copy_out(conn.pgconn, query, self.stop, self.chunk_rows, emit)
-                self.out.put((job, None))
+                    size = out.tell()
+                    text = out.getvalue()  # BytesIO's own buffer: no copy
+                    for piece in _pieces(text) if size else ():
+                        lane.put((job, self.parsers.submit(_parse, text, plan.types, check_utf8, piece)))
+                    if end is None or end == job.end:
+                        break
+                    span = _next_span(end - start, size)
+                    start = end
+                lane.put((job, None))
         except _Stopped:
             pass
-        except BaseException as exc:  # a PgbridgeError, or a bug: the writer raises it either way
-            error = _source_error(exc.sqlstate, str(exc), "reading failed") if isinstance(exc, psycopg.Error) else exc
-            self.out.put((None, error))
+        except psycopg2.Error as exc:
+            self.events.put((None, _source_error(exc.pgcode, str(exc), "reading failed")))
+        except BaseException as exc:  # a PgbridgeError, or a bug: the caller raises it either way
+            self.events.put((None, exc))
         finally:
             if conn is not None:
                 conn.close()  # also abandons a COPY in flight
 
     def run(self, pending: list[_Job]) -> None:
-        """The writer: one DuckDB transaction per range, committed with its progress record."""
+        """Start the readers and writers; account for what they did until every range is committed."""
         for pending_job in pending:
             self.jobs.put(pending_job)
         n = min(self.workers, len(pending))
-        threads = [threading.Thread(target=self.read, name=f"pgbridge-load-{i}") for i in range(n)]
-        for t in threads:
+        lanes: list[queue.Queue[_Chunk | None]] = [queue.Queue(2) for _ in range(n)]  # bounded: so is memory
+        cursors = [self.sink.con.cursor() for _ in range(n)]
+        readers = [threading.Thread(target=self.read, args=(lanes[i],), name=f"pgbridge-load-{i}") for i in range(n)]
+        writers = [
+            threading.Thread(target=self.write, args=(lanes[i], cursors[i]), name=f"pgbridge-write-{i}")
+            for i in range(n)
+        ]
+        for t in readers + writers:
             t.start()
         remaining, last = len(pending), time.monotonic()
         try:
             while remaining:
-                job, payload = self.out.get()
+                job, what = self.events.get()
                 if job is None:
-                    assert isinstance(payload, BaseException)
-                    raise payload
+                    assert isinstance(what, BaseException)
+                    raise what
                 state = job.state
                 state.started = state.started or time.monotonic()
-                self.write(job, payload if isinstance(payload, Future) else None)
-                remaining -= payload is None
+                if what is None:
+                    state.ranges_done += 1
+                    remaining -= 1
+                else:
+                    assert isinstance(what, int)
+                    state.rows_now += what
                 now = time.monotonic()
                 if state.ranges_done + state.ranges_skipped == state.ranges_total:
                     state.finished = now
@@ -803,41 +901,63 @@ class _Loader:
                             self.progress(s.progress(now))
         finally:
             self.stop.set()
-            for pending_job in pending:
-                if pending_job.cursor is not None:
-                    with contextlib.suppress(duckdb.Error):
-                        pending_job.cursor.close()  # rolls its open transaction back
-            for t in threads:
-                while t.is_alive():  # drain, so that no reader stays blocked on the full queue
-                    with contextlib.suppress(queue.Empty):
-                        self.out.get(timeout=0.1)
+            for t in readers:
+                while t.is_alive():  # drain, so that no reader stays blocked on a full lane
+                    for lane in lanes:
+                        with contextlib.suppress(queue.Empty):
+                            lane.get_nowait()
                     t.join(0.05)
+            for t in writers:
+                t.join()  # each rolls back the range it had open
+            for cursor in cursors:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.close()
             self.parsers.shutdown(cancel_futures=True)
 
-    def write(self, job: _Job, chunk: Future[_Parsed] | None) -> None:
+    def write(self, lane: queue.Queue[_Chunk | None], cursor: duckdb.DuckDBPyConnection) -> None:
+        """A writer thread: one DuckDB transaction per range, committed with its progress record."""
+        job: _Job | None = None
+        try:
+            while not self.stop.is_set():
+                try:
+                    item = lane.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                job, chunk = item
+                self.events.put((job, self._write(cursor, job, chunk)))
+                if chunk is None:
+                    job = None
+        except BaseException as exc:
+            self.events.put((None, exc))
+        finally:
+            if job is not None and job.begun:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+
+    def _write(self, cursor: duckdb.DuckDBPyConnection, job: _Job, chunk: Future[_Parsed] | None) -> int | None:
+        """Insert a chunk of ``job``'s range (returns its rows), or commit the range (returns None)."""
         state = job.state
         try:
-            if job.cursor is None:
-                job.cursor = self.sink.con.cursor()
-                job.cursor.execute("BEGIN TRANSACTION")
+            if not job.begun:
+                cursor.execute("BEGIN TRANSACTION")
+                job.begun = True
             if chunk is not None:
                 try:
                     table, typed = chunk.result()
                 except (pa.ArrowInvalid, UnicodeError) as exc:
                     raise SnapshotError(f"unexpected COPY output from {state.st.qualified}: {exc}") from None
-                job.cursor.register("_pgb_load", table)
-                job.cursor.execute(state.plan.insert_typed if typed else state.plan.insert_text)
-                job.cursor.unregister("_pgb_load")
+                cursor.register("_pgb_load", table)
+                cursor.execute(state.plan.insert_typed if typed else state.plan.insert_text)
+                cursor.unregister("_pgb_load")
                 job.rows += table.num_rows
-                state.rows_now += table.num_rows
-                return
-            job.cursor.execute(
+                return int(table.num_rows)
+            cursor.execute(
                 f"INSERT INTO {PROGRESS_TABLE} VALUES (?, ?, ?, ?, ?, now(), ?, ?)",
                 [self.sink.pipeline, state.st.qualified, job.start, job.end, job.rows, *self.ident],
             )
-            job.cursor.execute("COMMIT")
-            job.cursor.close()
-            job.cursor = None
-            state.ranges_done += 1
+            cursor.execute("COMMIT")
+            return None
         except duckdb.Error as exc:
             raise SinkError(f"loading {state.st.qualified} into the warehouse failed: {exc}") from None
