@@ -232,6 +232,8 @@ def test_a_crashed_postmaster_fails_over_and_its_member_starts_again(dep: Env) -
     assert roles(dep)[old] in ("replica", "sync standby")
     woke = (dep.home / "logs" / "pmwatch.log").read_text()
     assert f"of {old} is gone; woke its Patroni" in woke
+    checked = dep.run("check", check=False).stdout  # it asks whichever member is primary now
+    assert f"{standby}: primary, running" in checked, checked
 
 
 def test_replicas_follow_the_spec(dep: Env) -> None:

@@ -20,13 +20,18 @@ def test_a_single_instance_has_one_member_and_no_endpoints() -> None:
     assert s.effective_endpoints() is None
 
 
-def test_multi_az_adds_a_synchronous_candidate_and_replicas_never_sync() -> None:
+def test_multi_az_adds_a_synchronous_candidate_and_only_promotable_replicas_stand_in() -> None:
     s = spec(multi_az=True, replicas=[{"name": "r1"}, {"name": "r2", "promotable": True, "region": "z-b"}])
     by_name = {m.name: m for m in members(s)}
     assert list(by_name) == ["shop-1", "shop-2", "shop-r1", "shop-r2"]
     assert by_name["shop-2"].kind == "standby" and not by_name["shop-2"].nosync and not by_name["shop-2"].nofailover
-    assert by_name["shop-r1"].tags() == {"nofailover": True, "noloadbalance": False, "clonefrom": False, "nosync": True}
-    assert not by_name["shop-r2"].nofailover and by_name["shop-r2"].nosync and by_name["shop-r2"].region == "z-b"
+    assert by_name["shop-r1"].tags() == {
+        "nofailover": True, "noloadbalance": False, "clonefrom": False, "nosync": True, "sync_priority": 0
+    }  # fmt: skip
+    r2 = by_name["shop-r2"]
+    assert not r2.nofailover and not r2.nosync and r2.region == "z-b"
+    # the Multi-AZ pair (which swaps roles on failover) outranks the stand-in for synchronous standby
+    assert by_name["shop-1"].sync_priority == by_name["shop-2"].sync_priority > r2.sync_priority > 0
     assert s.effective_endpoints() is not None  # more than one member: endpoints are on
 
 

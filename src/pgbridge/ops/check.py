@@ -67,9 +67,10 @@ def run_checks(dep: Deployment) -> tuple[list[CheckResult], str | None]:
         results.append(CheckResult(name, outcome, detail))
 
     def patroni() -> tuple[Outcome, str]:
-        m = dep.patroni().member()
+        leader = dep.leader()  # after a failover the primary is another member than the first
+        m = dep.patroni(leader).member()
         ok = m.get("state") == "running" and m.get("role") == "primary"
-        return ("pass" if ok else "fail"), f"{dep.primary_member}: {m.get('role')}, {m.get('state')}"
+        return ("pass" if ok else "fail"), f"{leader}: {m.get('role')}, {m.get('state')}"
 
     add("primary running (Patroni)", patroni)
 

@@ -10,7 +10,8 @@ broke while a commit was in flight, so it may or may not have committed). It the
 primary — `kill`: SIGKILL its Patroni and PostgreSQL and keep them down (host loss); `hang`:
 SIGSTOP them (a frozen host); `crash`: SIGKILL the postmaster only (Patroni lives) — and reports
 RTO (the longest time without an acknowledged write after the fault) and RPO (acknowledged rows
-missing afterwards). The injured member is then brought back and must rejoin as a replica.
+missing afterwards). The injured member is brought back once the new primary has finished its
+promotion, and must rejoin as a replica.
 """
 
 from __future__ import annotations
@@ -211,8 +212,10 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
             new = leader_of(dep.cluster_view()) or old
         else:
             new = _wait_new_leader(dep, old, timeout)
-            # The lost host comes back (or is replaced) now: with strict synchronous replication
-            # and no other standby the new primary accepts no commit until one streams again.
+            # The lost host comes back (or is replaced) once the failover is complete: with strict
+            # synchronous replication and no other standby the new primary accepts no commit until
+            # one streams again. (A host back earlier than that costs its rejoin about 2 s more.)
+            _wait_promoted(dep, new, timeout=30)
             _restore(dep, old, mode, stopped)
             stopped = []
             rto = _wait_recovered(writer, t0, timeout)
@@ -301,6 +304,16 @@ def _committed(dsn: str, run: str, timeout: float = 60) -> set[int]:
             if time.monotonic() > deadline:
                 raise DeploymentError(f"cannot read the drill's rows back through the writer endpoint: {e}") from None
             time.sleep(1)
+
+
+def _wait_promoted(dep: Deployment, member: str, timeout: float) -> None:
+    """Until `member` has published the end of its promotion (best effort: a slow one only costs time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(PgbridgeError):
+            if ha.promoted(dep, member):
+                return
+        time.sleep(0.1)
 
 
 def _wait_new_leader(dep: Deployment, old: str | None, timeout: float) -> str:

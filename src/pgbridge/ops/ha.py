@@ -170,6 +170,23 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     raise DeploymentError(f"{candidate} did not become primary within {timeout:.0f}s (Patroni said {status}: {body})")
 
 
+def member_key(dep: Deployment, member: str) -> str:
+    """The etcd key where a member's Patroni publishes its state (role, timeline, ...)."""
+    return f"/pgbridge/{dep.spec.name}/members/{member}"
+
+
+def promoted(dep: Deployment, member: str) -> bool:
+    """Whether `member` has finished a promotion as Patroni's other members see it.
+
+    A new primary publishes `role: primary` on its next HA loop and marks
+    `checkpoint_after_promote: false` until its first checkpoint on the new timeline; a former
+    primary starting meanwhile reads the old role, starts as a replica on the old timeline and
+    has to be stopped again for pg_rewind (about 2 s more before it streams).
+    """
+    data = etcd.get_json(dep.port("etcd_client"), member_key(dep, member))
+    return isinstance(data, dict) and data.get("role") == "primary" and "checkpoint_after_promote" not in data
+
+
 def remove_member(dep: Deployment, member: str) -> None:
     """Delete a member's data once supervisord dropped its program (it is no longer in the spec).
 
@@ -178,6 +195,6 @@ def remove_member(dep: Deployment, member: str) -> None:
     """
     if patroni_program(member) in dep.supervisor.processes():
         dep.supervisor.stop_program(patroni_program(member))
-    etcd.delete_key(dep.port("etcd_client"), f"/pgbridge/{dep.spec.name}/members/{member}")
+    etcd.delete_key(dep.port("etcd_client"), member_key(dep, member))
     shutil.rmtree(dep.home.pgdata(member), ignore_errors=True)
     (dep.home.patroni_conf(member)).unlink(missing_ok=True)

@@ -3,7 +3,13 @@
 Member 1 is the instance the deployment started with. `multi_az` adds member 2, a synchronous
 standby that may be promoted. Each read replica is an asynchronous member named after it; one
 that may never be promoted is tagged ``nofailover`` (and then also gets no copy of the CDC slot).
-No replica is ever a synchronous standby (``nosync``): the Multi-AZ standby alone carries RPO 0.
+
+Which member is the synchronous standby is Patroni's ``sync_priority``: members 1 and 2 (they swap
+roles on every failover) rank above promotable replicas, so while the Multi-AZ pair is whole the
+replicas stay asynchronous. When the pair is broken (a host lost, the primary moved to the
+standby) a promotable replica stands in, so with strict synchronous replication commits go on
+instead of waiting for the lost host. A replica that may never be promoted is never synchronous
+(``nosync``): an acknowledged commit must be on a member that can take over.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Literal
 from pgbridge.spec.models import Spec
 
 Kind = Literal["instance", "standby", "replica"]
+PAIR, STAND_IN = 2, 1  # sync_priority of the Multi-AZ pair and of promotable replicas
 
 
 @dataclass(frozen=True)
@@ -22,10 +29,20 @@ class MemberPlan:
     kind: Kind
     region: str
     nofailover: bool
-    nosync: bool
+    sync_priority: int  # 0: never a synchronous standby
 
-    def tags(self) -> dict[str, bool]:
-        return {"nofailover": self.nofailover, "noloadbalance": False, "clonefrom": False, "nosync": self.nosync}
+    @property
+    def nosync(self) -> bool:
+        return self.sync_priority == 0
+
+    def tags(self) -> dict[str, bool | int]:
+        return {
+            "nofailover": self.nofailover,
+            "noloadbalance": False,
+            "clonefrom": False,
+            "nosync": self.nosync,
+            "sync_priority": self.sync_priority,
+        }
 
 
 def member_name(deployment: str, suffix: str | int = 1) -> str:
@@ -33,9 +50,10 @@ def member_name(deployment: str, suffix: str | int = 1) -> str:
 
 
 def members(spec: Spec) -> list[MemberPlan]:
-    out = [MemberPlan(member_name(spec.name, 1), "instance", "primary-az", nofailover=False, nosync=False)]
+    out = [MemberPlan(member_name(spec.name, 1), "instance", "primary-az", nofailover=False, sync_priority=PAIR)]
     if spec.multi_az:
-        out.append(MemberPlan(member_name(spec.name, 2), "standby", "standby-az", nofailover=False, nosync=False))
+        out.append(MemberPlan(member_name(spec.name, 2), "standby", "standby-az", nofailover=False, sync_priority=PAIR))
     for r in spec.replicas:
-        out.append(MemberPlan(member_name(spec.name, r.name), "replica", r.region, not r.promotable, nosync=True))
+        stand_in = STAND_IN if r.promotable else 0
+        out.append(MemberPlan(member_name(spec.name, r.name), "replica", r.region, not r.promotable, stand_in))
     return out

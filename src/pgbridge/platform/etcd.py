@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pgbridge.errors import DeploymentError
 from pgbridge.home import Home
@@ -56,13 +57,29 @@ def wait_healthy(client_port: int, timeout: float = 30) -> None:
     raise DeploymentError(f"etcd on port {client_port} did not become healthy within {timeout:.0f}s")
 
 
-def delete_key(client_port: int, key: str, timeout: float = 5) -> None:
-    """Delete one key through etcd's v3 JSON gateway (e.g. a removed Patroni member's entry)."""
+def _kv(client_port: int, call: str, key: str, timeout: float) -> dict[str, Any]:
+    """One call of etcd's v3 JSON gateway on one key (`range`, `deleterange`)."""
     body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{client_port}/v3/kv/deleterange", data=body, method="POST")
+    req = urllib.request.Request(f"http://127.0.0.1:{client_port}/v3/kv/{call}", data=body, method="POST")
     req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            r.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise DeploymentError(f"etcd on port {client_port} refused to delete {key}: {e}") from None
+            answer = json.loads(r.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DeploymentError(f"etcd on port {client_port} failed {call} of {key}: {e}") from None
+    return answer if isinstance(answer, dict) else {}
+
+
+def delete_key(client_port: int, key: str, timeout: float = 5) -> None:
+    """Delete one key (e.g. a removed Patroni member's entry)."""
+    _kv(client_port, "deleterange", key, timeout)
+
+
+def get_json(client_port: int, key: str, timeout: float = 5) -> Any:
+    """The JSON value of one key (e.g. a Patroni member's published state); None when it is absent."""
+    for kv in _kv(client_port, "range", key, timeout).get("kvs", []):
+        try:
+            return json.loads(base64.b64decode(kv.get("value", "")))
+        except ValueError:
+            raise DeploymentError(f"etcd key {key} does not hold JSON") from None
+    return None

@@ -23,11 +23,13 @@ from pgbridge.home import Home
 from pgbridge.plan.hba import REWIND_ROLE
 
 # Failover timing profiles (Patroni refuses ttl < 20 and wants loop_wait + 2 * retry_timeout <= ttl;
-# docs/multi-az.md says what each gives). A short loop_wait matters twice on a host loss: a former
-# primary coming back waits one loop for the new primary's checkpoint before pg_rewind, and with
-# strict synchronous replication no commit succeeds until a standby streams again.
+# docs/multi-az.md says what each gives). `default` keeps a 10 s retry_timeout (a DCS or PostgreSQL
+# stall that long does not demote the primary) with the shortest ttl that allows it; `fast` is the
+# shortest ttl Patroni accepts. A short loop_wait matters on a host loss: with strict synchronous
+# replication no commit succeeds until a standby streams again, and the returning former primary
+# waits for the new primary's post-promotion checkpoint, published on its next loop.
 PROFILES: dict[str, dict[str, int]] = {
-    "default": {"ttl": 25, "loop_wait": 3, "retry_timeout": 10},
+    "default": {"ttl": 23, "loop_wait": 3, "retry_timeout": 10},
     "fast": {"ttl": 20, "loop_wait": 2, "retry_timeout": 5},
 }
 
@@ -47,7 +49,7 @@ class MemberConfig:
     replication_password: str
     rewind_password: str
     dcs: dict[str, Any]
-    tags: dict[str, bool]  # MemberPlan.tags()
+    tags: dict[str, bool | int]  # MemberPlan.tags()
 
 
 def render_member(home: Home, cfg: MemberConfig) -> str:

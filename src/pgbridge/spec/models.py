@@ -321,7 +321,7 @@ class Spec(_Model):
     pipeline: Pipeline | None = Field(None, description="CDC into the analytics warehouse")
     multi_az: bool = Field(False, description="a synchronous standby with automatic failover (RPO 0)")
     failover_profile: Literal["default", "fast"] = Field(
-        "default", description="Patroni timing: default (ttl 25, loop 3s) or fast (ttl 20, loop 2s)"
+        "default", description="Patroni timing: default (ttl 23, loop 3s) or fast (ttl 20, loop 2s)"
     )
     replicas: list[Replica] = Field(default_factory=list, description="asynchronous read replicas")
     endpoints: Endpoints | None = Field(
