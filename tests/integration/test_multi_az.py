@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -244,6 +245,7 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
     names = set(roles(dep))
     assert any(n.endswith("-r2") for n in names) and not any(n.endswith("-r1") for n in names)
     assert not (dep.home / "data" / f"{dep.name}-r1").exists()
+    stand_in_keeps_commits_going(dep, next(n for n in names if n.endswith("-r2")))
     # Multi-AZ off: synchronous replication goes first, then the standby
     dep.write_spec(with_r2.replace("multi_az: true", "multi_az: false"))
     dep.run("up", timeout=900)
@@ -252,3 +254,27 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
         row = c.execute("SELECT current_setting('synchronous_standby_names')").fetchone()
         assert row is not None and row[0] == ""
         c.execute("INSERT INTO sw VALUES (-1)")  # writes are not blocked
+
+
+def stand_in_keeps_commits_going(dep: Env, replica: str) -> None:
+    """The Multi-AZ standby's host goes away: the promotable replica becomes the synchronous
+    standby, so commits go on (with two members and strict mode they would wait for the host);
+    when the standby is back it takes the role back (higher sync_priority)."""
+    wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
+    standby = next(n for n, r in roles(dep).items() if r == "sync standby")
+    assert standby != replica  # the pair outranks the stand-in
+    ctl = [
+        os.path.join(os.path.dirname(sys.executable), "supervisorctl"),
+        "-c",
+        str(dep.home / "etc" / "supervisord.conf"),
+    ]
+    subprocess.run([*ctl, "stop", f"patroni-{standby}"], check=True, capture_output=True, timeout=120)
+    try:
+        wait_for("the replica to stand in", lambda: roles(dep).get(replica) == "sync standby", timeout=60)
+        with connect(endpoint(dep, "writer")) as c:
+            c.execute("SET statement_timeout = '20s'")  # a commit waiting for a standby would hang
+            c.execute("INSERT INTO sw VALUES (-2)")
+    finally:
+        subprocess.run([*ctl, "start", f"patroni-{standby}"], check=True, capture_output=True, timeout=120)
+    wait_for("the standby to take its role back", lambda: roles(dep).get(standby) == "sync standby", timeout=120)
+    assert roles(dep)[replica] == "replica"
