@@ -3,13 +3,15 @@
 Not a test. Run from the repository root as root (the servers run as the service user, postgres):
 
     /opt/pgbridge/venv/bin/python bench/failover.py [--profiles default,fast] [--modes kill,crash]
-        [--drills 5] [--switchovers 5] [--drill-timeout 240] [--settle-timeout 120]
+        [--drills 5] [--switchovers 5] [--drill-timeout 240] [--settle-timeout 120] [--stand-in]
 
 For each failover profile it brings up one deployment through the CLI (``pgbridge up``, a spec with
 ``multi_az: true`` and ``failover_profile: <profile>``, no read replicas: a primary and a synchronous
 standby behind the HAProxy/PgBouncer endpoints, in a temporary PGBRIDGE_HOME_BASE, on a free port) and
 destroys it at the end, also after a failure or Ctrl-C (``pgbridge destroy --yes``, then the process
-trees of its pid files, never by name). On it, in this order:
+trees of its pid files, never by name). ``--stand-in`` adds one promotable read replica: while the
+Multi-AZ pair is broken it becomes the synchronous standby, so after a host loss commits need not wait
+for the lost host to come back and rejoin. On it, in this order:
 
   drills       ``--drills`` runs per mode of ``pgbridge drill failover --mode MODE --yes --json``, which
                writes through the writer endpoint, injures the primary and reports the RTO (longest time
@@ -77,16 +79,16 @@ class FailoverRig(Rig):
 
     profile = "default"  # its failover profile, set by main()
 
-    def roles(self) -> dict[str, str]:
-        return {m["name"]: m["role"] for m in self.status()["members"]}
+    def pair_roles(self) -> list[str]:
+        """Roles of the Multi-AZ pair (members 1 and 2), not of a stand-in replica."""
+        return [m["role"] for m in self.status()["members"] if m.get("kind") in ("instance", "standby")]
 
     def settle(self, timeout: float) -> float | None:
-        """Seconds until one primary and one synchronous standby are reported; None if not within ``timeout``."""
+        """Seconds until the pair is a primary and a synchronous standby again; None if not within ``timeout``."""
         started = time.monotonic()
         while True:
             with contextlib.suppress(RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
-                roles = sorted(self.roles().values())
-                if roles.count("primary") == 1 and roles.count("sync standby") == 1:
+                if sorted(self.pair_roles()) == ["primary", "sync standby"]:
                     return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 return None
@@ -195,7 +197,8 @@ def verdict(ok: bool) -> str:
 
 def report(args: argparse.Namespace, results: list[ProfileResult]) -> None:
     say()
-    say(f"pgbridge failover benchmark: Multi-AZ (primary + synchronous standby), {os.cpu_count()} CPUs")
+    members = "primary + synchronous standby" + (" + a promotable replica (stand-in)" if args.stand_in else "")
+    say(f"pgbridge failover benchmark: Multi-AZ ({members}), {os.cpu_count()} CPUs")
     say(f"host load average (1 min) at the start {args.load_before:.2f}, at the end {os.getloadavg()[0]:.2f}")
     say(f"{args.drills} drill(s) per mode, {args.switchovers} switchover(s) per profile; anchors: {ANCHORS}")
     say()
@@ -269,6 +272,7 @@ def main() -> None:
     parser.add_argument("--switchovers", type=int, default=5, help="planned switchovers per profile")
     parser.add_argument("--drill-timeout", type=float, default=240, help="seconds before a drill counts as failed")
     parser.add_argument("--settle-timeout", type=float, default=120, help="seconds to wait for primary + standby")
+    parser.add_argument("--stand-in", action="store_true", help="add a promotable replica (synchronous stand-in)")
     args = parser.parse_args()
     args.profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -288,6 +292,8 @@ def main() -> None:
             try:
                 results.append(ProfileResult(profile))
                 spec = f"multi_az: true\nfailover_profile: {profile}\n"
+                if args.stand_in:
+                    spec += "replicas:\n  - {name: s1, region: zone-c, promotable: true}\n"
                 with deployment(spec, rig_class=FailoverRig, label=profile) as rig:
                     rig.profile = profile
                     bench_profile(rig, args, results[-1])

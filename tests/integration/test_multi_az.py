@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import psycopg
 import pytest
 
@@ -257,24 +259,36 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
 
 
 def stand_in_keeps_commits_going(dep: Env, replica: str) -> None:
-    """The Multi-AZ standby's host goes away: the promotable replica becomes the synchronous
-    standby, so commits go on (with two members and strict mode they would wait for the host);
-    when the standby is back it takes the role back (higher sync_priority)."""
+    """The Multi-AZ standby's host is lost (Patroni and PostgreSQL SIGKILLed, kept down): the
+    promotable replica becomes the synchronous standby Patroni may promote, and commits go on; when
+    the standby is back it takes the role back (higher sync_priority)."""
     wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
     standby = next(n for n, r in roles(dep).items() if r == "sync standby")
     assert standby != replica  # the pair outranks the stand-in
-    ctl = [
-        os.path.join(os.path.dirname(sys.executable), "supervisorctl"),
-        "-c",
-        str(dep.home / "etc" / "supervisord.conf"),
-    ]
-    subprocess.run([*ctl, "stop", f"patroni-{standby}"], check=True, capture_output=True, timeout=120)
+    conf = dep.home / "etc" / "supervisord.conf"
+    ctl = [os.path.join(os.path.dirname(sys.executable), "supervisorctl"), "-c", str(conf)]
+    program, patroni_conf = f"patroni-{standby}", dep.home / "etc" / f"patroni-{standby}.yml"
+    patroni_pid = int(subprocess.run([*ctl, "pid", program], capture_output=True, text=True, timeout=30).stdout)
+    postmaster = int((dep.home / "data" / standby / "postmaster.pid").read_text().split()[0])
+    victims = [patroni_pid, postmaster, *(c.pid for c in psutil.Process(postmaster).children(recursive=True))]
+    os.replace(patroni_conf, patroni_conf.with_suffix(".lost"))  # supervisord's restarts fail: the host is gone
     try:
-        wait_for("the replica to stand in", lambda: roles(dep).get(replica) == "sync standby", timeout=60)
-        with connect(endpoint(dep, "writer")) as c:
-            c.execute("SET statement_timeout = '20s'")  # a commit waiting for a standby would hang
-            c.execute("INSERT INTO sw VALUES (-2)")
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for("the replica to stand in", lambda: roles(dep).get(replica) == "sync standby", timeout=90)
+        committed = threading.Event()
+
+        def commit() -> None:
+            with connect(endpoint(dep, "writer")) as c:
+                c.execute("INSERT INTO sw VALUES (-2)")
+            committed.set()
+
+        threading.Thread(target=commit, daemon=True).start()
+        assert committed.wait(30), "a commit waited for the lost standby"
     finally:
-        subprocess.run([*ctl, "start", f"patroni-{standby}"], check=True, capture_output=True, timeout=120)
-    wait_for("the standby to take its role back", lambda: roles(dep).get(standby) == "sync standby", timeout=120)
+        subprocess.run([*ctl, "stop", program], capture_output=True, timeout=120)
+        os.replace(patroni_conf.with_suffix(".lost"), patroni_conf)
+        subprocess.run([*ctl, "start", program], check=True, capture_output=True, timeout=120)
+    wait_for("the standby to take its role back", lambda: roles(dep).get(standby) == "sync standby", timeout=180)
     assert roles(dep)[replica] == "replica"

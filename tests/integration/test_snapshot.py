@@ -234,7 +234,6 @@ def test_a_range_read_in_several_copies_equals_source(
     _mixed_table(pg, f"{s}.mixed", 3000)
     pg.sql(f"VACUUM ANALYZE {s}.mixed")
     [table] = pg.tables([f"{s}.mixed"])
-    monkeypatch.setattr(snapshot, "_FIRST_SPAN", 1)
     monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 20_000)
     with SnapshotSlot.create(pg.dsn, slot) as snap:
         pg.sql(f"INSERT INTO {s}.mixed (id) SELECT g FROM generate_series(100001, 103000) g")  # new pages: not seen

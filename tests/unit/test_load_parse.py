@@ -12,6 +12,7 @@ from pgbridge.cdc import snapshot
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
 from pgbridge.cdc.snapshot import (
     _CHUNK_BYTES,
+    _MAX_SPAN,
     SourceColumn,
     SourceTable,
     _next_span,
@@ -135,6 +136,7 @@ def test_spans_cover_a_range_and_follow_the_text_size() -> None:
     assert _span_end(0, 64, None, 0) is None  # an empty table: one open-ended COPY
     assert _next_span(64, _CHUNK_BYTES // 2) == 128 and _next_span(64, _CHUNK_BYTES * 64) == 1
     assert _next_span(64, 0) == 256  # empty pages: look further, but not unboundedly
+    assert _next_span(_MAX_SPAN, 0) == _MAX_SPAN and _next_span(1024, 1) == _MAX_SPAN  # capped in pages too
 
 
 def test_a_span_is_parsed_in_line_aligned_pieces(monkeypatch: pytest.MonkeyPatch) -> None:

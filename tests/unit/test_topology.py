@@ -25,9 +25,14 @@ def test_multi_az_adds_a_synchronous_candidate_and_only_promotable_replicas_stan
     by_name = {m.name: m for m in members(s)}
     assert list(by_name) == ["shop-1", "shop-2", "shop-r1", "shop-r2"]
     assert by_name["shop-2"].kind == "standby" and not by_name["shop-2"].nosync and not by_name["shop-2"].nofailover
+    # sync_priority 0 is Patroni's nosync, and its schema allows only one of the two tags
     assert by_name["shop-r1"].tags() == {
-        "nofailover": True, "noloadbalance": False, "clonefrom": False, "nosync": True, "sync_priority": 0
-    }  # fmt: skip
+        "nofailover": True,
+        "noloadbalance": False,
+        "clonefrom": False,
+        "sync_priority": 0,
+    }
+    assert by_name["shop-r1"].nosync and all("nosync" not in m.tags() for m in by_name.values())
     r2 = by_name["shop-r2"]
     assert not r2.nofailover and not r2.nosync and r2.region == "z-b"
     # the Multi-AZ pair (which swaps roles on failover) outranks the stand-in for synchronous standby

@@ -434,6 +434,7 @@ class _State:
     finished: float = 0.0
     snapshot_lsn: LSN | None = None
     reused: bool = False
+    span: int = 1  # pages in this table's next COPY span: starts at one, sized by what the last one gave
 
     def progress(self, now: float) -> LoadProgress:
         done, estimate, ranges = self.rows_before + self.rows_now, self.st.rows_estimate, self.ranges_done
@@ -668,7 +669,7 @@ def copy_rows(
     return rows
 
 
-_FIRST_SPAN: Final = 8  # pages in a reader's first COPY; the next ones are sized from what the last returned
+_MAX_SPAN: Final = 2048  # pages: a span may grow over empty pages, but not past this
 
 
 def _span_end(start: int, span: int, end: int | None, pages: int) -> int | None:
@@ -684,10 +685,14 @@ def _span_end(start: int, span: int, end: int | None, pages: int) -> int | None:
 
 
 def _next_span(pages: int, size: int) -> int:
-    """Pages for the next COPY of a range: about ``_CHUNK_BYTES`` of text, as the last ``pages`` gave ``size``."""
+    """Pages for the next COPY of a range: about ``_CHUNK_BYTES`` of text, as the last ``pages`` gave ``size``.
+
+    It grows at most 4x a step and to :data:`_MAX_SPAN` pages, so a span after empty or narrow pages
+    stays near its aim; a span of one page holds at most that page's rows (with their TOASTed values).
+    """
     if size <= 0:
-        return pages * 4
-    return max(1, min(pages * 4, pages * _CHUNK_BYTES // size))
+        return min(pages * 4, _MAX_SPAN)
+    return max(1, min(pages * 4, _MAX_SPAN, pages * _CHUNK_BYTES // size))
 
 
 def _pieces(text: bytes) -> list[tuple[int, int]]:
@@ -776,6 +781,8 @@ class _Loader:
         self.progress, self.every_s = progress, every_s
         self.states: list[_State] = []
         self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[Any] = []  # the readers' connections, cancelled on a stop
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         # (job, rows inserted | None: its range is committed) or (None, the exception a reader or writer hit)
         self.events: queue.SimpleQueue[tuple[_Job | None, int | BaseException | None]] = queue.SimpleQueue()
@@ -827,16 +834,18 @@ class _Loader:
             cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             cur.execute("SET TRANSACTION SNAPSHOT %s", (self.ident[0],))
             check_utf8 = conn.get_parameter_status("server_encoding") != "UTF8"
-            span = _FIRST_SPAN
+            with self._lock:
+                self._conns.append(conn)
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
-                    lane.put(None)
+                    self._put(lane, None)
                     return
                 plan, start = job.state.plan, job.start
                 while True:
-                    end = _span_end(start, span, job.end, job.state.st.pages)
+                    end = _span_end(start, job.state.span, job.end, job.state.st.pages)
+                    text = b""  # the last span's text goes before the next is read
                     out = io.BytesIO()
                     cur.copy_expert(f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT", out)
                     if self.stop.is_set():
@@ -844,12 +853,12 @@ class _Loader:
                     size = out.tell()
                     text = out.getvalue()  # BytesIO's own buffer: no copy
                     for piece in _pieces(text) if size else ():
-                        lane.put((job, self.parsers.submit(_parse, text, plan.types, check_utf8, piece)))
+                        self._put(lane, (job, self.parsers.submit(_parse, text, plan.types, check_utf8, piece)))
                     if end is None or end == job.end:
                         break
-                    span = _next_span(end - start, size)
+                    job.state.span = _next_span(end - start, size)
                     start = end
-                lane.put((job, None))
+                self._put(lane, (job, None))
         except _Stopped:
             pass
         except psycopg2.Error as exc:
@@ -858,7 +867,20 @@ class _Loader:
             self.events.put((None, exc))
         finally:
             if conn is not None:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
                 conn.close()  # also abandons a COPY in flight
+
+    def _put(self, lane: queue.Queue[_Chunk | None], item: _Chunk | None) -> None:
+        """Hand ``item`` to the reader's writer; a stop ends the wait (nothing is dropped behind its back)."""
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                lane.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def run(self, pending: list[_Job]) -> None:
         """Start the readers and writers; account for what they did until every range is committed."""
@@ -866,16 +888,18 @@ class _Loader:
             self.jobs.put(pending_job)
         n = min(self.workers, len(pending))
         lanes: list[queue.Queue[_Chunk | None]] = [queue.Queue(2) for _ in range(n)]  # bounded: so is memory
-        cursors = [self.sink.con.cursor() for _ in range(n)]
-        readers = [threading.Thread(target=self.read, args=(lanes[i],), name=f"pgbridge-load-{i}") for i in range(n)]
-        writers = [
-            threading.Thread(target=self.write, args=(lanes[i], cursors[i]), name=f"pgbridge-write-{i}")
-            for i in range(n)
-        ]
-        for t in readers + writers:
-            t.start()
+        cursors: list[duckdb.DuckDBPyConnection] = []
+        threads: list[threading.Thread] = []
         remaining, last = len(pending), time.monotonic()
         try:
+            for i in range(n):
+                cursors.append(self.sink.con.cursor())
+                threads.append(threading.Thread(target=self.read, args=(lanes[i],), name=f"pgbridge-load-{i}"))
+                threads.append(
+                    threading.Thread(target=self.write, args=(lanes[i], cursors[i]), name=f"pgbridge-write-{i}")
+                )
+            for t in threads:
+                t.start()
             while remaining:
                 job, what = self.events.get()
                 if job is None:
@@ -901,14 +925,13 @@ class _Loader:
                             self.progress(s.progress(now))
         finally:
             self.stop.set()
-            for t in readers:
-                while t.is_alive():  # drain, so that no reader stays blocked on a full lane
-                    for lane in lanes:
-                        with contextlib.suppress(queue.Empty):
-                            lane.get_nowait()
-                    t.join(0.05)
-            for t in writers:
-                t.join()  # each rolls back the range it had open
+            with self._lock:  # a COPY in flight ends now, not when the server finishes it
+                for conn in self._conns:
+                    with contextlib.suppress(psycopg2.Error):
+                        conn.cancel()
+            for t in threads:
+                if t.ident is not None:
+                    t.join()  # readers see the stop within 0.1 s of a lane wait; writers roll back an open range
             for cursor in cursors:
                 with contextlib.suppress(duckdb.Error):
                     cursor.close()
@@ -923,7 +946,7 @@ class _Loader:
                     item = lane.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                if item is None:
+                if item is None or self.stop.is_set():  # a range's end seen after a stop may lack pieces
                     return
                 job, chunk = item
                 self.events.put((job, self._write(cursor, job, chunk)))

@@ -8,8 +8,9 @@ Which member is the synchronous standby is Patroni's ``sync_priority``: members 
 roles on every failover) rank above promotable replicas, so while the Multi-AZ pair is whole the
 replicas stay asynchronous. When the pair is broken (a host lost, the primary moved to the
 standby) a promotable replica stands in, so with strict synchronous replication commits go on
-instead of waiting for the lost host. A replica that may never be promoted is never synchronous
-(``nosync``): an acknowledged commit must be on a member that can take over.
+instead of waiting for the lost host. A replica that may never be promoted is never chosen as
+synchronous standby (``sync_priority`` 0, Patroni's ``nosync``): Patroni promotes only a member it
+chose, so a commit must be on one that can take over.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ class MemberPlan:
         return self.sync_priority == 0
 
     def tags(self) -> dict[str, bool | int]:
+        # sync_priority 0 is Patroni's nosync; its schema allows only one of the two tags
         return {
             "nofailover": self.nofailover,
             "noloadbalance": False,
             "clonefrom": False,
-            "nosync": self.nosync,
             "sync_priority": self.sync_priority,
         }
 

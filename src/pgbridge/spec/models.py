@@ -175,7 +175,9 @@ class Replica(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,19}$", description="short name; the member is <deployment>-<name>")
     region: str = Field("local", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$", description="a placement label")
     promotable: bool = Field(
-        False, description="may become primary in a failover (asynchronous: it may lack the last commits)"
+        False,
+        description="may become primary in a failover; with multi_az it stands in as synchronous standby while"
+        " the pair is broken, without it is asynchronous and may lack the last commits",
     )
 
 
