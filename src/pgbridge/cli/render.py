@@ -24,6 +24,7 @@ _STYLE = {
     "started": "green",
     "changed": "yellow",
     "pending-reboot": "magenta",
+    "pending": "yellow",
     "unchanged": "dim",
     "stopped": "cyan",
     "removed": "red",

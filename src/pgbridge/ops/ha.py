@@ -20,7 +20,7 @@ from typing import Any
 from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.ops.context import Deployment
 from pgbridge.platform import etcd
-from pgbridge.platform.patroni import RUNNING_STATES, PatroniAPI, leader_of
+from pgbridge.platform.patroni import NAMESPACE, RUNNING_STATES, PatroniAPI, leader_of
 from pgbridge.platform.postgres import admin_connection
 
 
@@ -172,7 +172,7 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
 
 def member_key(dep: Deployment, member: str) -> str:
     """The etcd key where a member's Patroni publishes its state (role, timeline, ...)."""
-    return f"/pgbridge/{dep.spec.name}/members/{member}"
+    return f"{NAMESPACE}{dep.spec.name}/members/{member}"
 
 
 def promoted(dep: Deployment, member: str) -> bool:

@@ -25,6 +25,7 @@ from pgbridge.home import write_if_changed
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.tasks import Action, Report
 from pgbridge.platform import system
+from pgbridge.platform.patroni import RUNNING_STATES
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
 
@@ -192,6 +193,35 @@ def ensure(dep: Deployment, report: Report) -> None:
         report.add(f"pipeline {dep.spec.pipeline.name}", "started")
     else:
         report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged")
+    if not wait_slot_copies(dep):
+        report.add("pipeline slot copies", "pending", "a member that may be promoted has no copy of the slot yet")
+
+
+def wait_slot_copies(dep: Deployment, timeout: float = 90) -> bool:
+    """Until every other member that may become primary holds a copy of the pipeline's slot, running.
+
+    Patroni copies a permanent logical slot to a replica by stopping its PostgreSQL, copying the
+    slot's files and starting it again, once the pipeline has created the slot. `up` waits for it,
+    so that it returns with every member running, and a failover from then on keeps the slot.
+    """
+    slot, deadline = paths(dep).slot, time.monotonic() + timeout
+    while True:
+        try:
+            leader = dep.leader()
+            able = [m.name for m in dep.members if not m.nofailover and m.name != leader]
+            states = {m.get("name"): m.get("state") for m in dep.cluster_view().get("members", [])}
+            if all(states.get(m) in RUNNING_STATES and _has_slot(dep, m, slot) for m in able):
+                return True
+        except PgbridgeError:
+            pass  # a member restarting to load the copy
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def _has_slot(dep: Deployment, member: str, slot: str) -> bool:
+    with admin_connection(dep.member_admin(member)) as c:
+        return c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is not None
 
 
 def status(dep: Deployment) -> dict[str, Any]:

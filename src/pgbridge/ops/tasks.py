@@ -16,7 +16,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Action = Literal["created", "changed", "unchanged", "started", "stopped", "removed", "pending-reboot"]
+Action = Literal["created", "changed", "unchanged", "started", "stopped", "removed", "pending-reboot", "pending"]
 
 
 @dataclass(frozen=True)

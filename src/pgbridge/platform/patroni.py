@@ -28,6 +28,7 @@ from pgbridge.plan.hba import REWIND_ROLE
 # shortest ttl Patroni accepts. A short loop_wait matters on a host loss: with strict synchronous
 # replication no commit succeeds until a standby streams again, and the returning former primary
 # waits for the new primary's post-promotion checkpoint, published on its next loop.
+NAMESPACE = "/pgbridge/"  # etcd: <namespace><scope>/leader, /members/<name>, /sync, ...
 PROFILES: dict[str, dict[str, int]] = {
     "default": {"ttl": 23, "loop_wait": 3, "retry_timeout": 10},
     "fast": {"ttl": 20, "loop_wait": 2, "retry_timeout": 5},
@@ -56,7 +57,7 @@ def render_member(home: Home, cfg: MemberConfig) -> str:
     listen = ",".join("*" if a == "*" else a for a in cfg.listen_addresses)
     doc: dict[str, Any] = {
         "scope": cfg.scope,
-        "namespace": "/pgbridge/",
+        "namespace": NAMESPACE,
         "name": cfg.member,
         "log": {"level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s"},
         "restapi": {
