@@ -869,7 +869,7 @@ class _Loader:
             if conn is not None:
                 with self._lock, contextlib.suppress(ValueError):
                     self._conns.remove(conn)
-                conn.close()  # also abandons a COPY in flight
+                conn.close()  # a COPY in flight was cancelled by run() on a stop
 
     def _put(self, lane: queue.Queue[_Chunk | None], item: _Chunk | None) -> None:
         """Hand ``item`` to the reader's writer; a stop ends the wait (nothing is dropped behind its back)."""
