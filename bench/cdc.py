@@ -60,9 +60,10 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for the shared rig
 
+from pgbridge.cdc.catalog import discover_tables
 from pgbridge.cdc.pipeline import query as socket_query
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
-from pgbridge.cdc.snapshot import discover_tables, load_snapshot
+from pgbridge.cdc.snapshot import load_snapshot
 from pgbridge.cdc.source import SnapshotSlot
 from rig import Rig, deployment, pgbridge_argv, say
 

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from tests.pgserver import bare_server
 
+from pgbridge.cdc.catalog import discover_tables
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
-from pgbridge.cdc.snapshot import discover_tables, load_snapshot
+from pgbridge.cdc.snapshot import load_snapshot
 from pgbridge.cdc.source import SnapshotSlot
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from pgbridge.cdc.snapshot import SourceTable, discover_tables
+from pgbridge.cdc.catalog import SourceTable, discover_tables
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.platform.system import free_port
 from pgbridge.types import LSN

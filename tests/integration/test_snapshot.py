@@ -11,16 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgbridge.cdc import snapshot
+from pgbridge.cdc import copytext, snapshot
+from pgbridge.cdc.catalog import SnapshotError, SourceTable, sink_table
 from pgbridge.cdc.sinks.duckdb import DuckDBSink, SinkError
-from pgbridge.cdc.snapshot import (
-    LoadProgress,
-    SnapshotError,
-    SourceTable,
-    load_snapshot,
-    plan_ranges,
-    sink_table,
-)
+from pgbridge.cdc.snapshot import LoadProgress, load_snapshot, plan_ranges
 from pgbridge.cdc.source import SnapshotSlot, drop_slot
 from pgbridge.cdc.typemap import duckdb_type
 from tests.pgserver import Server, bare_server
@@ -234,7 +228,8 @@ def test_a_range_read_in_several_copies_equals_source(
     _mixed_table(pg, f"{s}.mixed", 3000)
     pg.sql(f"VACUUM ANALYZE {s}.mixed")
     [table] = pg.tables([f"{s}.mixed"])
-    monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 20_000)  # spans are sized by it
+    monkeypatch.setattr(copytext, "CHUNK_BYTES", 20_000)  # spans are cut in pieces by it
     with SnapshotSlot.create(pg.dsn, slot) as snap:
         pg.sql(f"INSERT INTO {s}.mixed (id) SELECT g FROM generate_series(100001, 103000) g")  # new pages: not seen
         report = load_snapshot(pg.dsn, snap.snapshot_name, [table], sink, workers=2, pages_per_range=7)
@@ -417,3 +412,92 @@ def test_failures_stop_the_load_and_leave_no_half_range(pg: Server, sink: DuckDB
         pg.sql(f"DROP TABLE {s}.gone")
         with pytest.raises(SnapshotError, match="does not exist"):
             load_snapshot(pg.dsn, snap.snapshot_name, [tables["gone"]], sink)
+
+
+@pytest.mark.parametrize("fail_at", [2, 9, 23])
+def test_a_failure_mid_load_leaves_every_recorded_range_whole(
+    pg: Server, sink: DuckDBSink, slot: str, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    """Two readers and writers, ranges read in several spans and pieces: a parse fails at some piece.
+
+    Every range the warehouse records must hold exactly the source's rows of those pages, and the
+    warehouse nothing else: a range whose end arrived without all its pieces, or a writer that went
+    on after the stop, would show up here. Then a resume under the same snapshot completes it.
+    """
+    s = _schema(pg)
+    _mixed_table(pg, f"{s}.mixed", 3000)
+    pg.sql(f"VACUUM ANALYZE {s}.mixed")
+    [table] = pg.tables([f"{s}.mixed"])
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(copytext, "CHUNK_BYTES", 8_000)
+    calls, parse = 0, snapshot.parse_copy_text
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            raise UnicodeError("injected")
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "parse_copy_text", failing)
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        args: dict[str, Any] = {"pages_per_range": 6, "workers": 2, "consistent_lsn": snap.consistent_lsn}
+        with pytest.raises(SnapshotError, match="injected"):
+            load_snapshot(pg.dsn, snap.snapshot_name, [table], sink, **args)
+        ranges = sink.con.execute(
+            'SELECT range_start, range_end, rows FROM _pgbridge.load_progress WHERE "table" = ?', [table.qualified]
+        ).fetchall()
+        held: set[int] = set()
+        with psycopg.connect(pg.dsn) as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            conn.execute(f"SET TRANSACTION SNAPSHOT '{snap.snapshot_name}'")
+            for start, end, rows in ranges:
+                bound = f" AND ctid < '({end},0)'::tid" if end is not None else ""
+                ids = {r[0] for r in conn.execute(f"SELECT id FROM {s}.mixed WHERE ctid >= '({start},0)'::tid{bound}")}
+                assert len(ids) == rows, (start, end)
+                held |= ids
+        assert {r[0] for r in sink.con.execute(f'SELECT id FROM "{s}".mixed').fetchall()} == held
+        assert len(ranges) < len(plan_ranges(table.pages, 6))
+
+        monkeypatch.setattr(snapshot, "parse_copy_text", parse)
+        report = load_snapshot(pg.dsn, snap.snapshot_name, [table], sink, resume=True, **args)
+    assert report.tables[0].ranges_skipped == len(ranges) and report.tables[0].rows_total == 3000
+    assert _duck_rows(sink, f'"{s}".mixed') == _pg_rows(pg, f"{s}.mixed")
+
+
+def test_a_wide_table_after_a_narrow_one_starts_with_small_spans(
+    pg: Server, sink: DuckDBSink, slot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A span's size is learned per table: after a narrow table's spans grew to thousands of pages, a
+    table of TOASTed rows must not be read that many pages at a time (it would be one COPY of all of it).
+    """
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.a_narrow (id int PRIMARY KEY, v int)")
+    pg.sql(f"INSERT INTO {s}.a_narrow SELECT g, g FROM generate_series(1, 200000) g")
+    # three rows a page (a 2 kB inline pad), each with 100 kB of incompressible TOASTed text
+    pg.sql(f"CREATE TABLE {s}.b_wide (id int PRIMARY KEY, pad text, doc text)")
+    pg.sql(f"ALTER TABLE {s}.b_wide ALTER pad SET STORAGE PLAIN, ALTER doc SET STORAGE EXTERNAL")
+    pg.sql(
+        f"INSERT INTO {s}.b_wide SELECT 1000000 + g, repeat('p', 2000),"
+        " (SELECT string_agg(md5(g::text || '.' || i), '') FROM generate_series(1, 3125) i)"
+        " FROM generate_series(1, 160) g"
+    )
+    pg.sql(f"VACUUM ANALYZE {s}.a_narrow, {s}.b_wide")
+    tables = pg.tables([f"{s}.*"])
+    assert {t.name: t.pages < 100 for t in tables} == {"a_narrow": False, "b_wide": True}
+    spans: list[tuple[bool, int]] = []  # (a span of the wide table, its COPY text's size)
+    cut = snapshot.pieces
+
+    def recorded(text: bytes) -> list[tuple[int, int]]:
+        spans.append((len(text.split(b"\t", 1)[0]) == 7, len(text)))  # wide ids: 7 digits
+        return cut(text)
+
+    monkeypatch.setattr(snapshot, "pieces", recorded)
+    with SnapshotSlot.create(pg.dsn, slot) as snap:
+        report = load_snapshot(pg.dsn, snap.snapshot_name, tables, sink, workers=1, pages_per_range=100_000)
+    assert {t.table: t.rows for t in report.tables} == {f"{s}.a_narrow": 200000, f"{s}.b_wide": 160}
+    wide = [size for is_wide, size in spans if is_wide]
+    assert sum(wide) > 3 * snapshot.CHUNK_BYTES  # the wide table is several chunks' worth
+    assert len(wide) >= 3 and max(wide) <= snapshot.CHUNK_BYTES * 3 // 2, wide
+    digest = "SELECT id, md5(pad), md5(doc) FROM {}b_wide ORDER BY id"
+    assert sink.con.execute(digest.format(f'"{s}".')).fetchall() == pg.sql(digest.format(f"{s}."))

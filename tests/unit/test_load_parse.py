@@ -8,20 +8,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from pgbridge.cdc import snapshot
+from pgbridge.cdc import copytext
+from pgbridge.cdc.catalog import SourceColumn, SourceTable, sink_table
+from pgbridge.cdc.copytext import CHUNK_BYTES, copy_plan, parse_copy_text, pieces
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
-from pgbridge.cdc.snapshot import (
-    _CHUNK_BYTES,
-    _MAX_SPAN,
-    SourceColumn,
-    SourceTable,
-    _next_span,
-    _parse,
-    _pieces,
-    _span_end,
-    _statements,
-    sink_table,
-)
+from pgbridge.cdc.snapshot import _MAX_SPAN, _next_span, _span_end
 from pgbridge.cdc.typemap import duckdb_type
 
 # (pg type oid, atttypmod, PostgreSQL text values as COPY prints them with pgbridge's session settings)
@@ -74,8 +65,8 @@ def load(stt: SinkTable, buf: bytearray, typed: bool) -> tuple[list[tuple[object
     con = duckdb.connect()
     con.execute("CREATE SCHEMA s")
     con.execute(f"CREATE TABLE s.t ({', '.join(f'{c.name} {c.ctype.sql_type}' for c in stt.columns)})")
-    plan = _statements(SourceTable("s", "t", 1, 1, 1.0, 1, (), "d", (0,)), stt, "s.t")
-    table, was_typed = _parse(buf, plan.types if typed else (None,) * plan.ncols, check_utf8=True)
+    plan = copy_plan(SourceTable("s", "t", 1, 1, 1.0, 1, (), "d", (0,)), stt, "s.t")
+    table, was_typed = parse_copy_text(buf, plan.types if typed else (None,) * plan.ncols, check_utf8=True)
     con.register("_pgb_load", table)
     con.execute(plan.insert_typed if was_typed else plan.insert_text)
     return con.execute("SELECT * FROM s.t ORDER BY c0").fetchall(), was_typed
@@ -125,7 +116,7 @@ def test_nan_in_a_decimal_still_names_the_problem() -> None:
 
 def test_only_exact_parsers_are_used() -> None:
     st, stt = table_of([(1700, -1), (2950, -1), (1186, -1), (3802, -1), (1009, -1)])
-    plan = _statements(st, stt, "s.t")
+    plan = copy_plan(st, stt, "s.t")
     assert plan.types[1:] == (None,) * 5  # numeric text, uuid, interval, jsonb, text[]: cast in SQL
     assert isinstance(stt.columns[0], SinkColumn)
 
@@ -134,24 +125,25 @@ def test_spans_cover_a_range_and_follow_the_text_size() -> None:
     assert _span_end(0, 64, 100, 1000) == 64 and _span_end(64, 64, 100, 1000) == 100
     assert _span_end(900, 64, None, 1000) == 964 and _span_end(960, 64, None, 1000) is None
     assert _span_end(0, 64, None, 0) is None  # an empty table: one open-ended COPY
-    assert _next_span(64, _CHUNK_BYTES // 2) == 128 and _next_span(64, _CHUNK_BYTES * 64) == 1
+    assert _next_span(64, CHUNK_BYTES // 2) == 128 and _next_span(64, CHUNK_BYTES * 64) == 1
     assert _next_span(64, 0) == 256  # empty pages: look further, but not unboundedly
     assert _next_span(_MAX_SPAN, 0) == _MAX_SPAN and _next_span(1024, 1) == _MAX_SPAN  # capped in pages too
 
 
 def test_a_span_is_parsed_in_line_aligned_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 10)
+    monkeypatch.setattr(copytext, "CHUNK_BYTES", 10)
     text = b"".join(b"%d\tx%d\n" % (i, i) for i in range(100)) + b"7\t" + b"y" * 40 + b"\n"
-    pieces = _pieces(text)
-    assert pieces[0][0] == 0 and pieces[-1][1] == len(text) and len(pieces) > 10
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
-    assert all(text[b - 1 : b] == b"\n" and b - a >= 10 for a, b in pieces[:-1])
-    assert _pieces(b"") == [(0, 0)] and _pieces(b"1\t" + b"z" * 30 + b"\n") == [(0, 33)]
+    cuts = pieces(text)
+    assert cuts[0][0] == 0 and cuts[-1][1] == len(text) and len(cuts) > 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(cuts))
+    assert all(text[b - 1 : b] == b"\n" and b - a >= 10 for a, b in cuts[:-1])
+    assert pieces(b"") == [(0, 0)] and pieces(b"1\t" + b"z" * 30 + b"\n") == [(0, 33)]
     rows = [
         r
-        for a, b in pieces
+        for a, b in cuts
         for r in zip(
-            *_parse(text, (pa.int64(), None), check_utf8=True, piece=(a, b))[0].to_pydict().values(), strict=True
+            *parse_copy_text(text, (pa.int64(), None), check_utf8=True, piece=(a, b))[0].to_pydict().values(),
+            strict=True,
         )
     ]
     assert rows == [*((i, f"x{i}") for i in range(100)), (7, "y" * 40)]

@@ -55,7 +55,7 @@ from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
 
 if TYPE_CHECKING:
-    from pgbridge.cdc.snapshot import SourceTable
+    from pgbridge.cdc.catalog import SourceTable
 
 
 class SchemaMismatch(PgbridgeError):

@@ -6,7 +6,7 @@ change to a table's shape into the WAL as a *transactional* logical message (pre
 
 * ``ddl_command_end`` (CREATE TABLE, ALTER TABLE, ...): ``{"op": "define", ...}`` with the table's
   whole new shape, read by ``_pgbridge.table_definition(oid)`` -- the same catalog queries the
-  initial load uses (:func:`pgbridge.cdc.snapshot.definition_function_sql`);
+  initial load uses (:func:`pgbridge.cdc.catalog.definition_function_sql`);
 * ``sql_drop``: ``{"op": "drop", ...}`` for each dropped table;
 * ``table_rewrite``: ``{"op": "rewrite", ...}``: the table's rows were rewritten (ALTER COLUMN TYPE,
   ADD COLUMN with a volatile default), which the WAL does not carry as row changes, so the
@@ -78,7 +78,7 @@ def parse(content: bytes) -> Event:
 
 def install_sql() -> list[str]:
     """Statements (run as a superuser in the source database) that install the DDL capture. Idempotent."""
-    from pgbridge.cdc.snapshot import definition_function_sql  # snapshot -> sinks -> ddl: import late
+    from pgbridge.cdc.catalog import definition_function_sql  # catalog -> sinks -> ddl: import late
 
     emit = f"pg_logical_emit_message(true, '{PREFIX}', %s::text)"
     fn = "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$"

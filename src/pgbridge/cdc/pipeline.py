@@ -30,21 +30,12 @@ from psycopg import sql
 
 from pgbridge.cdc import ddl
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
+from pgbridge.cdc.catalog import SnapshotSourceError, SourceTable, discover_tables, sink_table, table_from_definition
+from pgbridge.cdc.copytext import copy_rows
 from pgbridge.cdc.pgoutput import Begin, decode
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
-from pgbridge.cdc.snapshot import (
-    LOAD_LOCK_TIMEOUT,
-    PROGRESS_TABLE,
-    LoadProgress,
-    SnapshotSourceError,
-    SourceTable,
-    copy_rows,
-    discover_tables,
-    load_snapshot,
-    sink_table,
-    table_from_definition,
-)
+from pgbridge.cdc.snapshot import LOAD_LOCK_TIMEOUT, PROGRESS_TABLE, LoadProgress, load_snapshot
 from pgbridge.cdc.source import (
     ReplicationStream,
     SlotExistsError,

@@ -8,7 +8,8 @@ reader on its own connection that imports the snapshot. A reader copies its rang
 ``copy_expert`` gathers in C (a Python loop over libpq's row messages costs the client nearly twice
 the CPU, and on a small host the client and the server share the cores), Arrow's C++ CSV reader
 parses each span outside the GIL, and each reader's writer inserts the chunks on its own DuckDB
-cursor, casting the string columns set-based (:func:`~pgbridge.cdc.typemap.duckdb_cast_expr`).
+cursor, casting the string columns set-based (:mod:`pgbridge.cdc.copytext`). The tables and their
+keys come from :mod:`pgbridge.cdc.catalog`.
 
 Resuming. Each range is written in its own DuckDB transaction together with its row in
 ``_pgbridge.load_progress``, which names the snapshot (and its consistent LSN) the rows are as of:
@@ -34,296 +35,29 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import queue
-import re
-import select
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from typing import Any, Final
 
 import duckdb
-import psycopg
 import psycopg2
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-from psycopg import pq, sql
 
-from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
-from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, SinkError, qi
-from pgbridge.cdc.typemap import (
-    PG_SESSION_OPTIONS,
-    ColumnType,
-    MappingPolicy,
-    copy_text_fields,
-    duckdb_cast_expr,
-    duckdb_type,
-    pg_type_names,
-)
-from pgbridge.errors import PgbridgeError, TransientError
-from pgbridge.secrets.redact import redact_dsn
+from pgbridge.cdc.catalog import SnapshotError, SourceTable, sink_table, source_error
+from pgbridge.cdc.copytext import CHUNK_BYTES, CopyPlan, copy_plan, parse_copy_text, pieces
+from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, SinkError
+from pgbridge.cdc.typemap import PG_SESSION_OPTIONS, MappingPolicy
 from pgbridge.types import LSN
 
-__all__ = ["LoadProgress", "LoadReport", "SnapshotError", "SnapshotSourceError", "SourceColumn", "SourceTable"]
-__all__ += ["TableReport", "copy_rows", "definition_function_sql", "discover_tables", "load_snapshot", "plan_ranges"]
-__all__ += ["sink_table", "table_from_definition"]
+__all__ = ["LOAD_LOCK_TIMEOUT", "PROGRESS_TABLE", "LoadProgress", "LoadReport", "TableReport", "load_snapshot"]
+__all__ += ["plan_ranges"]
 
 PROGRESS_TABLE: Final = f"{META_SCHEMA}.load_progress"
 LOAD_LOCK_TIMEOUT: Final = "5s"
-_CHUNK_BYTES: Final = 4 << 20  # the COPY text a parse chunk aims at (Arrow parses 4 MB best)
-_BUILTIN: Final = frozenset(pg_type_names.values())
-
-
-class SnapshotError(PgbridgeError):
-    """The initial load cannot proceed: a table without a usable key, a refused query, bad COPY output."""
-
-
-class SnapshotSourceError(TransientError):
-    """Reading the source failed for a reason worth retrying (connection lost, server shutting down)."""
-
-
-def _source_error(code: str | None, text: str, doing: str) -> PgbridgeError:
-    message = f"{doing}: {redact_dsn(' '.join(text.split()))}"
-    if code == "22023" and "snapshot" in text:
-        return SnapshotError(message, hint="keep the slot's connection open (inside its `with`) for the whole load")
-    if code == "55P03":  # lock_timeout: an ALTER TABLE is queued behind the load's locks
-        return SnapshotSourceError(message, hint="a schema change was waiting for the load; the load starts over")
-    if code is None or code[:2] in ("08", "53", "57", "58") or code in ("40001", "40P01"):
-        return SnapshotSourceError(message)
-    return SnapshotError(message)
-
-
-@dataclass(frozen=True)
-class SourceColumn:
-    """A column as ``pg_attribute`` has it; ``type_name`` names the base type (through domains)."""
-
-    name: str
-    type_oid: int
-    atttypmod: int
-    type_name: str
-    ndims: int = 0
-    element_oid: int | None = None
-    enum_labels: tuple[str, ...] | None = None
-    excluded: bool = False
-    attnum: int = 0  # its position in pg_attribute: a rename keeps it, a drop and re-add does not
-    missing: str | None = None  # the value rows written before an ADD COLUMN ... DEFAULT read (attmissingval)
-
-    def ctype(self, policy: MappingPolicy | None = None) -> ColumnType:
-        """The DuckDB mapping, called the way the stream's Relation and Type messages would call it."""
-        return duckdb_type(
-            self.type_oid,
-            self.atttypmod,
-            type_name=self.type_name,
-            enum_labels=self.enum_labels,
-            element_oid=self.element_oid,
-            array_ndims=max(self.ndims, 1),
-            policy=policy,
-        )
-
-
-@dataclass(frozen=True)
-class SourceTable:
-    """A table to replicate; ``key`` indexes ``columns`` (attnum order, excluded ones included)."""
-
-    schema: str
-    name: str
-    oid: int
-    relpages: int
-    reltuples: float
-    pages: int  # its size in pages now (pg_relation_size): what ranges are planned from
-    columns: tuple[SourceColumn, ...]
-    replica_identity: str  # pg_class.relreplident: d(efault), f(ull), i(ndex), n(othing)
-    key: tuple[int, ...]
-    problem: str | None = None
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> SourceTable:
-        raw = json.loads(text)
-        cols = []
-        for c in raw.pop("columns"):
-            c["enum_labels"] = tuple(c["enum_labels"]) if c["enum_labels"] is not None else None
-            cols.append(SourceColumn(**c))
-        return cls(**{**raw, "columns": tuple(cols), "key": tuple(raw["key"])})
-
-    @property
-    def rows_estimate(self) -> int:
-        if self.reltuples < 0 or self.relpages <= 0:
-            return 0
-        return int(self.reltuples / self.relpages * max(self.pages, self.relpages))
-
-
-# ``%(only)s``: one table's oid, or NULL for all. The same text, with the parameters bound to the
-# function's argument, is the body of the source-side `_pgbridge.table_definition(oid)` that the DDL
-# event trigger calls: the stream and the initial load read a table's shape with the same queries.
-_TABLES_SQL: Final = """
-SELECT c.oid, n.nspname, c.relname, c.relpages, c.reltuples, c.relreplident,
-       pg_relation_size(c.oid) / current_setting('block_size')::int AS pages
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
-  AND (%(only)s::oid IS NULL OR c.oid = %(only)s::oid)
-ORDER BY n.nspname, c.relname"""
-
-# Domains are followed down to their base type (pgoutput's Type message names the base type too).
-_COLUMNS_SQL: Final = """
-WITH RECURSIVE chain(start, cur) AS (
-    SELECT DISTINCT atttypid, atttypid FROM pg_attribute WHERE attrelid = ANY(%(oids)s::oid[])
-  UNION ALL
-    SELECT c.start, t.typbasetype FROM chain c JOIN pg_type t ON t.oid = c.cur WHERE t.typtype = 'd')
-SELECT a.attrelid, a.attname, a.atttypid, a.atttypmod, a.attndims, b.typname,
-       CASE WHEN b.typcategory = 'A' THEN nullif(b.typelem, 0) END AS elem,
-       (SELECT array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_enum
-        WHERE enumtypid = CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE b.oid END) AS labels,
-       a.attnum, CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END AS missing
-FROM pg_attribute a JOIN chain ch ON ch.start = a.atttypid JOIN pg_type b ON b.oid = ch.cur AND b.typtype <> 'd'
-WHERE a.attrelid = ANY(%(oids)s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-ORDER BY a.attrelid, a.attnum"""
-
-_KEYS_SQL: Final = """SELECT indrelid, indisprimary, indisreplident, indkey::int2[] AS indkey FROM pg_index
-WHERE indrelid = ANY(%(oids)s::oid[]) AND (indisprimary OR indisreplident) AND indisvalid"""
-
-
-def definition_function_sql(schema: str) -> str:
-    """``CREATE FUNCTION <schema>.table_definition(oid) RETURNS jsonb``: one table's catalog rows.
-
-    The DDL event trigger puts its result into the WAL, so the stream learns a table's new shape at
-    the exact point of the change; :func:`table_from_definition` reads it back.
-    """
-
-    def bind(query: str) -> str:
-        return query.replace("%(only)s", "$1").replace("%(oids)s", "ARRAY[$1]")
-
-    return f"""CREATE OR REPLACE FUNCTION {schema}.table_definition(oid) RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
-SELECT jsonb_build_object(
-  'table', (SELECT to_jsonb(t) FROM ({bind(_TABLES_SQL)}) t),
-  'columns', (SELECT coalesce(jsonb_agg(to_jsonb(c)), '[]') FROM ({bind(_COLUMNS_SQL)}) c),
-  'keys', (SELECT coalesce(jsonb_agg(to_jsonb(k)), '[]') FROM ({bind(_KEYS_SQL)}) k))
-$fn$"""
-
-
-def discover_tables(
-    conn: psycopg.Connection[Any],
-    include: Sequence[str],
-    exclude: Sequence[str] = (),
-    exclude_columns: Mapping[str, Sequence[str]] | None = None,
-) -> list[SourceTable]:
-    """Ordinary permanent tables whose ``schema.table`` matches an ``include`` glob and no ``exclude`` glob.
-
-    An empty ``include`` means every table outside the system schemas. ``exclude_columns`` maps a
-    ``schema.table`` glob to column names left out of the load. A table that cannot be replicated
-    comes back with ``problem`` saying why and what to do.
-    """
-
-    def matches(name: str, patterns: Sequence[str]) -> bool:
-        return any(fnmatchcase(name, p) for p in patterns)
-
-    try:
-        found = [
-            r
-            for r in conn.execute(_TABLES_SQL, {"only": None}).fetchall()
-            if (not include or matches(f"{r[1]}.{r[2]}", include)) and not matches(f"{r[1]}.{r[2]}", exclude)
-        ]
-        params = {"oids": [r[0] for r in found]}
-        column_rows = conn.execute(_COLUMNS_SQL, params).fetchall()
-        key_rows = conn.execute(_KEYS_SQL, params).fetchall()
-    except psycopg.Error as exc:
-        raise _source_error(exc.sqlstate, str(exc), "cannot read the source catalog") from None
-    return _assemble(found, column_rows, key_rows, exclude_columns)
-
-
-def table_from_definition(
-    definition: Mapping[str, Any], exclude_columns: Mapping[str, Sequence[str]] | None = None
-) -> SourceTable | None:
-    """The :class:`SourceTable` of a ``table_definition()`` result (None: the table is not a plain table)."""
-    if not definition.get("table"):
-        return None
-    t = dict(definition["table"])
-
-    def oid(v: Any) -> int | None:  # jsonb renders oid as a string
-        return None if v is None else int(v)
-
-    t["oid"], t["reltuples"] = oid(t["oid"]), float(t["reltuples"])
-    found = [[t[k] for k in ("oid", "nspname", "relname", "relpages", "reltuples", "relreplident", "pages")]]
-    names = ("attrelid", "attname", "atttypid", "atttypmod", "attndims", "typname", "elem", "labels", "attnum")
-    cols = []
-    for c in definition.get("columns") or ():
-        c = {**c, "attrelid": oid(c["attrelid"]), "atttypid": oid(c["atttypid"]), "elem": oid(c["elem"])}
-        cols.append([c[k] for k in (*names, "missing")])
-    keys = [(oid(k["indrelid"]), k["indisprimary"], k["indisreplident"], k["indkey"]) for k in definition["keys"] or ()]
-    return _assemble(found, cols, keys, exclude_columns)[0]
-
-
-def _assemble(
-    found: Sequence[Sequence[Any]],
-    column_rows: Sequence[Sequence[Any]],
-    key_rows: Sequence[Sequence[Any]],
-    exclude_columns: Mapping[str, Sequence[str]] | None,
-) -> list[SourceTable]:
-    columns: dict[int, list[SourceColumn]] = {r[0]: [] for r in found}
-    for relid, name, typid, typmod, ndims, typname, elem, labels, attnum, missing in column_rows:
-        enum = tuple(labels) if labels is not None else None
-        ndims = ndims if elem is not None else 0
-        elem = None if typname in _BUILTIN else elem  # a builtin array maps by its own name
-        columns[relid].append(SourceColumn(name, typid, typmod, typname, ndims, elem, enum, False, attnum, missing))
-    keys: dict[int, dict[str, list[int]]] = {r[0]: {} for r in found}
-    for relid, primary, replident, indkey in key_rows:
-        keys[relid].update({k: list(indkey) for k, flag in (("p", primary), ("i", replident)) if flag})
-    tables = []
-    for oid, schema, name, relpages, reltuples, replident, pages in found:
-        qualified = f"{schema}.{name}"
-        drop = {c for glob, cols in (exclude_columns or {}).items() if fnmatchcase(qualified, glob) for c in cols}
-        cols = tuple(replace(c, excluded=c.name in drop) for c in columns[oid])
-        key, problem = _key(qualified, replident, keys[oid], [c.attnum for c in cols], cols)
-        tables.append(SourceTable(schema, name, oid, relpages, reltuples, pages, cols, replident, key, problem))
-    return tables
-
-
-def _key(
-    qualified: str, replident: str, indexes: dict[str, list[int]], attnums: list[int], cols: tuple[SourceColumn, ...]
-) -> tuple[tuple[int, ...], str | None]:
-    """The key the stream identifies rows by: the replica identity index, the primary key, or every column."""
-    kept = tuple(i for i, c in enumerate(cols) if not c.excluded)
-    if not kept:
-        return (), f"table {qualified} has no columns to replicate"
-    if replident == "n":
-        return (), (
-            f"table {qualified} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated; "
-            f"ALTER TABLE {qualified} REPLICA IDENTITY DEFAULT (with a primary key) or FULL"
-        )
-    index = indexes.get("i") if replident == "i" else indexes.get("p")
-    if index is None:
-        if replident == "f":
-            return kept, None
-        return (), f"table {qualified} has no primary key; add one or ALTER TABLE {qualified} REPLICA IDENTITY FULL"
-    key = tuple(attnums.index(a) for a in index)
-    lost = [cols[i].name for i in key if cols[i].excluded]
-    if lost:
-        return (), f"table {qualified}: key column(s) {', '.join(lost)} cannot be excluded"
-    return key, None
-
-
-def sink_table(st: SourceTable, policy: MappingPolicy | None = None) -> SinkTable:
-    """The warehouse view of ``st``: typed columns without the excluded ones, key positions re-indexed."""
-    if st.problem:
-        raise SnapshotError(st.problem)
-    kept = [i for i, c in enumerate(st.columns) if not c.excluded]
-    columns = tuple(SinkColumn(st.columns[i].name, st.columns[i].ctype(policy), st.columns[i].attnum) for i in kept)
-    key = tuple(kept.index(i) for i in st.key)
-    # Only REPLICA IDENTITY FULL without a primary key makes every column the key (NULLs allowed).
-    not_null = not (st.replica_identity == "f" and len(key) == len(kept))
-    return SinkTable(st.schema, st.name, columns, key, key_not_null=not_null)
 
 
 Range = tuple[int, int | None]  # pages [start, end); end None: to the end of the table
@@ -400,31 +134,10 @@ class LoadReport:
         return sum(t.rows for t in self.tables)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How one table is copied: the source SELECT, what the parser makes of each column, the INSERTs.
-
-    Arrow parses a column straight to its warehouse type where its parser is exact and strict for
-    PostgreSQL's text (integers, floats, booleans, decimals, dates and timestamps): the warehouse
-    insert then casts nothing there. A value it refuses (``infinity``, a BC date, NaN in a decimal,
-    a year past 9999) makes the whole chunk parse as text instead, cast by the typemap's SQL.
-    """
-
-    select_sql: sql.Composable
-    select_text: str  # the same, for the loader's psycopg2 connections
-    types: tuple[pa.DataType | None, ...]  # per column: what Arrow parses it to; None: text
-    insert_typed: str  # from a chunk parsed with ``types``
-    insert_text: str  # from a chunk parsed as text only: every column cast in SQL
-
-    @property
-    def ncols(self) -> int:
-        return len(self.types)
-
-
 @dataclass(eq=False)
 class _State:
     st: SourceTable
-    plan: _Plan
+    plan: CopyPlan
     ranges_total: int = 0
     ranges_done: int = 0
     ranges_skipped: int = 0
@@ -459,214 +172,12 @@ class _Job:
     begun: bool = False  # its DuckDB transaction is open (on its writer's cursor)
 
 
-_PARSE: Final = pcsv.ParseOptions(
-    delimiter="\t", quote_char=False, escape_char=False, double_quote=False, ignore_empty_lines=False
-)
-
-
-def _arrow_type(ct: ColumnType) -> pa.DataType | None:
-    """The Arrow type whose CSV parser reads PostgreSQL's text of ``ct`` exactly (or refuses it), if any."""
-    if ct.kind == "int":
-        return _ARROW_INTS.get(ct.sql_type)
-    if ct.kind == "float":
-        return {"REAL": pa.float32(), "DOUBLE": pa.float64()}.get(ct.sql_type)
-    if ct.kind == "bool":
-        return pa.bool_()
-    if ct.kind == "decimal":
-        m = re.fullmatch(r"DECIMAL\((\d+),(\d+)\)", ct.sql_type)
-        return pa.decimal128(int(m.group(1)), int(m.group(2))) if m else None
-    if ct.kind == "datetime":
-        return {"DATE": pa.date32(), "TIMESTAMP": pa.timestamp("us"), "TIMESTAMPTZ": pa.timestamp("us", "UTC")}.get(
-            ct.sql_type
-        )
-    return None
-
-
-def _parse_pool() -> pa.MemoryPool:
-    """Arrow's jemalloc pool where the build has it: it keeps freed pages for reuse a while.
-
-    The default (mimalloc) handed a chunk's pages back and faulted fresh, zeroed (huge) pages in for
-    the next: a third to a half CPU-second of kernel time per 2M rows of order_items on 2 cores.
-    """
-    try:
-        return pa.jemalloc_memory_pool()
-    except (NotImplementedError, pa.ArrowException):
-        return pa.default_memory_pool()
-
-
-_POOL: Final = _parse_pool()
 _Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
 _Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range being parsed; None: range read
-_ARROW_INTS: Final = {"SMALLINT": pa.int16(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "UINTEGER": pa.uint32()}
-
-
-def _parse(
-    buf: bytes | bytearray, types: Sequence[pa.DataType | None], check_utf8: bool, piece: tuple[int, int] | None = None
-) -> tuple[pa.Table, bool]:
-    """COPY text lines (``buf[start:stop]`` for a ``piece``) -> columns ``c0..`` (``\\N`` -> NULL).
-
-    The second value is True when the columns are typed as ``types`` says.
-
-    Columns without a type (and every column, when Arrow refuses a value of a typed one) hold
-    PostgreSQL's text; fields with backslash escapes are undone with
-    :func:`~pgbridge.cdc.typemap.copy_text_fields`. A UTF8 server has validated every string already
-    (``check_utf8=False`` saves a tenth of the parse).
-    """
-    names = [f"c{i}" for i in range(len(types))]
-    typed = any(t is not None for t in types)
-    start, stop = piece or (0, len(buf))
-    data = pa.py_buffer(buf).slice(start, stop - start)  # no copy
-    read = pcsv.ReadOptions(column_names=names, use_threads=False, block_size=stop - start + 1)
-
-    def parse(column_types: dict[str, pa.DataType]) -> pa.Table:
-        convert = pcsv.ConvertOptions(
-            column_types=column_types,
-            null_values=["\\N"],
-            true_values=["t"],
-            false_values=["f"],
-            strings_can_be_null=True,
-            check_utf8=check_utf8,
-        )
-        return pcsv.read_csv(data, read_options=read, parse_options=_PARSE, convert_options=convert, memory_pool=_POOL)
-
-    table = None
-    if typed:
-        with contextlib.suppress(pa.ArrowInvalid):  # a value the typed parser refuses: all as text
-            table = parse({n: t or pa.string() for n, t in zip(names, types, strict=True)})
-    if table is None:
-        typed = False
-        table = parse(dict.fromkeys(names, pa.string()))
-    if buf.count(b"\\", start, stop) == buf.count(b"\\N", start, stop):
-        return table, typed  # every backslash starts a NULL (COPY doubles literal ones): nothing to unescape
-    for i in range(len(types)):
-        if typed and types[i] is not None:
-            continue  # parsed as a number, a date or a time: it had no backslash
-        col = table.column(i).combine_chunks()
-        mask = pc.fill_null(pc.match_substring(col, "\\"), False)
-        if pc.any(mask).as_py():
-            fixed = [copy_text_fields(v.encode())[0] for v in pc.filter(col, mask).to_pylist()]
-            plain = pa.array([None if v is None else v.decode() for v in fixed], pa.string())
-            table = table.set_column(i, names[i], pc.replace_with_mask(col, mask, plain))
-    return table, typed
 
 
 class _Stopped(Exception):
     """The load is being abandoned: a reader just returns."""
-
-
-def _wait(pgconn: pq.abc.PGconn, stop: threading.Event, event: int = select.POLLIN) -> None:
-    poller = select.poll()
-    poller.register(pgconn.socket, event)
-    while not poller.poll(500):
-        if stop.is_set():
-            raise _Stopped
-
-
-def _raise_result(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> None:
-    code = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
-    text = (result.error_message if result is not None else b"") or pgconn.error_message
-    raise _source_error(code.decode() if code else None, text.decode(errors="replace"), "COPY failed")
-
-
-def _copy_out(
-    pgconn: pq.abc.PGconn, query: bytes, stop: threading.Event, chunk_rows: int, emit: Callable[[bytearray], None]
-) -> None:
-    """Run one ``COPY ... TO STDOUT`` on libpq directly and hand line-aligned chunks to ``emit``.
-
-    psycopg's ``for data in copy`` runs a generator and a wait per row message; the same libpq calls
-    without them take 1.2 instead of 3.2 CPU-seconds per 2M rows (2 vCPU).
-    """
-    pgconn.send_query(query)
-    while pgconn.flush():
-        _wait(pgconn, stop, select.POLLOUT)
-    pgconn.consume_input()
-    while pgconn.is_busy():
-        _wait(pgconn, stop)
-        pgconn.consume_input()
-    result = pgconn.get_result()
-    if result is None or result.status != pq.ExecStatus.COPY_OUT:
-        _raise_result(pgconn, result)
-    get, buf, rows = pgconn.get_copy_data, bytearray(), 0
-    while True:
-        n, data = get(1)
-        if n > 0:
-            buf += data
-            rows += 1
-            if (rows >= chunk_rows or len(buf) >= _CHUNK_BYTES) and buf[-1] == 10:
-                emit(buf)
-                buf, rows = bytearray(), 0
-        elif n == 0:
-            _wait(pgconn, stop)
-            pgconn.consume_input()
-        elif n == -1:
-            break
-        else:
-            _raise_result(pgconn, None)
-    if buf:
-        emit(buf)
-    while (result := pgconn.get_result()) is not None:
-        if result.status != pq.ExecStatus.COMMAND_OK:
-            _raise_result(pgconn, result)
-
-
-def _statements(st: SourceTable, stt: SinkTable, target: str) -> _Plan:
-    """How to copy ``st``: its replicated columns' SELECT, their parse types, the INSERTs from ``_pgb_load``."""
-    types = tuple(_arrow_type(c.ctype) for c in stt.columns)
-    casts = [duckdb_cast_expr(c.ctype, f"c{i}") for i, c in enumerate(stt.columns)]
-    kept = [f"c{i}" if t is not None else cast for i, (t, cast) in enumerate(zip(types, casts, strict=True))]
-    names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stt.columns)
-    select_sql = sql.SQL("SELECT {} FROM ONLY {}").format(names, sql.Identifier(st.schema, st.name))
-    insert = f"INSERT INTO {target} ({', '.join(qi(c.name) for c in stt.columns)}) SELECT"
-    return _Plan(
-        select_sql,
-        select_sql.as_string(),
-        types,
-        f"{insert} {', '.join(kept)} FROM _pgb_load",
-        f"{insert} {', '.join(casts)} FROM _pgb_load",
-    )
-
-
-def copy_rows(
-    conn: psycopg.Connection[Any],
-    st: SourceTable,
-    stt: SinkTable,
-    con: duckdb.DuckDBPyConnection,
-    target: str,
-    where: sql.Composable | None = None,
-    *,
-    chunk_rows: int = 100_000,
-) -> int:
-    """Copy ``st``'s rows (those matching ``where``) into ``target`` inside ``con``'s open transaction.
-
-    One reader, as the source connection ``conn`` sees the table now (its transaction's snapshot):
-    used to re-copy a table after a rewrite, for ``pipeline resync TABLE`` and ``validate --repair``.
-    Returns the rows copied.
-    """
-    plan = _statements(st, stt, target)
-    select_sql = plan.select_sql
-    if where is not None:
-        select_sql = sql.SQL("{} WHERE {}").format(select_sql, where)
-    check_utf8 = conn.info.parameter_status("server_encoding") != "UTF8"
-    rows = 0
-
-    def emit(buf: bytearray) -> None:
-        nonlocal rows
-        try:
-            table, typed = _parse(buf, plan.types, check_utf8)
-        except (pa.ArrowInvalid, UnicodeError) as exc:
-            raise SnapshotError(f"unexpected COPY output from {st.qualified}: {exc}") from None
-        con.register("_pgb_load", table)
-        try:
-            con.execute(plan.insert_typed if typed else plan.insert_text)
-        except duckdb.Error as exc:
-            raise SinkError(f"copying {st.qualified} into the warehouse failed: {exc}") from None
-        finally:
-            con.unregister("_pgb_load")
-        rows += table.num_rows
-
-    query = sql.SQL("COPY ({}) TO STDOUT").format(select_sql).as_bytes(conn)
-    _copy_out(conn.pgconn, query, threading.Event(), chunk_rows, emit)
-    return rows
 
 
 _MAX_SPAN: Final = 2048  # pages: a span may grow over empty pages, but not past this
@@ -685,30 +196,14 @@ def _span_end(start: int, span: int, end: int | None, pages: int) -> int | None:
 
 
 def _next_span(pages: int, size: int) -> int:
-    """Pages for the next COPY of a range: about ``_CHUNK_BYTES`` of text, as the last ``pages`` gave ``size``.
+    """Pages for the next COPY of a range: about ``CHUNK_BYTES`` of text, as the last ``pages`` gave ``size``.
 
     It grows at most 4x a step and to :data:`_MAX_SPAN` pages, so a span after empty or narrow pages
     stays near its aim; a span of one page holds at most that page's rows (with their TOASTed values).
     """
     if size <= 0:
         return min(pages * 4, _MAX_SPAN)
-    return max(1, min(pages * 4, _MAX_SPAN, pages * _CHUNK_BYTES // size))
-
-
-def _pieces(text: bytes) -> list[tuple[int, int]]:
-    """``text`` (whole COPY lines) cut at line ends into pieces of about ``_CHUNK_BYTES`` (the last up to 1.5x).
-
-    A span's text can exceed its aim (its rows are wider than the last span's); its pieces still
-    parse in chunks of the size Arrow parses best, and no string column nears Arrow's 2 GB limit.
-    """
-    pieces, start = [], 0
-    while len(text) - start > _CHUNK_BYTES * 3 // 2:
-        cut = text.find(b"\n", start + _CHUNK_BYTES - 1) + 1
-        if cut >= len(text):
-            break
-        pieces.append((start, cut))
-        start = cut
-    return [*pieces, (start, len(text))]
+    return max(1, min(pages * 4, _MAX_SPAN, pages * CHUNK_BYTES // size))
 
 
 def _where(start: int, end: int | None) -> str:
@@ -793,7 +288,7 @@ class _Loader:
         stt, con, where = sink_table(st, policy), self.sink.con, [self.sink.pipeline, st.qualified]
         self.sink.ensure_table(stt)
         target = self.sink.target(stt)
-        state = _State(st, _statements(st, stt, target))
+        state = _State(st, copy_plan(st, stt, target))
         self.states.append(state)
         query = (
             f"SELECT range_start, range_end, rows, snapshot, consistent_lsn FROM {PROGRESS_TABLE} WHERE pipeline = ?"
@@ -818,7 +313,7 @@ class _Loader:
         """A reader thread: imports the snapshot, then copies ranges until none are left.
 
         A range is read as a series of ``COPY`` statements over consecutive page spans, each sized
-        to about :data:`_CHUNK_BYTES` of text and taken whole by psycopg2's ``copy_expert`` into a
+        to about :data:`CHUNK_BYTES` of text and taken whole by psycopg2's ``copy_expert`` into a
         ``BytesIO``: libpq's row messages are then gathered in C, at about 0.4 instead of 0.6 client
         CPU-microseconds a row for a Python loop over ``get_copy_data``, and each statement's output is
         one parse chunk. Every statement runs in the same transaction, under the imported snapshot.
@@ -852,8 +347,10 @@ class _Loader:
                         raise _Stopped
                     size = out.tell()
                     text = out.getvalue()  # BytesIO's own buffer: no copy
-                    for piece in _pieces(text) if size else ():
-                        self._put(lane, (job, self.parsers.submit(_parse, text, plan.types, check_utf8, piece)))
+                    for piece in pieces(text) if size else ():
+                        self._put(
+                            lane, (job, self.parsers.submit(parse_copy_text, text, plan.types, check_utf8, piece))
+                        )
                     if end is None or end == job.end:
                         break
                     job.state.span = _next_span(end - start, size)
@@ -862,7 +359,7 @@ class _Loader:
         except _Stopped:
             pass
         except psycopg2.Error as exc:
-            self.events.put((None, _source_error(exc.pgcode, str(exc), "reading failed")))
+            self.events.put((None, source_error(exc.pgcode, str(exc), "reading failed")))
         except BaseException as exc:  # a PgbridgeError, or a bug: the caller raises it either way
             self.events.put((None, exc))
         finally:

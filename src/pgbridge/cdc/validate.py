@@ -34,9 +34,10 @@ import duckdb
 import psycopg
 from psycopg import sql
 
+from pgbridge.cdc.catalog import SourceTable
+from pgbridge.cdc.copytext import copy_rows
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import qi
-from pgbridge.cdc.snapshot import SourceTable, copy_rows
 from pgbridge.cdc.source import create_slot
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.types import LSN
