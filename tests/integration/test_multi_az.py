@@ -11,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import psutil
 import psycopg
 import pytest
+import yaml
 
+from pgbridge.ops.up import SYNC_MAX_LAG
 from tests.conftest import Env, deployed
 
 pytestmark = [
@@ -247,7 +250,9 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
     names = set(roles(dep))
     assert any(n.endswith("-r2") for n in names) and not any(n.endswith("-r1") for n in names)
     assert not (dep.home / "data" / f"{dep.name}-r1").exists()
-    stand_in_keeps_commits_going(dep, next(n for n in names if n.endswith("-r2")))
+    without = with_r2.replace("replicas:\n  - {name: r2, region: zone-d, promotable: true}\n", "")
+    assert "r2" not in without
+    stand_in_keeps_commits_going(dep, next(n for n in names if n.endswith("-r2")), without, with_r2)
     # Multi-AZ off: synchronous replication goes first, then the standby
     dep.write_spec(with_r2.replace("multi_az: true", "multi_az: false"))
     dep.run("up", timeout=900)
@@ -258,13 +263,19 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
         c.execute("INSERT INTO sw VALUES (-1)")  # writes are not blocked
 
 
-def stand_in_keeps_commits_going(dep: Env, replica: str) -> None:
+def stand_in_keeps_commits_going(dep: Env, replica: str, spec_without: str, spec_with: str) -> None:
     """The Multi-AZ standby's host is lost (Patroni and PostgreSQL SIGKILLed, kept down): the
-    promotable replica becomes the synchronous standby Patroni may promote, and commits go on; when
-    the standby is back it takes the role back (higher sync_priority)."""
+    promotable replica becomes the synchronous standby Patroni may promote, and commits go on; `up`
+    refuses to remove it meanwhile; when the standby is back it takes the role back (higher
+    sync_priority)."""
     wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
     standby = next(n for n, r in roles(dep).items() if r == "sync standby")
     assert standby != replica  # the pair outranks the stand-in
+    with connect(endpoint(dep, "writer")) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS sw (n int PRIMARY KEY)")
+    rest = yaml.safe_load((dep.home / "etc" / f"patroni-{replica}.yml").read_text())["restapi"]["listen"]
+    with urllib.request.urlopen(f"http://{rest}/config", timeout=10) as r:  # a lagging pair member is not chosen
+        assert json.load(r)["maximum_lag_on_syncnode"] == SYNC_MAX_LAG
     conf = dep.home / "etc" / "supervisord.conf"
     ctl = [os.path.join(os.path.dirname(sys.executable), "supervisorctl"), "-c", str(conf)]
     program, patroni_conf = f"patroni-{standby}", dep.home / "etc" / f"patroni-{standby}.yml"
@@ -286,6 +297,11 @@ def stand_in_keeps_commits_going(dep: Env, replica: str) -> None:
 
         threading.Thread(target=commit, daemon=True).start()
         assert committed.wait(30), "a commit waited for the lost standby"
+        dep.write_spec(spec_without)
+        refused = dep.run("up", check=False, timeout=300)
+        assert refused.returncode != 0 and "standing in as the synchronous standby" in refused.stdout + refused.stderr
+        assert roles(dep).get(replica) == "sync standby"  # nothing was touched
+        dep.write_spec(spec_with)
     finally:
         subprocess.run([*ctl, "stop", program], capture_output=True, timeout=120)
         os.replace(patroni_conf.with_suffix(".lost"), patroni_conf)

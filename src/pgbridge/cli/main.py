@@ -726,7 +726,8 @@ def failover(c: Ctx, to: str | None, as_json: bool) -> None:
     if as_json:
         print_json(asdict(r))
         return
-    out.print(f"primary moved from {r.old} to {r.new} in {r.seconds:.1f}s; writes paused for {r.paused_s:.1f}s")
+    gap = f", first commit after {r.write_gap_s:.1f}s" if r.write_gap_s is not None else ""
+    out.print(f"primary moved from {r.old} to {r.new} in {r.seconds:.1f}s; writes paused for {r.paused_s:.1f}s{gap}")
 
 
 @cli.group()

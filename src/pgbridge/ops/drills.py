@@ -2,7 +2,9 @@
 
 `switchover` pauses the writer database in PgBouncer (running transactions finish, new ones
 queue), lets Patroni hand the leader role over, waits until HAProxy's writer reaches the new
-primary, and resumes: clients see a pause, not errors.
+primary and a standby streams from it (with strict synchronous replication nothing commits
+before), and resumes: clients see a pause, not errors. It reports the pause and the write gap a
+client sees: from the pause to the first commit acknowledged through the writer endpoint.
 
 `failover_drill` runs a writer that commits numbered rows through the writer endpoint and
 records each outcome: acknowledged, failed before anything was sent, or unknown (the connection
@@ -36,7 +38,10 @@ from pgbridge.platform.patroni import leader_of
 from pgbridge.platform.postgres import admin_connection
 
 Mode = Literal["kill", "hang", "crash"]
-DRILL_TABLE = "pgbridge_drill"
+DRILL_TABLE = "pgbridge_drill"  # in the app's schema: the writes of drills and switchovers, removed after
+_DRILL_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {DRILL_TABLE} (run text, n bigint, at timestamptz DEFAULT now(), PRIMARY KEY (run, n))"
+)
 
 
 @dataclass
@@ -44,7 +49,8 @@ class SwitchoverResult:
     old: str
     new: str
     seconds: float
-    paused_s: float
+    paused_s: float  # PgBouncer's pause: PAUSE issued to RESUME done
+    write_gap_s: float | None  # PAUSE issued to the first commit acknowledged through the writer endpoint after
 
 
 def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30) -> SwitchoverResult:
@@ -56,26 +62,90 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
         raise DeploymentError(f"no member {to!r}; members: {', '.join(dep.recorded_members())}")
     console = endpoints.console(dep) if endpoints.enabled(dep) else None
     db = dep.spec.database.name
+    probe = _CommitProbe(endpoints.dsn(dep, dep.spec.database.users.app, "writer", password=True)) if console else None
     t0 = time.monotonic()
-    # The old primary's shutdown checkpoint is part of the pause; most of it can happen first.
-    with admin_connection(dep.admin) as c:
-        c.execute("CHECKPOINT")
-    if console is not None:
-        console.pause(db, timeout=pause_timeout)
-    paused_at = time.monotonic()
     try:
-        moved = ha.switchover(dep, to)
+        # The old primary's shutdown checkpoint is part of the pause; most of it can happen first.
+        with admin_connection(dep.admin) as c:
+            c.execute("CHECKPOINT")
+        if probe is not None:
+            probe.connect()  # a client already connected when the pause begins
         if console is not None:
-            with contextlib.suppress(PgbridgeError):
-                endpoints.point_writer(dep, moved.new)
-            endpoints.wait_writer(dep, timeout=30, member=moved.new)
+            console.pause(db, timeout=pause_timeout)
+        paused_at = time.monotonic()
+        try:
+            moved = ha.switchover(dep, to)
+            if console is not None:
+                with contextlib.suppress(PgbridgeError):
+                    endpoints.point_writer(dep, moved.new)
+                endpoints.wait_writer(dep, timeout=30, member=moved.new)
+                # Held until a commit would be acknowledged: a client's commit then never sits in the
+                # synchronous-standby wait, where a statement timeout leaves it committed on one host.
+                ha.wait_commits_flow(dep, moved.new, timeout=30)
+        finally:
+            if console is not None:
+                console.resume(db)
+        paused = time.monotonic() - paused_at
+        gap = probe.first_commit(timeout=30) - paused_at if probe is not None else None
     finally:
-        if console is not None:
-            console.resume(db)
-    paused = time.monotonic() - paused_at
-    result = SwitchoverResult(moved.old, moved.new, round(time.monotonic() - t0, 2), round(paused, 2))
+        if probe is not None:
+            probe.close()
+    result = SwitchoverResult(
+        moved.old, moved.new, round(time.monotonic() - t0, 2), round(paused, 2), None if gap is None else round(gap, 2)
+    )
     events.record(dep, "switchover", f"primary moved from {moved.old} to {moved.new}", **asdict(result))
     return result
+
+
+class _CommitProbe:
+    """A client of the writer endpoint that times its first acknowledged commit after a switchover.
+
+    It inserts a row into the drill's table (and removes it afterwards): only a transaction that
+    wrote WAL waits for the synchronous standby, as a client's write does.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.run = f"switchover-{int(time.time() * 1000)}"
+        self.conn: psycopg.Connection[Any] | None = None
+        self.wrote = False
+
+    def connect(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, connect_timeout=5)
+            self.conn.execute(_DRILL_DDL)
+
+    def first_commit(self, timeout: float) -> float:
+        """The monotonic time of the first acknowledged commit, retrying over errors until `timeout`."""
+        deadline = time.monotonic() + timeout
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            if self.conn is None or self.conn.closed:
+                self.connect()
+            if self.conn is not None:
+                try:
+                    self.conn.execute(
+                        f"INSERT INTO {DRILL_TABLE} (run, n) VALUES (%s, 1) ON CONFLICT DO NOTHING", (self.run,)
+                    )
+                    self.wrote = True
+                    return time.monotonic()
+                except psycopg.Error as e:
+                    last = str(e).strip()
+                    self.close()
+            time.sleep(0.05)
+        raise DeploymentError(
+            f"the switchover completed, but no write committed through the writer endpoint within {timeout:.0f}s"
+            f" ({last})",
+            hint="see `pgbridge status`: the new primary needs its synchronous standby",
+        )
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                if self.wrote:
+                    self.conn.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (self.run,))
+                self.conn.close()
+            self.conn = None
 
 
 # ------------------------------------------------------------------------------------------ drill
@@ -170,8 +240,7 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
     dsn = endpoints.dsn(dep, app, "writer", password=True)
     try:
         with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
-            c.execute(f"CREATE TABLE IF NOT EXISTS {DRILL_TABLE} (run text, n bigint, at timestamptz DEFAULT now(),"
-                      " PRIMARY KEY (run, n))")  # fmt: skip
+            c.execute(_DRILL_DDL)
     except psycopg.Error as e:
         raise DeploymentError(
             f"the drill cannot write through the writer endpoint: {str(e).strip()}",

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pgbridge.errors import DeploymentError, TransientError
+import psycopg
+
+from pgbridge.errors import DeploymentError, PgbridgeError, TransientError
 from pgbridge.ops.context import Deployment
 from pgbridge.platform import etcd
 from pgbridge.platform.patroni import NAMESPACE, RUNNING_STATES, PatroniAPI, leader_of
@@ -155,19 +158,60 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
         if not pick:
             raise DeploymentError("no member can take over", hint="add multi_az: true or a promotable replica")
         candidate = str(pick[0]["name"])
-    t0 = time.monotonic()
-    status, body = dep.patroni(old).switchover(old, candidate)
-    if status not in (200, 202, 503):
-        raise DeploymentError(f"Patroni refused the switchover ({status}): {body}")
-    deadline = t0 + timeout
+    # Patroni answers the POST only on a whole second after the switchover (it polls its DCS once a
+    # second), so its answer comes in a thread while the candidate itself is asked every 50 ms.
+    answer: list[tuple[int, Any]] = []
+
+    def ask() -> None:
+        try:
+            answer.append(dep.patroni(old).switchover(old, candidate))
+        except PgbridgeError as e:
+            answer.append((0, e.message))
+
+    threading.Thread(target=ask, name="pgbridge-switchover", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answer and answer[0][0] not in (200, 202, 503):
+            raise DeploymentError(f"Patroni refused the switchover ({answer[0][0]}): {answer[0][1]}")
+        if accepts_writes(dep, candidate):
+            return Switched(old, candidate)
+        time.sleep(0.05)
+    said = f" (Patroni said {answer[0][0]}: {answer[0][1]})" if answer else ""
+    raise DeploymentError(f"{candidate} did not become primary within {timeout:.0f}s{said}")
+
+
+def accepts_writes(dep: Deployment, member: str) -> bool:
+    """Whether `member`'s PostgreSQL answers as a primary (promoted, out of recovery) right now."""
+    try:
+        with admin_connection(dep.member_admin(member)) as c:
+            row = c.execute("SELECT pg_is_in_recovery()").fetchone()
+    except (TransientError, psycopg.Error):
+        return False
+    return row is not None and row[0] is False
+
+
+def wait_commits_flow(dep: Deployment, member: str, timeout: float) -> bool:
+    """Until a commit on `member` (the primary) would be acknowledged: it needs no synchronous standby,
+    or one is streaming. False if not within `timeout`.
+
+    After a switchover with strict synchronous replication, the new primary acknowledges nothing
+    until a standby streams from it: the former primary (Patroni restarts it 2 s after releasing
+    the leader key) or a promotable replica once it follows the new leader.
+    """
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if leader_of(dep.cluster_view()) == candidate:
-                return Switched(old, candidate)
-        except TransientError:
+            with admin_connection(dep.member_admin(member)) as c:
+                row = c.execute(
+                    "SELECT current_setting('synchronous_standby_names') = ''"
+                    " OR EXISTS (SELECT FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))"
+                ).fetchone()
+            if row is not None and row[0]:
+                return True
+        except (TransientError, psycopg.Error):
             pass
-        time.sleep(0.2)
-    raise DeploymentError(f"{candidate} did not become primary within {timeout:.0f}s (Patroni said {status}: {body})")
+        time.sleep(0.05)
+    return False
 
 
 def member_key(dep: Deployment, member: str) -> str:

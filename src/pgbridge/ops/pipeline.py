@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from pgbridge.cdc import ddl
@@ -198,30 +199,43 @@ def ensure(dep: Deployment, report: Report) -> None:
 
 
 def wait_slot_copies(dep: Deployment, timeout: float = 90) -> bool:
-    """Until every other member that may become primary holds a copy of the pipeline's slot, running.
+    """Until every other member that may become primary holds a usable copy of the pipeline's slot, running.
 
     Patroni copies a permanent logical slot to a replica by stopping its PostgreSQL, copying the
-    slot's files and starting it again, once the pipeline has created the slot. `up` waits for it,
-    so that it returns with every member running, and a failover from then on keeps the slot.
+    slot's files and starting it again. It may first copy the slot Patroni itself created before the
+    daemon replaced it with its own; advancing that copy can later fail (its WAL recycled) and
+    Patroni copies again, with another restart. So a copy counts once it has been advanced to where
+    the daemon's slot stood after its load (or was copied from it): `up` then returns with every
+    member running, and a failover from then on keeps the slot.
     """
-    slot, deadline = paths(dep).slot, time.monotonic() + timeout
+    pp, deadline = paths(dep), time.monotonic() + timeout
+    mark: int | None = None  # the primary slot's confirmed position once the daemon streams from it
     while True:
         try:
-            leader = dep.leader()
-            able = [m.name for m in dep.members if not m.nofailover and m.name != leader]
-            states = {m.get("name"): m.get("state") for m in dep.cluster_view().get("members", [])}
-            if all(states.get(m) in RUNNING_STATES and _has_slot(dep, m, slot) for m in able):
-                return True
-        except PgbridgeError:
-            pass  # a member restarting to load the copy
+            if mark is None and json.loads(pp.status.read_text()).get("phase") == "streaming":
+                mark = _slot_confirmed(dep, dep.leader(), pp.slot)
+            if mark is not None:
+                leader = dep.leader()
+                able = [m.name for m in dep.members if not m.nofailover and m.name != leader]
+                states = {m.get("name"): m.get("state") for m in dep.cluster_view().get("members", [])}
+                if all(
+                    states.get(m) in RUNNING_STATES and (_slot_confirmed(dep, m, pp.slot) or -1) >= mark for m in able
+                ):
+                    return True
+        except (PgbridgeError, psycopg.Error, OSError, ValueError):
+            pass  # the daemon starting, or a member restarting to load the copy
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
 
 
-def _has_slot(dep: Deployment, member: str, slot: str) -> bool:
+def _slot_confirmed(dep: Deployment, member: str, slot: str) -> int | None:
+    """The slot's confirmed_flush_lsn on `member` (as a number), None when it has no such slot."""
     with admin_connection(dep.member_admin(member)) as c:
-        return c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is not None
+        row = c.execute(
+            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else None
 
 
 def status(dep: Deployment) -> dict[str, Any]:

@@ -197,6 +197,13 @@ def hba_input(spec: Spec) -> HbaInput:
     )
 
 
+SYNC_MAX_LAG = 64 << 20  # bytes: Patroni's maximum_lag_on_syncnode while a stand-in may hold the role
+
+
+def _has_stand_in(spec: Spec) -> bool:
+    return bool(spec.multi_az) and any(r.promotable for r in spec.replicas)
+
+
 def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on: bool = True) -> dict[str, Any]:
     operator = "root" if os.geteuid() == 0 else settings.user.name
     # Patroni drops replication slots it does not know. The pipeline's slot is created by its
@@ -224,6 +231,13 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on:
         "synchronous_mode_strict": bool(spec.multi_az and sync_on),
         "synchronous_node_count": 1,
         "maximum_lag_on_failover": 1048576,
+        # With a stand-in, a pair member back from a long outage is chosen synchronous standby only
+        # once it is within this many bytes of the most advanced standby: commits would otherwise
+        # wait for it to catch up although the stand-in keeps up. Patroni compares a lone standby
+        # with the primary's WAL instead, where a bulk write can run ahead further; then it empties
+        # /sync (no failover) until the standby is near again, so the value is far above a commit's
+        # WAL. Without a stand-in there is nothing to prefer: off.
+        "maximum_lag_on_syncnode": SYNC_MAX_LAG if _has_stand_in(spec) else -1,
         "slots": slots,
         "ignore_slots": ignore,
         "postgresql": {
@@ -488,12 +502,39 @@ def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None
         moved = ha.switchover(dep, candidate=dep.primary_member)
         report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
     standby = member_name(dep.spec.name, 2)
+    if standby not in removed:
+        _refuse_removing_the_stand_in(dep, view, removed)
     if standby in removed:
         # Strict synchronous replication with its standby gone would block every commit.
         api = dep.patroni(leader_of(dep.cluster_view()))
         api.patch_config({"synchronous_mode": False, "synchronous_mode_strict": False})
         ha.wait_sync(dep, False)
         report.add("multi-az (synchronous standby)", "removed")
+
+
+def _refuse_removing_the_stand_in(dep: Deployment, view: dict[str, Any], removed: list[str]) -> None:
+    """A replica standing in as the synchronous standby leaves only if another member can take over.
+
+    With strict synchronous replication and no other standby streaming, every commit would wait
+    until the lost Multi-AZ member is back. Who streams is asked of the primary: a lost member's
+    key stays in etcd, with its last state, until its lease runs out.
+    """
+    members = view.get("members", [])
+    standing_in = [str(m["name"]) for m in members if m.get("name") in removed and m.get("role") == "sync_standby"]
+    leader = leader_of(view)
+    if not standing_in or leader is None:
+        return
+    with admin_connection(dep.member_admin(leader)) as c:
+        streaming = {
+            str(r[0]) for r in c.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
+        }
+    able = {str(m["name"]) for m in members if not m.get("tags", {}).get("nofailover")}
+    if not (streaming & able) - set(removed):
+        raise DeploymentError(
+            f"{standing_in[0]} is standing in as the synchronous standby and no other member that may be promoted"
+            " is streaming: removing it now would stop every commit",
+            hint="bring the Multi-AZ member back first (see `pgbridge status`), then run `up` again",
+        )
 
 
 def up(
