@@ -186,11 +186,14 @@ def bench_profile(rig: FailoverRig, args: argparse.Namespace, res: ProfileResult
             say(f"[{rig.profile}] switchover {i + 1}: FAILED: {str(e)[:800]}")
             continue
         res.pauses.append(float(r["paused_s"]))
-        res.gaps.append(float(r["write_gap_s"]))
+        if r.get("write_gap_s") is None:
+            res.switch_failures.append(f"no commit through the writer endpoint after it: {r.get('warning')}")
+        else:
+            res.gaps.append(float(r["write_gap_s"]))
         res.switch_s.append(float(r["seconds"]))
         say(
             f"[{rig.profile}] switchover {i + 1}/{args.switchovers}: {r['old']} -> {r['new']}"
-            f" in {r['seconds']:.2f}s, writes paused {r['paused_s']:.2f}s, first commit after {r['write_gap_s']:.2f}s"
+            f" in {r['seconds']:.2f}s, writes paused {r['paused_s']:.2f}s, first commit after {r.get('write_gap_s')}s"
         )
 
 

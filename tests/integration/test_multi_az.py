@@ -299,7 +299,10 @@ def stand_in_keeps_commits_going(dep: Env, replica: str, spec_without: str, spec
         assert committed.wait(30), "a commit waited for the lost standby"
         dep.write_spec(spec_without)
         refused = dep.run("up", check=False, timeout=300)
-        assert refused.returncode != 0 and "standing in as the synchronous standby" in refused.stdout + refused.stderr
+        assert (
+            refused.returncode != 0
+            and "the only member that may be promoted streaming" in refused.stdout + refused.stderr
+        )
         assert roles(dep).get(replica) == "sync standby"  # nothing was touched
         dep.write_spec(spec_with)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -430,12 +431,10 @@ def test_a_failure_mid_load_leaves_every_recorded_range_whole(
     [table] = pg.tables([f"{s}.mixed"])
     monkeypatch.setattr(snapshot, "CHUNK_BYTES", 20_000)
     monkeypatch.setattr(copytext, "CHUNK_BYTES", 8_000)
-    calls, parse = 0, snapshot.parse_copy_text
+    calls, parse = itertools.count(1), snapshot.parse_copy_text  # next() is atomic: parsers run in threads
 
     def failing(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == fail_at:
+        if next(calls) == fail_at:
             raise UnicodeError("injected")
         return parse(*args, **kwargs)
 

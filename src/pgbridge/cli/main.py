@@ -728,6 +728,8 @@ def failover(c: Ctx, to: str | None, as_json: bool) -> None:
         return
     gap = f", first commit after {r.write_gap_s:.1f}s" if r.write_gap_s is not None else ""
     out.print(f"primary moved from {r.old} to {r.new} in {r.seconds:.1f}s; writes paused for {r.paused_s:.1f}s{gap}")
+    if r.warning:
+        err.print(f"warning: {r.warning}")
 
 
 @cli.group()

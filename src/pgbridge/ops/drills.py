@@ -51,6 +51,7 @@ class SwitchoverResult:
     seconds: float
     paused_s: float  # PgBouncer's pause: PAUSE issued to RESUME done
     write_gap_s: float | None  # PAUSE issued to the first commit acknowledged through the writer endpoint after
+    warning: str | None = None  # the primary moved, but something after it did not go as it should
 
 
 def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30) -> SwitchoverResult:
@@ -63,6 +64,7 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
     console = endpoints.console(dep) if endpoints.enabled(dep) else None
     db = dep.spec.database.name
     probe = _CommitProbe(endpoints.dsn(dep, dep.spec.database.users.app, "writer", password=True)) if console else None
+    warning: str | None = None
     t0 = time.monotonic()
     try:
         # The old primary's shutdown checkpoint is part of the pause; most of it can happen first.
@@ -70,10 +72,11 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
             c.execute("CHECKPOINT")
         if probe is not None:
             probe.connect()  # a client already connected when the pause begins
-        if console is not None:
-            console.pause(db, timeout=pause_timeout)
-        paused_at = time.monotonic()
+        paused_at = time.monotonic()  # a write arriving now waits: PAUSE first lets running ones finish
+        flowing = True
         try:
+            if console is not None:
+                console.pause(db, timeout=pause_timeout)
             moved = ha.switchover(dep, to)
             if console is not None:
                 with contextlib.suppress(PgbridgeError):
@@ -81,17 +84,30 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
                 endpoints.wait_writer(dep, timeout=30, member=moved.new)
                 # Held until a commit would be acknowledged: a client's commit then never sits in the
                 # synchronous-standby wait, where a statement timeout leaves it committed on one host.
-                ha.wait_commits_flow(dep, moved.new, timeout=30)
+                flowing = ha.wait_commits_flow(dep, moved.new, timeout=30)
         finally:
             if console is not None:
                 console.resume(db)
         paused = time.monotonic() - paused_at
-        gap = probe.first_commit(timeout=30) - paused_at if probe is not None else None
+        gap: float | None = None
+        if probe is not None and flowing:
+            acked = probe.first_commit(timeout=30)
+            gap = acked - paused_at if acked is not None else None
+        if probe is not None and gap is None:
+            warning = (
+                f"{moved.new} is primary, but no commit was acknowledged through the writer endpoint within 30 s"
+                f" ({probe.last_error}): a commit waits for a standby that streams from it; see `pgbridge status`"
+            )
     finally:
         if probe is not None:
             probe.close()
     result = SwitchoverResult(
-        moved.old, moved.new, round(time.monotonic() - t0, 2), round(paused, 2), None if gap is None else round(gap, 2)
+        moved.old,
+        moved.new,
+        round(time.monotonic() - t0, 2),
+        round(paused, 2),
+        None if gap is None else round(gap, 2),
+        warning,
     )
     events.record(dep, "switchover", f"primary moved from {moved.old} to {moved.new}", **asdict(result))
     return result
@@ -101,7 +117,9 @@ class _CommitProbe:
     """A client of the writer endpoint that times its first acknowledged commit after a switchover.
 
     It inserts a row into the drill's table (and removes it afterwards): only a transaction that
-    wrote WAL waits for the synchronous standby, as a client's write does.
+    wrote WAL waits for the synchronous standby, as a client's write does (a bare
+    ``txid_current()`` commits without waiting). A commit still waiting when time is up is
+    cancelled; PostgreSQL then keeps it with a warning, which does not count as acknowledged.
     """
 
     def __init__(self, dsn: str) -> None:
@@ -109,42 +127,55 @@ class _CommitProbe:
         self.run = f"switchover-{int(time.time() * 1000)}"
         self.conn: psycopg.Connection[Any] | None = None
         self.wrote = False
+        self.last_error = "no attempt"
+        self.notices: list[str] = []
 
     def connect(self) -> None:
-        with contextlib.suppress(psycopg.Error):
+        try:
             self.conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, connect_timeout=5)
+            self.conn.add_notice_handler(lambda d: self.notices.append(str(d.message_primary)))
             self.conn.execute(_DRILL_DDL)
+        except psycopg.Error as e:
+            self.last_error = str(e).strip()
+            self.close()
 
-    def first_commit(self, timeout: float) -> float:
-        """The monotonic time of the first acknowledged commit, retrying over errors until `timeout`."""
+    def first_commit(self, timeout: float) -> float | None:
+        """The monotonic time of the first acknowledged commit; None if none within `timeout`."""
         deadline = time.monotonic() + timeout
-        last = "no attempt"
         while time.monotonic() < deadline:
             if self.conn is None or self.conn.closed:
                 self.connect()
-            if self.conn is not None:
+            conn = self.conn
+            if conn is not None:
+                timer = threading.Timer(max(0.1, deadline - time.monotonic()), conn.cancel)
+                timer.start()
+                self.notices.clear()
                 try:
-                    self.conn.execute(
+                    conn.execute(
                         f"INSERT INTO {DRILL_TABLE} (run, n) VALUES (%s, 1) ON CONFLICT DO NOTHING", (self.run,)
                     )
                     self.wrote = True
-                    return time.monotonic()
+                    if not any("synchronous replication" in n for n in self.notices):
+                        return time.monotonic()
+                    self.last_error = "the commit was cancelled while it waited for the synchronous standby"
+                    return None
                 except psycopg.Error as e:
-                    last = str(e).strip()
+                    self.last_error = str(e).strip()
                     self.close()
+                finally:
+                    timer.cancel()
             time.sleep(0.05)
-        raise DeploymentError(
-            f"the switchover completed, but no write committed through the writer endpoint within {timeout:.0f}s"
-            f" ({last})",
-            hint="see `pgbridge status`: the new primary needs its synchronous standby",
-        )
+        return None
 
     def close(self) -> None:
         if self.conn is not None:
+            timer = threading.Timer(5, self.conn.cancel)  # a DELETE waits for the standby too
+            timer.start()
             with contextlib.suppress(psycopg.Error):
                 if self.wrote:
                     self.conn.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (self.run,))
                 self.conn.close()
+            timer.cancel()
             self.conn = None
 
 

@@ -201,10 +201,10 @@ def haproxy_state(dep: Deployment) -> haproxy.HaproxyState:
 
 
 def point_writer(dep: Deployment, leader: str) -> None:
-    """Tell HAProxy at once what Patroni already confirmed, instead of waiting for its next checks.
+    """Tell HAProxy at once who the primary is, instead of waiting for its next checks.
 
-    Only used after a switchover Patroni reported done; the regular checks keep running and would
-    correct any mistake within a second or two.
+    Only used after a switchover, once the new primary answers out of recovery; the regular checks
+    keep running and would correct any mistake within a second or two.
     """
     path = _files(dep)["stats"]
     for m in dep.recorded_members():

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from pgbridge.errors import DeploymentError, PgbridgeError, TransientError
+from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.ops.context import Deployment
 from pgbridge.platform import etcd
 from pgbridge.platform.patroni import NAMESPACE, RUNNING_STATES, PatroniAPI, leader_of
@@ -165,16 +165,22 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     def ask() -> None:
         try:
             answer.append(dep.patroni(old).switchover(old, candidate))
-        except PgbridgeError as e:
-            answer.append((0, e.message))
+        except Exception as e:  # no answer is not a refusal: the candidate is asked below
+            answer.append((0, str(e)))
 
     threading.Thread(target=ask, name="pgbridge-switchover", daemon=True).start()
     deadline = time.monotonic() + timeout
+    failed_at: float | None = None
     while time.monotonic() < deadline:
-        if answer and answer[0][0] not in (200, 202, 503):
-            raise DeploymentError(f"Patroni refused the switchover ({answer[0][0]}): {answer[0][1]}")
         if accepts_writes(dep, candidate):
             return Switched(old, candidate)
+        status = answer[0][0] if answer else None
+        if status not in (None, 0, 200, 202, 503):
+            raise DeploymentError(f"Patroni refused the switchover ({status}): {answer[0][1]}")
+        if status == 503:  # "Switchover failed", though 4.1.5 may say so while it still completes
+            failed_at = failed_at or time.monotonic()
+            if time.monotonic() - failed_at > 10:
+                raise DeploymentError(f"Patroni could not switch over to {candidate}: {answer[0][1]}")
         time.sleep(0.05)
     said = f" (Patroni said {answer[0][0]}: {answer[0][1]})" if answer else ""
     raise DeploymentError(f"{candidate} did not become primary within {timeout:.0f}s{said}")

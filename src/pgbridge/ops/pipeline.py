@@ -209,6 +209,8 @@ def wait_slot_copies(dep: Deployment, timeout: float = 90) -> bool:
     member running, and a failover from then on keeps the slot.
     """
     pp, deadline = paths(dep), time.monotonic() + timeout
+    if all(m.nofailover for m in dep.members[1:]):
+        return True  # no other member may become primary: the slot is not a permanent one
     mark: int | None = None  # the primary slot's confirmed position once the daemon streams from it
     while True:
         try:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import yaml
 
 from pgbridge.errors import DeploymentError, HostError, PgbridgeError, TransientError
@@ -498,12 +499,12 @@ def _wait_leader(dep: Deployment, *, first: bool, timeout: float = 300) -> str:
 def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None:
     """Members about to leave hold no role the others need: not the leader, not the sync standby."""
     view = dep.cluster_view()
+    standby = member_name(dep.spec.name, 2)
+    if standby not in removed and dep.spec.multi_az:
+        _refuse_removing_the_stand_in(dep, view, removed)  # before anything changes
     if leader_of(view) in removed:
         moved = ha.switchover(dep, candidate=dep.primary_member)
         report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
-    standby = member_name(dep.spec.name, 2)
-    if standby not in removed:
-        _refuse_removing_the_stand_in(dep, view, removed)
     if standby in removed:
         # Strict synchronous replication with its standby gone would block every commit.
         api = dep.patroni(leader_of(dep.cluster_view()))
@@ -513,26 +514,29 @@ def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None
 
 
 def _refuse_removing_the_stand_in(dep: Deployment, view: dict[str, Any], removed: list[str]) -> None:
-    """A replica standing in as the synchronous standby leaves only if another member can take over.
+    """Members leave only if a member that may be promoted still streams from the primary afterwards.
 
-    With strict synchronous replication and no other standby streaming, every commit would wait
-    until the lost Multi-AZ member is back. Who streams is asked of the primary: a lost member's
-    key stays in etcd, with its last state, until its lease runs out.
+    With strict synchronous replication a promotable replica stands in as the synchronous standby
+    while the Multi-AZ pair is broken; removing it then would make every commit wait until the lost
+    member is back. Whatever role Patroni shows (it clears `/sync` at times and then names nobody),
+    the primary is asked who streams: a lost member's key stays in etcd, with its last state, until
+    its lease runs out.
     """
-    members = view.get("members", [])
-    standing_in = [str(m["name"]) for m in members if m.get("name") in removed and m.get("role") == "sync_standby"]
     leader = leader_of(view)
-    if not standing_in or leader is None:
-        return
-    with admin_connection(dep.member_admin(leader)) as c:
-        streaming = {
-            str(r[0]) for r in c.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
-        }
-    able = {str(m["name"]) for m in members if not m.get("tags", {}).get("nofailover")}
-    if not (streaming & able) - set(removed):
+    if leader is None or leader in removed:
+        return  # no primary to keep writable; a leaving primary is switched over first
+    able = {str(m["name"]) for m in view.get("members", []) if not m.get("tags", {}).get("nofailover")}
+    try:
+        with admin_connection(dep.member_admin(leader)) as c:
+            rows = c.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
+    except psycopg.Error as e:
+        raise DeploymentError(f"cannot ask the primary {leader} which members stream: {str(e).strip()}") from None
+    streaming = {str(r[0]) for r in rows} & able
+    leaving = sorted(streaming & set(removed))
+    if leaving and not streaming - set(removed):
         raise DeploymentError(
-            f"{standing_in[0]} is standing in as the synchronous standby and no other member that may be promoted"
-            " is streaming: removing it now would stop every commit",
+            f"{leaving[0]} is the only member that may be promoted streaming from the primary: with strict"
+            " synchronous replication, removing it now would stop every commit",
             hint="bring the Multi-AZ member back first (see `pgbridge status`), then run `up` again",
         )
 
