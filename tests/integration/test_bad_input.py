@@ -80,6 +80,9 @@ def test_interrupted_first_up_rolls_back(scratch: Env) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as at a terminal: a run started in the background by a shell without job control (e.g.
+        # `cmd &` in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Wait until the processes are starting, then interrupt like Ctrl-C would.
     deadline = time.monotonic() + 60
