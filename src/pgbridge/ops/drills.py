@@ -44,6 +44,11 @@ _DRILL_DDL = (
 )
 
 
+def _client(dsn: str, connect_timeout: int = 5) -> psycopg.Connection[Any]:
+    """A client of the writer endpoint, as an application connects through PgBouncer's transaction mode."""
+    return psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=connect_timeout)
+
+
 @dataclass
 class SwitchoverResult:
     old: str
@@ -132,7 +137,7 @@ class _CommitProbe:
 
     def connect(self) -> None:
         try:
-            self.conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, connect_timeout=5)
+            self.conn = _client(self.dsn)
             self.conn.add_notice_handler(lambda d: self.notices.append(str(d.message_primary)))
             self.conn.execute(_DRILL_DDL)
         except psycopg.Error as e:
@@ -204,7 +209,7 @@ class _Writer:
         while not self.stop.is_set():
             if conn is None or conn.closed:
                 try:
-                    conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, connect_timeout=2)
+                    conn = _client(self.dsn, connect_timeout=2)
                 except psycopg.Error:
                     conn = None
                     time.sleep(0.05)
@@ -270,7 +275,7 @@ def failover_drill(dep: Deployment, mode: Mode, *, yes: bool, timeout: float = 1
     app = dep.spec.database.users.app
     dsn = endpoints.dsn(dep, app, "writer", password=True)
     try:
-        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
+        with _client(dsn) as c:
             c.execute(_DRILL_DDL)
     except psycopg.Error as e:
         raise DeploymentError(
@@ -396,7 +401,7 @@ def _committed(dsn: str, run: str, timeout: float = 60) -> set[int]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=5) as c:
+            with _client(dsn) as c:
                 present = {int(r[0]) for r in c.execute(f"SELECT n FROM {DRILL_TABLE} WHERE run = %s", (run,))}
                 c.execute(f"DELETE FROM {DRILL_TABLE} WHERE run = %s", (run,))
                 return present

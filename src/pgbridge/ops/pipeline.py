@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from pgbridge.cdc import ddl
@@ -26,7 +25,7 @@ from pgbridge.home import write_if_changed
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.tasks import Action, Report
 from pgbridge.platform import system
-from pgbridge.platform.patroni import RUNNING_STATES
+from pgbridge.platform.patroni import RUNNING_STATES, leader_of
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
 
@@ -214,17 +213,18 @@ def wait_slot_copies(dep: Deployment, timeout: float = 90) -> bool:
     mark: int | None = None  # the primary slot's confirmed position once the daemon streams from it
     while True:
         try:
+            view = dep.cluster_view()
+            leader = leader_of(view) or dep.primary_member
             if mark is None and json.loads(pp.status.read_text()).get("phase") == "streaming":
-                mark = _slot_confirmed(dep, dep.leader(), pp.slot)
+                mark = _slot_confirmed(dep, leader, pp.slot)
             if mark is not None:
-                leader = dep.leader()
                 able = [m.name for m in dep.members if not m.nofailover and m.name != leader]
-                states = {m.get("name"): m.get("state") for m in dep.cluster_view().get("members", [])}
+                states = {m.get("name"): m.get("state") for m in view.get("members", [])}
                 if all(
                     states.get(m) in RUNNING_STATES and (_slot_confirmed(dep, m, pp.slot) or -1) >= mark for m in able
                 ):
                     return True
-        except (PgbridgeError, psycopg.Error, OSError, ValueError):
+        except (PgbridgeError, OSError, ValueError):
             pass  # the daemon starting, or a member restarting to load the copy
         if time.monotonic() > deadline:
             return False
@@ -233,11 +233,8 @@ def wait_slot_copies(dep: Deployment, timeout: float = 90) -> bool:
 
 def _slot_confirmed(dep: Deployment, member: str, slot: str) -> int | None:
     """The slot's confirmed_flush_lsn on `member` (as a number), None when it has no such slot."""
-    with admin_connection(dep.member_admin(member)) as c:
-        row = c.execute(
-            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-        ).fetchone()
-    return int(row[0]) if row is not None and row[0] is not None else None
+    s = slot_status(dep.member_admin(member).conninfo(), slot)
+    return s.confirmed_flush_lsn.value if s.exists and s.confirmed_flush_lsn is not None else None
 
 
 def status(dep: Deployment) -> dict[str, Any]:

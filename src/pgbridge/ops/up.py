@@ -39,7 +39,7 @@ from pgbridge.ops.tasks import Report, Undo, interruptible
 from pgbridge.plan.hba import ADMIN_ROLE, REPLICATION_ROLE, REWIND_ROLE, HbaInput, render_hba, render_ident
 from pgbridge.plan.instance_classes import resolve_class
 from pgbridge.plan.params import ParamValue
-from pgbridge.plan.topology import member_name, members
+from pgbridge.plan.topology import STAND_IN, member_name, members
 from pgbridge.platform import etcd, system
 from pgbridge.platform.catalogue import Catalogue, load_catalogue
 from pgbridge.platform.patroni import (
@@ -202,7 +202,7 @@ SYNC_MAX_LAG = 64 << 20  # bytes: Patroni's maximum_lag_on_syncnode while a stan
 
 
 def _has_stand_in(spec: Spec) -> bool:
-    return bool(spec.multi_az) and any(r.promotable for r in spec.replicas)
+    return bool(spec.multi_az) and any(m.sync_priority == STAND_IN for m in members(spec))
 
 
 def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on: bool = True) -> dict[str, Any]:
