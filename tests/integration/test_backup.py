@@ -123,6 +123,12 @@ def test_pitr_between_two_commits_into_a_new_deployment(dep: Env) -> None:
     new = f"{dep.name}-pitr"
     dep.run("restore", "--to-time", str(target), "--name", new, timeout=600)
     new_home = dep.home.parent / new
+    # The copy fetched WAL with its own lock: the source's archiving goes on at once (with the
+    # source's archive lock taken, its next push waited pgBackRest's 60 s archive-timeout).
+    seg, deadline = wal_segment(dep), time.monotonic() + 20
+    while (archiver(dep)["last_archived_wal"] or "") < seg:
+        assert time.monotonic() < deadline, f"{seg} not archived 20 s after the restore: {archiver(dep)}"
+        time.sleep(0.5)
     assert sql(dep, "SELECT id FROM shop.pitr ORDER BY id", home=new_home) == [(1,)]
     assert sql(dep, "SELECT count(*) FROM shop.t", home=new_home) == [(2000,)]
     # a full pgbridge deployment: status, connect and destroy work on it

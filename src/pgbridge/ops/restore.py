@@ -156,7 +156,9 @@ def recovered(
     system.make_dir(sock, 0o700, settings.user)
     data = data or base / "data"
     system.make_dir(data, 0o700, settings.user)
-    pb.restore(data, target=resolved.target, set_label=resolved.set_label, immediate=resolved.immediate)
+    work = base / "pgbackrest"
+    system.make_dir(work, 0o700, settings.user)
+    pb.restore(data, work, target=resolved.target, set_label=resolved.set_label, immediate=resolved.immediate)
     port = system.free_port()
     conf = _write_scratch_config(base, sock, port, settings)
     scratch = Scratch(data, sock, port, settings)

@@ -255,9 +255,18 @@ class PgBackRest:
             opts.append(f"--repo1-retention-archive={archive_retention}")
         self.run("expire", *opts, what="expiring backups", timeout=1800)
 
-    def restore(self, pg_path: Path, *, target: str | None, set_label: str | None, immediate: bool = False) -> None:
-        """Restore into an empty folder; recovery settings go to its postgresql.auto.conf."""
-        opts = [f"--pg1-path={pg_path}", "--archive-mode=off"]
+    def restore(
+        self, pg_path: Path, work: Path, *, target: str | None, set_label: str | None, immediate: bool = False
+    ) -> None:
+        """Restore into an empty folder; recovery settings go to its postgresql.auto.conf.
+
+        The copy's restore_command (written by pgBackRest with these options) fetches WAL
+        asynchronously with its own lock and spool folders under `work`: with the configured ones
+        it would take the source's archive lock, and the source's archive-push would wait
+        archive-timeout (60 s) for it, stalling WAL archiving during every drill and restore.
+        """
+        opts = [f"--pg1-path={pg_path}", "--archive-mode=off", f"--lock-path={work / 'lock'}",
+                f"--spool-path={work / 'spool'}"]  # fmt: skip
         if set_label:
             opts.append(f"--set={set_label}")
         if immediate:
