@@ -244,6 +244,54 @@ def test_a_crashed_postmaster_fails_over_and_its_member_starts_again(dep: Env) -
     assert f"{standby}: primary, running" in checked, checked
 
 
+def test_reboot_restarts_every_member_standbys_first(dep: Env) -> None:
+    """A static parameter reaches every member: `reboot --failover` restarts the standbys, moves the
+    primary (the pooler holds writers, none fails) and restarts the former one; plain `reboot`
+    restarts the primary in place, whichever member that is now."""
+    wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
+    old = next(n for n, r in roles(dep).items() if r == "primary")
+
+    def everywhere(value: str) -> bool:
+        return all(member_sql(dep, m, "SHOW max_locks_per_transaction") == value for m in roles(dep))
+
+    dep.write_spec(SPEC + "parameter_groups:\n  tune:\n    max_locks_per_transaction: 128\nparameter_group: tune\n")
+    assert "pending-reboot" in dep.run("up", timeout=900).stdout
+    assert everywhere("64")
+    writer = endpoint(dep, "writer")
+    errors: list[str] = []
+    done = threading.Event()
+
+    def write() -> None:
+        with connect(writer) as c:
+            while not done.is_set():
+                try:
+                    c.execute("INSERT INTO sw SELECT coalesce(max(n), 0) + 1 FROM sw")
+                except psycopg.Error as e:
+                    errors.append(str(e))
+                    return
+                time.sleep(0.01)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        out = dep.run("reboot", "--failover", timeout=900).stdout
+    finally:
+        done.set()
+        t.join()
+    assert not errors, errors
+    assert everywhere("128") and status(dep)["pending_reboot"] == []
+    assert roles(dep)[old] in ("replica", "sync standby") and "former primary restarted" in out, out
+    new = next(n for n, r in roles(dep).items() if r == "primary")
+    # Lowered again: the standbys first start with the primary's value (Patroni flags them), so
+    # they are restarted once more after the primary.
+    dep.write_spec(SPEC + "parameter_groups:\n  tune:\n    max_locks_per_transaction: 64\nparameter_group: tune\n")
+    assert "pending-reboot" in dep.run("up", timeout=900).stdout
+    out = dep.run("reboot", timeout=900).stdout
+    assert f"member {new}" in out and "primary restarted" in out and "restarted again" in out, out
+    assert roles(dep)[new] == "primary" and everywhere("64") and status(dep)["pending_reboot"] == []
+    wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
+
+
 def test_replicas_follow_the_spec(dep: Env) -> None:
     with_r2 = SPEC.replace("  - {name: r1, region: zone-c}", "  - {name: r2, region: zone-d, promotable: true}")
     dep.write_spec(with_r2)

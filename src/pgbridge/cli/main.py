@@ -243,13 +243,17 @@ def check(c: Ctx) -> None:
 
 
 @cli.command()
+@click.option(
+    "--failover", is_flag=True, help="switch the primary over to the synchronous standby, not restart it in place"
+)
 @pass_ctx
 @handle_errors
-def reboot(c: Ctx) -> None:
-    """Restart PostgreSQL so pending static parameters take effect."""
+def reboot(c: Ctx, failover: bool) -> None:
+    """Restart PostgreSQL so pending static parameters take effect (standbys first, one at a time)."""
     from pgbridge.ops.lifecycle import reboot as do_reboot
 
-    report = do_reboot(c.deployment())
+    with err.status("restarting"):
+        report = do_reboot(c.deployment(), failover=failover)
     out.print(report_table("pgbridge reboot", report))
     if report.pending_reboot:
         raise PgbridgeError("still pending after the restart: " + ", ".join(report.pending_reboot))

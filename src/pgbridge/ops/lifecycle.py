@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 
-from pgbridge.errors import DeploymentError, NotFoundError, UsageError
+import psycopg
+
+from pgbridge.errors import DeploymentError, NotFoundError, TransientError, UsageError
+from pgbridge.ops import ha
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.tasks import Report
 from pgbridge.ops.up import catalogue_for, deployment_lock, pending_reboot, stop_leftover_postgres
+from pgbridge.platform.patroni import RUNNING_STATES, leader_of
+from pgbridge.platform.postgres import admin_connection
 
 
 def down(dep: Deployment) -> Report:
@@ -53,22 +59,66 @@ def destroy(dep: Deployment, *, yes: bool) -> Report:
     return report
 
 
-def reboot(dep: Deployment) -> Report:
-    """Restart PostgreSQL through Patroni so pending static parameters take effect."""
+def reboot(dep: Deployment, *, failover: bool = False) -> Report:
+    """Restart PostgreSQL through Patroni so pending static parameters take effect.
+
+    With standbys it is a rolling restart, one member at a time: every running standby first (each
+    streams again before the next step), then the primary, in place (writes wait for its restart)
+    or, with `failover`, after a switchover to the synchronous standby (clients see the
+    switchover's pause) and then the former primary as a standby. Restarting the synchronous
+    standby holds commits on the primary until it streams again (strict synchronous replication).
+    """
     dep.home.require()
     report = Report()
     with deployment_lock(dep.home):
         if not dep.supervisor.running():
             raise DeploymentError("the deployment is stopped", hint="run `pgbridge up` to start it")
-        api = dep.patroni()
         cat = catalogue_for(dep.settings)
         params = desired_parameters(dep.spec, dep.home, cat)
         before = pending_reboot(dep, params, cat)
-        t0 = time.monotonic()
-        api.restart()
-        api.wait_running(timeout=180)
+        members = dep.recorded_members()
+        view = dep.cluster_view() if len(members) > 1 else {}
+        leader = leader_of(view) if view else dep.primary_member
+        if leader is None:
+            raise DeploymentError("no member runs as primary", hint="see `pgbridge status`")
+        running = {str(m["name"]) for m in view.get("members", []) if m.get("state") in RUNNING_STATES}
+        standbys = [m for m in members if m != leader]
+        if failover and not running.intersection(standbys):
+            raise UsageError("--failover needs a running standby to move the primary to",
+                             hint="set multi_az: true (or add a promotable replica) and run `pgbridge up`")  # fmt: skip
+        for m in standbys:
+            if m not in running:
+                report.add(f"member {m}", "unchanged", "not running: it starts with the new settings")
+                continue
+            report.add(f"member {m}", "changed", f"standby restarted in {_restart(dep, m, 'replica'):.1f}s")
+        if dep.spec.multi_az and standbys:
+            ha.wait_sync(dep, True)  # Patroni names the restarted standby again on its next loop
+        if failover:
+            from pgbridge.ops.drills import switchover
+
+            moved = switchover(dep)
+            gap = f", first commit after {moved.write_gap_s:.1f}s" if moved.write_gap_s is not None else ""
+            report.add("primary", "changed", f"moved from {moved.old} to {moved.new}; writes paused"
+                       f" {moved.paused_s:.1f}s{gap}")  # fmt: skip
+            ha.wait_replica(dep.patroni(moved.old), moved.old, timeout=180)  # Patroni's demote ends first
+            took = _restart(dep, moved.old, "replica")
+            report.add(f"member {moved.old}", "changed", f"former primary restarted as a standby in {took:.1f}s")
+            leader = moved.new
+        else:
+            report.add(f"member {leader}", "changed", f"primary restarted in {_restart(dep, leader, 'primary'):.1f}s")
+        # A standby needs some parameters (max_connections, max_locks_per_transaction, ...) at least
+        # as high as its primary runs them; lowered, Patroni starts it with the primary's old value
+        # and flags it. Once the primary runs the new value (and the standby has replayed it), again.
+        for m in _flagged_standbys(dep, leader):
+            _replayed(dep, leader, m, timeout=60)
+            report.add(f"member {m}", "changed", f"standby restarted again in {_restart(dep, m, 'replica'):.1f}s"
+                       " (a lowered parameter it needs at least as high as the primary)")  # fmt: skip
         after = pending_reboot(dep, params, cat)
-        report.add("instance", "changed", f"restarted in {time.monotonic() - t0:.1f}s")
+        for m in _flagged_standbys(dep, leader) + ([leader] if after else []):
+            hint = (
+                " (lowered with --failover: run `pgbridge reboot` to restart the primary in place)" if failover else ""
+            )
+            report.add(f"member {m}", "pending-reboot", f"still runs an old value{hint}")
         if before:
             report.add("parameters", "changed", "applied: " + ", ".join(before))
         report.pending_reboot = after
@@ -76,3 +126,47 @@ def reboot(dep: Deployment) -> Report:
         state["pending_reboot"] = after
         dep.home.write_state(state)
     return report
+
+
+def _flagged_standbys(dep: Deployment, leader: str) -> list[str]:
+    """Running standbys that Patroni flags `pending_restart`."""
+    if len(dep.recorded_members()) == 1:
+        return []
+    return [
+        str(m["name"])
+        for m in dep.cluster_view().get("members", [])
+        if m.get("name") != leader and m.get("pending_restart") and m.get("state") in RUNNING_STATES
+    ]
+
+
+def _replayed(dep: Deployment, leader: str, member: str, timeout: float) -> None:
+    """Until `member` has replayed the primary's WAL as of now (its parameter values included)."""
+    with admin_connection(dep.member_admin(leader)) as c:
+        row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    lsn = str(row[0]) if row else "0/0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TransientError, psycopg.Error), admin_connection(dep.member_admin(member)) as c:
+            done = c.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()
+            if done is not None and done[0]:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"standby {member} did not replay the primary's WAL up to {lsn} within {timeout:.0f}s")
+
+
+def _restart(dep: Deployment, member: str, role: str) -> float:
+    """Restart one member's PostgreSQL through its Patroni; until it runs in `role` (a standby: streams).
+
+    A primary with a synchronous standby is back only when a commit would be acknowledged again.
+    """
+    t0 = time.monotonic()
+    api = dep.patroni(member, timeout=200)  # Patroni answers /restart once PostgreSQL is back
+    api.restart()
+    if role == "replica":
+        ha.wait_replica(api, member, timeout=180)
+    else:
+        api.wait_running(timeout=180, role=role)
+        if len(dep.recorded_members()) > 1 and not ha.wait_commits_flow(dep, member, timeout=120):
+            raise DeploymentError(f"{member} restarted, but no standby streams from it within 120s",
+                                  hint="commits wait for the synchronous standby; see `pgbridge status`")  # fmt: skip
+    return time.monotonic() - t0
