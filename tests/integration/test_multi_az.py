@@ -258,6 +258,8 @@ def test_reboot_restarts_every_member_standbys_first(dep: Env) -> None:
     assert "pending-reboot" in dep.run("up", timeout=900).stdout
     assert everywhere("64")
     writer = endpoint(dep, "writer")
+    with connect(writer) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS sw (n int PRIMARY KEY)")
     errors: list[str] = []
     done = threading.Event()
 
@@ -281,6 +283,7 @@ def test_reboot_restarts_every_member_standbys_first(dep: Env) -> None:
     assert not errors, errors
     assert everywhere("128") and status(dep)["pending_reboot"] == []
     assert roles(dep)[old] in ("replica", "sync standby") and "former primary restarted" in out, out
+    assert out.count("standby restarted in") == 2 and out.rindex("standby restarted in") < out.index("moved from"), out
     new = next(n for n, r in roles(dep).items() if r == "primary")
     # Lowered again: the standbys first start with the primary's value (Patroni flags them), so
     # they are restarted once more after the primary.

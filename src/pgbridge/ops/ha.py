@@ -103,8 +103,8 @@ def wait_replica(api: PatroniAPI, member: str, timeout: float) -> None:
     )
 
 
-def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
-    """Until the leader runs with (or without) a synchronous standby."""
+def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | None = None) -> None:
+    """Until the leader runs with (or without) a synchronous standby (`member`, when given)."""
     deadline = time.monotonic() + timeout
     last = "unknown"
     while time.monotonic() < deadline:
@@ -120,7 +120,9 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90) -> None:
             last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
             # Patroni 4.1.5 first sets '*' (any standby, even a read replica, may acknowledge);
             # only a named standby that Patroni lists in /sync can be promoted without loss.
-            named = any(m.get("role") == "sync_standby" for m in view.get("members", []))
+            named = any(
+                m.get("role") == "sync_standby" and member in (None, m.get("name")) for m in view.get("members", [])
+            )
             if (want and names not in ("", "*") and sync_count > 0 and named) or (not want and not names):
                 return
         except TransientError as e:
@@ -136,6 +138,16 @@ class Switched:
     new: str
 
 
+def candidates(view: dict[str, Any], leader: str | None) -> list[dict[str, Any]]:
+    """Members that may take over from `leader`: running and promotable, the synchronous standby first."""
+    able = [
+        m
+        for m in view.get("members", [])
+        if m.get("name") != leader and m.get("state") in RUNNING_STATES and not m.get("tags", {}).get("nofailover")
+    ]
+    return sorted(able, key=lambda m: m.get("role") != "sync_standby")
+
+
 def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 90) -> Switched:
     """Patroni's planned switchover, confirmed by the cluster view (its HTTP answer is advisory)."""
     view = dep.cluster_view()
@@ -148,13 +160,7 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     if candidate == old:
         raise DeploymentError(f"{candidate} is already the primary")
     if candidate is None:
-        able = [
-            m
-            for m in view.get("members", [])
-            if m.get("name") != old and m.get("state") in RUNNING_STATES and not m.get("tags", {}).get("nofailover")
-        ]
-        sync = [m for m in able if m.get("role") == "sync_standby"]
-        pick = (sync or able)[:1]
+        pick = candidates(view, old)[:1]
         if not pick:
             raise DeploymentError("no member can take over", hint="add multi_az: true or a promotable replica")
         candidate = str(pick[0]["name"])

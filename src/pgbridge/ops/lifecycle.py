@@ -8,12 +8,13 @@ import time
 
 import psycopg
 
-from pgbridge.errors import DeploymentError, NotFoundError, TransientError, UsageError
+from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, TransientError, UsageError
 from pgbridge.ops import ha
 from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.tasks import Report
 from pgbridge.ops.up import catalogue_for, deployment_lock, pending_reboot, stop_leftover_postgres
+from pgbridge.plan.topology import PAIR
 from pgbridge.platform.patroni import RUNNING_STATES, leader_of
 from pgbridge.platform.postgres import admin_connection
 
@@ -82,67 +83,90 @@ def reboot(dep: Deployment, *, failover: bool = False) -> Report:
         if leader is None:
             raise DeploymentError("no member runs as primary", hint="see `pgbridge status`")
         running = {str(m["name"]) for m in view.get("members", []) if m.get("state") in RUNNING_STATES}
+        promotable = {str(m["name"]) for m in ha.candidates(view, leader)} if view else set()
         standbys = [m for m in members if m != leader]
-        if failover and not running.intersection(standbys):
-            raise UsageError("--failover needs a running standby to move the primary to",
+        if failover and not promotable:
+            raise UsageError("--failover needs a running standby that may be promoted",
                              hint="set multi_az: true (or add a promotable replica) and run `pgbridge up`")  # fmt: skip
+        pair = next((p.name for p in dep.members if p.sync_priority == PAIR and p.name != leader), None)
+        if dep.spec.multi_az and pair is not None and pair not in running and not promotable:
+            raise DeploymentError(f"the synchronous standby {pair} is not running and no promotable replica stands"
+                                  " in: commits wait for it already", hint="run `pgbridge up` to start it")  # fmt: skip
         for m in standbys:
             if m not in running:
                 report.add(f"member {m}", "unchanged", "not running: it starts with the new settings")
                 continue
             report.add(f"member {m}", "changed", f"standby restarted in {_restart(dep, m, 'replica'):.1f}s")
-        if dep.spec.multi_az and standbys:
-            ha.wait_sync(dep, True)  # Patroni names the restarted standby again on its next loop
+        target = pair if pair in running else None  # the Multi-AZ pair, not a replica standing in
+        if dep.spec.multi_az and promotable:
+            ha.wait_sync(dep, True, member=target)  # Patroni names the restarted standby again on its next loop
         if failover:
             from pgbridge.ops.drills import switchover
 
-            moved = switchover(dep)
+            moved = switchover(dep, target)
             gap = f", first commit after {moved.write_gap_s:.1f}s" if moved.write_gap_s is not None else ""
             report.add("primary", "changed", f"moved from {moved.old} to {moved.new}; writes paused"
                        f" {moved.paused_s:.1f}s{gap}")  # fmt: skip
+            if moved.warning:
+                raise DeploymentError(f"{moved.warning}; the former primary {moved.old} was not restarted",
+                                      hint="once commits go through, run `pgbridge reboot` again")  # fmt: skip
             ha.wait_replica(dep.patroni(moved.old), moved.old, timeout=180)  # Patroni's demote ends first
             took = _restart(dep, moved.old, "replica")
             report.add(f"member {moved.old}", "changed", f"former primary restarted as a standby in {took:.1f}s")
             leader = moved.new
         else:
             report.add(f"member {leader}", "changed", f"primary restarted in {_restart(dep, leader, 'primary'):.1f}s")
-        # A standby needs some parameters (max_connections, max_locks_per_transaction, ...) at least
-        # as high as its primary runs them; lowered, Patroni starts it with the primary's old value
-        # and flags it. Once the primary runs the new value (and the standby has replayed it), again.
-        for m in _flagged_standbys(dep, leader):
-            _replayed(dep, leader, m, timeout=60)
-            report.add(f"member {m}", "changed", f"standby restarted again in {_restart(dep, m, 'replica'):.1f}s"
-                       " (a lowered parameter it needs at least as high as the primary)")  # fmt: skip
-        after = pending_reboot(dep, params, cat)
-        for m in _flagged_standbys(dep, leader) + ([leader] if after else []):
-            hint = (
-                " (lowered with --failover: run `pgbridge reboot` to restart the primary in place)" if failover else ""
-            )
+            # A standby needs some parameters (max_connections, max_locks_per_transaction, ...) at
+            # least as high as its primary runs them; lowered, Patroni starts it with the primary's
+            # old value and flags it. Now that the primary runs the new value (replayed), again.
+            # (After a switchover the new primary itself still runs the old value: nothing to gain.)
+            for m in _flagged_standbys(dep, leader, set(params)):
+                _replayed(dep, leader, m, timeout=60)
+                report.add(f"member {m}", "changed", f"standby restarted again in {_restart(dep, m, 'replica'):.1f}s"
+                           " (a lowered parameter it needs at least as high as the primary)")  # fmt: skip
+        on_leader = pending_reboot(dep, params, cat)
+        still = _flagged_standbys(dep, leader, set(params))
+        after = set(on_leader).union(*still.values())
+        hint = " (lowered with --failover: `pgbridge reboot` restarts the primary in place)" if failover else ""
+        for m in [*still, *([leader] if on_leader else [])]:
             report.add(f"member {m}", "pending-reboot", f"still runs an old value{hint}")
+        after_list = sorted(after)
         if before:
             report.add("parameters", "changed", "applied: " + ", ".join(before))
-        report.pending_reboot = after
+        report.pending_reboot = after_list
         state = dep.state
-        state["pending_reboot"] = after
+        state["pending_reboot"] = after_list
         dep.home.write_state(state)
     return report
 
 
-def _flagged_standbys(dep: Deployment, leader: str) -> list[str]:
-    """Running standbys that Patroni flags `pending_restart`."""
+def _flagged_standbys(dep: Deployment, leader: str, managed: set[str]) -> dict[str, set[str]]:
+    """Running standbys that Patroni flags `pending_restart` for parameters pgbridge sets, and those.
+
+    Patroni also flags parameters it manages itself (`recovery_target*` after a crash recovery);
+    a restart changes nothing about those.
+    """
+    out: dict[str, set[str]] = {}
     if len(dep.recorded_members()) == 1:
-        return []
-    return [
-        str(m["name"])
-        for m in dep.cluster_view().get("members", [])
-        if m.get("name") != leader and m.get("pending_restart") and m.get("state") in RUNNING_STATES
-    ]
+        return out
+    for m in dep.cluster_view().get("members", []):
+        name = str(m.get("name"))
+        if name == leader or not m.get("pending_restart") or m.get("state") not in RUNNING_STATES:
+            continue
+        with contextlib.suppress(PgbridgeError):
+            reasons = managed.intersection(dep.patroni(name, timeout=3).member().get("pending_restart_reason") or {})
+            if reasons:
+                out[name] = reasons
+    return out
 
 
 def _replayed(dep: Deployment, leader: str, member: str, timeout: float) -> None:
     """Until `member` has replayed the primary's WAL as of now (its parameter values included)."""
-    with admin_connection(dep.member_admin(leader)) as c:
-        row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    try:
+        with admin_connection(dep.member_admin(leader)) as c:
+            row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    except psycopg.Error as e:
+        raise DeploymentError(f"cannot read the primary {leader}'s WAL position: {e}") from None
     lsn = str(row[0]) if row else "0/0"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -160,7 +184,7 @@ def _restart(dep: Deployment, member: str, role: str) -> float:
     A primary with a synchronous standby is back only when a commit would be acknowledged again.
     """
     t0 = time.monotonic()
-    api = dep.patroni(member, timeout=200)  # Patroni answers /restart once PostgreSQL is back
+    api = dep.patroni(member, timeout=330)  # Patroni answers /restart once PostgreSQL is back (start: 300 s)
     api.restart()
     if role == "replica":
         ha.wait_replica(api, member, timeout=180)

@@ -412,21 +412,17 @@ def wait_dynamic_applied(dep: Deployment, params: dict[str, ParamValue], names: 
 
 
 def pending_reboot(dep: Deployment, params: dict[str, ParamValue], cat: Catalogue) -> list[str]:
-    """Static parameters whose running value differs from the desired one.
-
-    PostgreSQL's and Patroni's own flags count too: a static parameter no longer set (back to its
-    default) is not among `params` and runs with the old value until the restart (Patroni passes
-    some on the command line, where PostgreSQL flags nothing; it says so from its next loop on).
-    """
+    """Static parameters whose running value differs from the desired one."""
+    out = []
     with admin_connection(dep.admin) as c:
         rows = c.execute("SELECT name, reset_val, pending_restart FROM pg_settings").fetchall()
     running = {r[0]: (str(r[1]), bool(r[2])) for r in rows}
-    out = {name for name, (_, flagged) in running.items() if flagged}
-    with contextlib.suppress(PgbridgeError):
-        out.update(dep.patroni(dep.leader(), timeout=3).member().get("pending_restart_reason") or {})
     for name, pv in params.items():
-        if name in running and cat.is_static(name) and not cat.same_value(name, running[name][0], pv.value):
-            out.add(name)
+        if name not in running or not cat.is_static(name):
+            continue
+        value, flagged = running[name]
+        if flagged or not cat.same_value(name, value, pv.value):
+            out.append(name)
     return sorted(out)
 
 
