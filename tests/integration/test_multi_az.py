@@ -97,6 +97,43 @@ def pipeline_status(e: Env) -> dict:
     return json.loads(e.run("pipeline", "status", "--json").stdout)  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def writing(dsn: str) -> Iterator[tuple[list[int], list[str]]]:
+    """One pooled client committing numbered rows into `sw` every 10 ms while the block runs.
+
+    Yields the acknowledged numbers and the errors (the writer stops at its first); numbering goes
+    on from the table's highest row.
+    """
+    with connect(dsn) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS sw (n int PRIMARY KEY)")
+        row = c.execute("SELECT coalesce(max(n), 0) FROM sw").fetchone()
+    start = int(row[0]) if row else 0
+    written: list[int] = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def write() -> None:
+        n = start
+        with connect(dsn) as c:
+            while not done.is_set():
+                n += 1
+                try:
+                    c.execute("INSERT INTO sw VALUES (%s)", (n,))
+                    written.append(n)
+                except psycopg.Error as e:
+                    errors.append(str(e))
+                    return
+                time.sleep(0.01)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        yield written, errors
+    finally:
+        done.set()
+        t.join()
+
+
 def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
     s = status(dep)
     by_role = sorted(m["role"] for m in s["members"])
@@ -139,33 +176,11 @@ def test_a_replica_over_the_lag_limit_leaves_the_reader_pool(dep: Env) -> None:
 
 def test_switchover_pauses_writers_without_errors(dep: Env) -> None:
     writer = endpoint(dep, "writer")
-    with connect(writer) as c:
-        c.execute("CREATE TABLE IF NOT EXISTS sw (n int PRIMARY KEY)")
     before = {n for n, r in roles(dep).items() if r == "primary"}
-    errors: list[str] = []
-    done = threading.Event()
-    written: list[int] = []
-
-    def write() -> None:
-        n = 0
-        with connect(writer) as c:
-            while not done.is_set():
-                n += 1
-                try:
-                    c.execute("INSERT INTO sw VALUES (%s)", (n,))
-                    written.append(n)
-                except psycopg.Error as e:
-                    errors.append(str(e))
-                    return
-                time.sleep(0.01)
-
-    t = threading.Thread(target=write)
-    t.start()
-    time.sleep(1)
-    out = json.loads(dep.run("failover", "--json").stdout)
-    time.sleep(1)
-    done.set()
-    t.join()
+    with writing(writer) as (written, errors):
+        time.sleep(1)
+        out = json.loads(dep.run("failover", "--json").stdout)
+        time.sleep(1)
     assert not errors, errors  # one pooled connection kept working across the switchover
     assert out["old"] in before and out["new"] not in before
     assert roles(dep)[out["new"]] == "primary"
@@ -257,29 +272,8 @@ def test_reboot_restarts_every_member_standbys_first(dep: Env) -> None:
     dep.write_spec(SPEC + "parameter_groups:\n  tune:\n    max_locks_per_transaction: 128\nparameter_group: tune\n")
     assert "pending-reboot" in dep.run("up", timeout=900).stdout
     assert everywhere("64")
-    writer = endpoint(dep, "writer")
-    with connect(writer) as c:
-        c.execute("CREATE TABLE IF NOT EXISTS sw (n int PRIMARY KEY)")
-    errors: list[str] = []
-    done = threading.Event()
-
-    def write() -> None:
-        with connect(writer) as c:
-            while not done.is_set():
-                try:
-                    c.execute("INSERT INTO sw SELECT coalesce(max(n), 0) + 1 FROM sw")
-                except psycopg.Error as e:
-                    errors.append(str(e))
-                    return
-                time.sleep(0.01)
-
-    t = threading.Thread(target=write)
-    t.start()
-    try:
+    with writing(endpoint(dep, "writer")) as (_, errors):
         out = dep.run("reboot", "--failover", timeout=900).stdout
-    finally:
-        done.set()
-        t.join()
     assert not errors, errors
     assert everywhere("128") and status(dep)["pending_reboot"] == []
     assert roles(dep)[old] in ("replica", "sync standby") and "former primary restarted" in out, out

@@ -125,7 +125,7 @@ def reboot(dep: Deployment, *, failover: bool = False) -> Report:
                 report.add(f"member {m}", "changed", f"standby restarted again in {_restart(dep, m, 'replica'):.1f}s"
                            " (a lowered parameter it needs at least as high as the primary)")  # fmt: skip
         on_leader = pending_reboot(dep, params, cat)
-        still = _flagged_standbys(dep, leader, set(params))
+        still = _flagged_standbys(dep, leader, set(params)) if standbys else {}
         after = set(on_leader).union(*still.values())
         hint = " (lowered with --failover: `pgbridge reboot` restarts the primary in place)" if failover else ""
         for m in [*still, *([leader] if on_leader else [])]:
@@ -147,8 +147,6 @@ def _flagged_standbys(dep: Deployment, leader: str, managed: set[str]) -> dict[s
     a restart changes nothing about those.
     """
     out: dict[str, set[str]] = {}
-    if len(dep.recorded_members()) == 1:
-        return out
     for m in dep.cluster_view().get("members", []):
         name = str(m.get("name"))
         if name == leader or not m.get("pending_restart") or m.get("state") not in RUNNING_STATES:
