@@ -40,6 +40,10 @@ NO_STDIN = ("/bin/sh", "-c", 'exec "$0" "$@" </dev/null')
 # supervisord XML-RPC fault codes that mean "already in the state you asked for".
 _ALREADY_STARTED = 60
 _NOT_RUNNING = 70
+_LIVE = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
+# A program this young when stopped may have lost its stop signal (see Supervisor._stop_all).
+_YOUNG_S = 2
+_RESEND_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -252,19 +256,50 @@ class Supervisor:
             if f.faultCode != _NOT_RUNNING:
                 raise DeploymentError(f"supervisord could not signal {name}: {f.faultString}") from None
 
+    def _stop_all(self, proxy: Any, deadline: float) -> None:
+        """Stop every program, in reverse priority so Patroni shuts PostgreSQL down while etcd runs.
+
+        What supervisord's ``stopAllProcesses`` does, but a program stopped within a moment of its
+        spawn gets its stop signal once more: a signal that reaches supervisord's child between
+        fork and exec is taken by supervisord's inherited handler and lost, and supervisord would
+        then wait the program's whole ``stopwaitsecs`` (two minutes for Patroni) before killing it.
+        That happens to a first `up` interrupted right after the processes start.
+        """
+        configs = {c["name"]: c for c in proxy.supervisor.getAllConfigInfo()}
+        for prio in sorted({c["group_prio"] for c in configs.values()}, reverse=True):
+            names = [n for n, c in configs.items() if c["group_prio"] == prio]
+            infos = {i["name"]: i for i in proxy.supervisor.getAllProcessInfo() if i["name"] in names}
+            young = {n for n, i in infos.items() if i["pid"] and i["now"] - i["start"] < _YOUNG_S}
+            for name in names:
+                try:
+                    proxy.supervisor.stopProcess(name, False)
+                except xmlrpc.client.Fault as f:
+                    if f.faultCode != _NOT_RUNNING:
+                        raise
+            stopped_at = time.monotonic()
+            while time.monotonic() < deadline:
+                live = {n: i for n, i in self.processes().items() if n in names and i["statename"] in _LIVE}
+                if not live:
+                    break
+                if young and time.monotonic() - stopped_at > _RESEND_AFTER_S:
+                    for name in young & live.keys():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(live[name]["pid"], configs[name]["stopsignal"])
+                    young = set()
+                time.sleep(0.1)
+
     def shutdown(self, timeout: float = 180) -> None:
         """Stop every program cleanly, then supervisord itself; wait for its pid to go away."""
         pid = self.pid()
         if pid is None:
             return
+        deadline = time.monotonic() + timeout
         try:
             proxy = self._proxy()
-            # Stop in reverse priority so Patroni shuts PostgreSQL down while etcd still runs.
-            proxy.supervisor.stopAllProcesses(True)
+            self._stop_all(proxy, deadline)
             proxy.supervisor.shutdown()
         except (OSError, xmlrpc.client.Error):
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):  # started by this very process: reap it
                 os.waitpid(pid, os.WNOHANG)
