@@ -104,6 +104,9 @@ def render_member(home: Home, cfg: MemberConfig) -> str:
             },
             # A former primary that cannot be rewound is re-cloned from the leader: with strict
             # synchronous replication its extra WAL was never acknowledged to any client.
+            # A new standby or replica asks for an immediate checkpoint: with the default spread
+            # one pg_basebackup waits most of checkpoint_timeout before it copies a byte.
+            "basebackup": [{"checkpoint": "fast"}],
             "remove_data_directory_on_rewind_failure": True,
             "remove_data_directory_on_diverged_timelines": True,
             "parameters": {"unix_socket_directories": str(home.socket_dir)},
