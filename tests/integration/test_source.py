@@ -291,15 +291,16 @@ def test_a_busy_consumer_neither_stalls_the_server_nor_times_it_out(pg: Server, 
         pass
     dsn = f"{pg.dsn} options='-c wal_sender_timeout=3s'"
     with ReplicationStream.start(dsn, table.slot, table.options, status_interval=1.0) as stream:
-        stream.inbox_bytes = 1 << 20
-        insert(pg, table, range(1, 100_001))  # about 3 MB of pgoutput messages
+        stream.inbox_bytes = 4 << 20  # counting about 100 bytes of Python objects per message
+        insert(pg, table, range(1, 100_001))  # about 3 MB of pgoutput payloads, 13 MB as counted
         time.sleep(7)  # busy elsewhere: nothing is read by the consumer
-        first = stream.read_raw(max_messages=1_000_000, max_wait_s=0)
-        held = sum(map(len, first.payloads))
+        first = stream.read_raw(max_messages=1_000_000, max_wait_s=0, max_bytes=1 << 30)
+        payload = sum(map(len, first.payloads))
+        counted = payload + 100 * len(first.payloads)
         # More than a socket holds (about 200 kB): the reader kept the server sending ...
-        assert held >= 1 << 20, held
-        # ... and stopped at its bound (plus at most one drain of the socket).
-        assert held < (1 << 20) + 5_000 * 64, held
+        assert payload > 400_000, payload
+        # ... and stopped at its bound (passed by at most one drain of the socket: 1 MB).
+        assert 4 << 20 <= counted < 5 << 20, counted
         rows = sum(1 for p in first.payloads if p[:1] == b"I")
         done = False
         deadline = time.monotonic() + 60

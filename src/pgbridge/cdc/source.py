@@ -3,8 +3,8 @@
 This is the only module that owns a replication socket (psycopg2's ``LogicalReplicationConnection``;
 psycopg 3 has no replication protocol). Everything around it stays pure or uses ordinary SQL, so the
 rules that make CDC exactly-once live here in one small place: the slot is created with an exported
-snapshot that the initial load reads under, messages are read and decoded in the same thread in
-large batches (the walsender, not decoding, is the bottleneck), and an LSN is confirmed to the server
+snapshot that the initial load reads under, a reader thread drains the socket into a bounded inbox
+so the walsender (the bottleneck) never waits on a busy consumer, and an LSN is confirmed to the server
 only when the caller says it is durable in the warehouse — or, when nothing is in flight, up to the
 server's WAL end so that an idle pipeline never pins WAL.
 """
@@ -507,9 +507,12 @@ class _Drained:
     wal_end: int
 
 
-# The reader hands over at most this many messages per drain of the socket, and waits on the
-# socket at most this long between checks for a stop.
+# The reader hands over at most this many messages (or bytes) per drain of the socket, and waits on
+# the socket at most this long between checks for a stop. The inbox counts each message's Python
+# objects (bytes object, list slots: about 100 bytes) with its payload.
 _DRAIN_MESSAGES: Final = 5_000
+_DRAIN_BYTES: Final = 1 << 20
+_MESSAGE_OVERHEAD: Final = 100
 _POLL_S: Final = 0.1
 
 
@@ -615,9 +618,9 @@ class ReplicationStream:
         stops reading (the server waits) but still sends a status message every ``status_interval``
         so the walsender does not time out while the consumer catches up.
         """
-        cursor, read, poll = self._cursor, self._cursor.read_message, self._poll.poll
-        last_status = time.monotonic()
         try:
+            cursor, read, poll = self._cursor, self._cursor.read_message, self._poll.poll
+            last_status = 0.0  # of the status messages sent here (psycopg2 sends its own while reading)
             with _boundary(f"replication from slot {self.slot!r} failed"):
                 while not self._stopping:
                     payloads: list[bytes] = []
@@ -626,26 +629,27 @@ class ReplicationStream:
                     with self._io:
                         if self._conn is None or self._conn.closed:
                             raise SourceError(f"the replication connection of slot {self.slot!r} closed")
-                        while len(payloads) < _DRAIN_MESSAGES:
+                        while len(payloads) < _DRAIN_MESSAGES and size < _DRAIN_BYTES:
                             raw = read()  # also sends the periodic status message when it is due
                             if raw is None:
                                 break
                             payload = raw.payload
                             payloads.append(payload)
                             positions.append(raw.data_start)
-                            size += len(payload)
+                            size += len(payload) + _MESSAGE_OVERHEAD
                         wal_end = cursor.wal_end
                     with self._inbox_ready:
                         self._put(payloads, positions, size, wal_end)
-                        while self._inbox_size >= self.inbox_bytes and not self._stopping:
-                            if time.monotonic() - last_status >= self.status_interval:
-                                with self._io:
-                                    cursor.send_feedback(force=True)
-                                last_status = time.monotonic()
-                            self._inbox_ready.wait(min(self.status_interval, 0.1))
-                    if payloads:
-                        last_status = time.monotonic()
-                    if len(payloads) < _DRAIN_MESSAGES:
+                    while True:  # full: a status message within 0.1 s, then every status_interval
+                        with self._inbox_ready:
+                            if self._inbox_size < self.inbox_bytes or self._stopping:
+                                break
+                            self._inbox_ready.wait(min(self.status_interval, _POLL_S))
+                        if time.monotonic() - last_status >= self.status_interval:
+                            with self._io:  # never network I/O under the inbox lock
+                                cursor.send_feedback(force=True)
+                            last_status = time.monotonic()
+                    if len(payloads) < _DRAIN_MESSAGES and size < _DRAIN_BYTES:
                         poll(max(1, int(min(self.status_interval, _POLL_S) * 1000)))
         except BaseException as e:  # handed to the consumer: raised by its next read
             with self._inbox_ready:
@@ -686,16 +690,17 @@ class ReplicationStream:
                 self._inbox_ready.wait(remaining)
             size = 0
             wal_end = self._wal_end
-            while inbox and len(payloads) < max_messages and size < max_bytes:
+            while inbox and len(payloads) < max_messages and (not payloads or size < max_bytes):
                 head = inbox[0]
                 room = max_messages - len(payloads)
                 if len(head.payloads) <= room:
                     inbox.popleft()
-                    part, part_positions, part_size, wal_end = head.payloads, head.positions, head.size, head.wal_end
+                    part, part_positions, part_size = head.payloads, head.positions, head.size
+                    wal_end = max(wal_end, head.wal_end)
                 else:  # split: what is handed out ends at its own last message
                     part, part_positions = head.payloads[:room], head.positions[:room]
                     head.payloads, head.positions = head.payloads[room:], head.positions[room:]
-                    part_size = sum(map(len, part))
+                    part_size = sum(map(len, part)) + _MESSAGE_OVERHEAD * len(part)
                     head.size -= part_size
                     wal_end = max(wal_end, *part_positions)
                 if payloads:
@@ -736,7 +741,10 @@ class ReplicationStream:
         return Batch(messages, positions)
 
     def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
-        """The pgoutput payloads that have arrived, undecoded, up to ``max_messages`` or ``max_bytes``.
+        """The pgoutput payloads that have arrived, undecoded, up to ``max_messages`` or about ``max_bytes``.
+
+        ``max_bytes`` counts payloads and their Python objects and may be passed by one drain of
+        the socket (at most 1 MB).
 
         Returns at once what has arrived: under load a chunk holds what arrived while the caller was
         busy. When nothing has, waits until something does or ``max_wait_s`` has passed (``0``:

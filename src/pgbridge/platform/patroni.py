@@ -102,11 +102,11 @@ def render_member(home: Home, cfg: MemberConfig) -> str:
                     "sslrootcert": str(home.tls / "ca.crt"),
                 },
             },
+            # A new standby or replica asks for an immediate checkpoint (an I/O burst on the leader):
+            # with the default spread one pg_basebackup waits most of checkpoint_timeout first.
+            "basebackup": [{"checkpoint": "fast"}],
             # A former primary that cannot be rewound is re-cloned from the leader: with strict
             # synchronous replication its extra WAL was never acknowledged to any client.
-            # A new standby or replica asks for an immediate checkpoint: with the default spread
-            # one pg_basebackup waits most of checkpoint_timeout before it copies a byte.
-            "basebackup": [{"checkpoint": "fast"}],
             "remove_data_directory_on_rewind_failure": True,
             "remove_data_directory_on_diverged_timelines": True,
             "parameters": {"unix_socket_directories": str(home.socket_dir)},

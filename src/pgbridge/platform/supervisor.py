@@ -265,26 +265,35 @@ class Supervisor:
         then wait the program's whole ``stopwaitsecs`` (two minutes for Patroni) before killing it.
         That happens to a first `up` interrupted right after the processes start.
         """
-        configs = {c["name"]: c for c in proxy.supervisor.getAllConfigInfo()}
-        for prio in sorted({c["group_prio"] for c in configs.values()}, reverse=True):
-            names = [n for n, c in configs.items() if c["group_prio"] == prio]
-            infos = {i["name"]: i for i in proxy.supervisor.getAllProcessInfo() if i["name"] in names}
-            young = {n for n, i in infos.items() if i["pid"] and i["now"] - i["start"] < _YOUNG_S}
-            for name in names:
-                try:
-                    proxy.supervisor.stopProcess(name, False)
-                except xmlrpc.client.Fault as f:
-                    if f.faultCode != _NOT_RUNNING:
-                        raise
+        configs = proxy.supervisor.getAllConfigInfo()
+        prio = {c["name"]: c["group_prio"] for c in configs}
+        signals = {c["name"]: c["stopsignal"] for c in configs}
+        running = {i["name"] for i in proxy.supervisor.getAllProcessInfo()}
+        for level in sorted({prio.get(n, 0) for n in running}, reverse=True):
+            names = {n for n in running if prio.get(n, 0) == level}
+            young: set[str] = set()
             stopped_at = time.monotonic()
-            while time.monotonic() < deadline:
-                live = {n: i for n, i in self.processes().items() if n in names and i["statename"] in _LIVE}
+            while True:
+                infos = {i["name"]: i for i in proxy.supervisor.getAllProcessInfo() if i["name"] in names}
+                live = {n: i for n, i in infos.items() if i["statename"] in _LIVE}
                 if not live:
                     break
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"supervisord did not stop {', '.join(sorted(live))} in time")
+                for name, info in live.items():
+                    if info["statename"] != "STOPPING":  # not asked yet, or started again meanwhile
+                        if info["pid"] and info["now"] - info["start"] < _YOUNG_S:
+                            young.add(name)
+                        try:
+                            proxy.supervisor.stopProcess(name, False)
+                        except xmlrpc.client.Fault as f:
+                            if f.faultCode != _NOT_RUNNING:
+                                raise
+                        stopped_at = time.monotonic()
                 if young and time.monotonic() - stopped_at > _RESEND_AFTER_S:
                     for name in young & live.keys():
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(live[name]["pid"], configs[name]["stopsignal"])
+                            os.kill(live[name]["pid"], signals.get(name, signal.SIGTERM))
                     young = set()
                 time.sleep(0.1)
 
@@ -293,13 +302,15 @@ class Supervisor:
         pid = self.pid()
         if pid is None:
             return
-        deadline = time.monotonic() + timeout
         try:
             proxy = self._proxy()
-            self._stop_all(proxy, deadline)
+            self._stop_all(proxy, time.monotonic() + timeout)
             proxy.supervisor.shutdown()
-        except (OSError, xmlrpc.client.Error):
-            os.kill(pid, signal.SIGTERM)
+        except (OSError, xmlrpc.client.Error, DeploymentError):
+            # supervisord's own shutdown stops what is left (and kills after each stopwaitsecs)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):  # started by this very process: reap it
                 os.waitpid(pid, os.WNOHANG)
