@@ -3,8 +3,8 @@
 This is the only module that owns a replication socket (psycopg2's ``LogicalReplicationConnection``;
 psycopg 3 has no replication protocol). Everything around it stays pure or uses ordinary SQL, so the
 rules that make CDC exactly-once live here in one small place: the slot is created with an exported
-snapshot that the initial load reads under, a reader thread drains the socket into a bounded inbox
-so the walsender (the bottleneck) never waits on a busy consumer, and an LSN is confirmed to the server
+snapshot that the initial load reads under, messages are read and decoded in the same thread in
+large batches (the walsender, not decoding, is the bottleneck), and an LSN is confirmed to the server
 only when the caller says it is durable in the warehouse — or, when nothing is in flight, up to the
 server's WAL end so that an idle pipeline never pins WAL.
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import select
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -497,25 +495,6 @@ class RawChunk:
         return f"RawChunk({len(self.payloads)} messages)"
 
 
-@dataclass
-class _Drained:
-    """What the reader thread read in one go: payloads, their positions, and the server's WAL end then."""
-
-    payloads: list[bytes]
-    positions: list[int]
-    size: int
-    wal_end: int
-
-
-# The reader hands over at most this many messages (or bytes) per drain of the socket, and waits on
-# the socket at most this long between checks for a stop. The inbox counts each message's Python
-# objects (bytes object, list slots: about 100 bytes) with its payload.
-_DRAIN_MESSAGES: Final = 5_000
-_DRAIN_BYTES: Final = 1 << 20
-_MESSAGE_OVERHEAD: Final = 100
-_POLL_S: Final = 0.1
-
-
 class ReplicationStream:
     """Decoded pgoutput messages from one slot, with their WAL positions, and the feedback back.
 
@@ -523,22 +502,16 @@ class ReplicationStream:
     server attached to the message: a change's own LSN, the first LSN of the transaction for Begin,
     ``end_lsn`` for Commit (Relation and Type messages come with 0/0 and get the position of the
     message before them). Confirm with :meth:`confirm` — only after the warehouse committed, and only
-    commit ``end_lsn`` values (or :attr:`server_wal_end` through :meth:`confirm_idle`).
-
-    A background thread owns the socket: it drains it into a bounded inbox (``inbox_bytes``) while
-    the consumer decodes and applies, so the walsender never waits on a busy consumer, and it sends
-    a status message every ``status_interval`` seconds, also while idle or while the inbox is full.
-    Everything the server reported (its WAL end included) counts only once the messages before it
-    were handed out.
+    commit ``end_lsn`` values (or :attr:`server_wal_end` through :meth:`confirm_idle`). Call
+    :meth:`read_batch` (or :meth:`send_status`) at least every ``wal_sender_timeout``: status
+    messages go out from inside it every ``status_interval`` seconds, also while idle.
 
     psycopg2 itself moves the reported flush position up to the server's WAL end on a keepalive when
-    everything it read has been confirmed; that is the same "idle never pins WAL" rule.
+    everything it handed out has been confirmed; that is the same "idle never pins WAL" rule.
 
-    One consumer thread reads, decodes and confirms. Create it with :meth:`start` (or
-    :meth:`SnapshotSlot.start_stream`); close it to stop the reader.
+    One thread reads, decodes and confirms; the object is not thread-safe. Create it with
+    :meth:`start` (or :meth:`SnapshotSlot.start_stream`).
     """
-
-    inbox_bytes = 16 << 20
 
     def __init__(self, conn: Any, slot: str, options: StreamOptions, status_interval: float) -> None:
         self._conn: Any = conn
@@ -555,15 +528,6 @@ class ReplicationStream:
         self._committed = 0  # highest commit end_lsn handed out
         self._in_transaction = False
         self._open_streams: set[int] = set()
-        # The reader thread and the consumer meet here.
-        self._io = threading.Lock()  # the connection: the reader's reads, the consumer's feedback
-        self._inbox_ready = threading.Condition()
-        self._inbox: deque[_Drained] = deque()
-        self._inbox_size = 0
-        self._inbox_wal_end = 0
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._thread: threading.Thread | None = None
 
     @classmethod
     def start(
@@ -602,161 +566,106 @@ class ReplicationStream:
         command = f"START_REPLICATION SLOT {slot} LOGICAL {lsn} {options.sql()}"
         with _boundary(f"cannot start replication from slot {slot!r}"):
             stream._cursor.start_replication_expert(command, decode=False, status_interval=status_interval)
-        stream._thread = threading.Thread(target=stream._reader, name=f"pgbridge-replication-{slot}", daemon=True)
-        stream._thread.start()
         log.info("streaming from slot %s at %s (pgoutput v%d)", slot, lsn, options.proto_version)
         return stream
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _reader(self) -> None:
-        """The background thread: drain the socket into the inbox, answer the server, stop when told.
-
-        The walsender can only send as much as the socket holds (about 200 kB on a unix socket,
-        a few milliseconds of a busy stream); a consumer that decodes or applies for longer would
-        stall it. This thread keeps reading meanwhile, up to ``inbox_bytes`` held in memory, then
-        stops reading (the server waits) but still sends a status message every ``status_interval``
-        so the walsender does not time out while the consumer catches up.
-        """
-        try:
-            cursor, read, poll = self._cursor, self._cursor.read_message, self._poll.poll
-            last_status = 0.0  # of the status messages sent here (psycopg2 sends its own while reading)
-            with _boundary(f"replication from slot {self.slot!r} failed"):
-                while not self._stopping:
-                    payloads: list[bytes] = []
-                    positions: list[int] = []
-                    size = 0
-                    with self._io:
-                        if self._conn is None or self._conn.closed:
-                            raise SourceError(f"the replication connection of slot {self.slot!r} closed")
-                        while len(payloads) < _DRAIN_MESSAGES and size < _DRAIN_BYTES:
-                            raw = read()  # also sends the periodic status message when it is due
-                            if raw is None:
-                                break
-                            payload = raw.payload
-                            payloads.append(payload)
-                            positions.append(raw.data_start)
-                            size += len(payload) + _MESSAGE_OVERHEAD
-                        wal_end = cursor.wal_end
-                    with self._inbox_ready:
-                        self._put(payloads, positions, size, wal_end)
-                    while True:  # full: a status message within 0.1 s, then every status_interval
-                        with self._inbox_ready:
-                            if self._inbox_size < self.inbox_bytes or self._stopping:
-                                break
-                            self._inbox_ready.wait(min(self.status_interval, _POLL_S))
-                        if time.monotonic() - last_status >= self.status_interval:
-                            with self._io:  # never network I/O under the inbox lock
-                                cursor.send_feedback(force=True)
-                            last_status = time.monotonic()
-                    if len(payloads) < _DRAIN_MESSAGES and size < _DRAIN_BYTES:
-                        poll(max(1, int(min(self.status_interval, _POLL_S) * 1000)))
-        except BaseException as e:  # handed to the consumer: raised by its next read
-            with self._inbox_ready:
-                self._error = e
-                self._inbox_ready.notify_all()
-
-    def _put(self, payloads: list[bytes], positions: list[int], size: int, wal_end: int) -> None:
-        """Append what one drain read (or only a newer WAL end) to the inbox; holds ``_inbox_ready``."""
-        inbox = self._inbox
-        if payloads:
-            inbox.append(_Drained(payloads, positions, size, wal_end))
-            self._inbox_size += size
-            self._inbox_ready.notify_all()
-        elif wal_end > self._inbox_wal_end:
-            # A keepalive: the server has sent everything up to wal_end. It counts only once every
-            # drain before it is handed out, so it rides on the last one (or on an empty one).
-            if inbox and not inbox[-1].payloads:
-                inbox[-1].wal_end = wal_end
-            else:
-                inbox.append(_Drained([], [], 0, wal_end))
-            self._inbox_ready.notify_all()
-        self._inbox_wal_end = max(self._inbox_wal_end, wal_end)
-
-    def _take(self, max_messages: int, max_wait_s: float, max_bytes: int) -> tuple[list[bytes], list[int]]:
-        """Payloads and positions from the inbox, in stream order, waiting up to ``max_wait_s`` for any."""
-        if max_messages < 1:
-            raise ValueError("max_messages must be at least 1")
-        self._require_cursor()
-        deadline = time.monotonic() + max_wait_s
-        payloads: list[bytes] = []
-        positions: list[int] = []
-        with self._inbox_ready:
-            inbox = self._inbox
-            while not inbox and self._error is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._inbox_ready.wait(remaining)
-            size = 0
-            wal_end = self._wal_end
-            while inbox and len(payloads) < max_messages and (not payloads or size < max_bytes):
-                head = inbox[0]
-                room = max_messages - len(payloads)
-                if len(head.payloads) <= room:
-                    inbox.popleft()
-                    part, part_positions, part_size = head.payloads, head.positions, head.size
-                    wal_end = max(wal_end, head.wal_end)
-                else:  # split: what is handed out ends at its own last message
-                    part, part_positions = head.payloads[:room], head.positions[:room]
-                    head.payloads, head.positions = head.payloads[room:], head.positions[room:]
-                    part_size = sum(map(len, part)) + _MESSAGE_OVERHEAD * len(part)
-                    head.size -= part_size
-                    wal_end = max(wal_end, *part_positions)
-                if payloads:
-                    payloads += part
-                    positions += part_positions
-                else:
-                    payloads, positions = part, part_positions
-                size += part_size
-            self._inbox_size -= size
-            self._inbox_ready.notify_all()  # room again for the reader
-            if not payloads and self._error is not None:
-                raise self._error
-        self._wal_end = max(self._wal_end, wal_end)
-        return payloads, positions
-
     def read_batch(self, max_messages: int = 10_000, max_wait_s: float = 1.0) -> Batch:
         """Up to ``max_messages`` decoded messages with their positions, in stream order.
 
-        Returns what has arrived; when nothing has, waits until something does or ``max_wait_s``
-        (counted from the call) has passed: that is the latency bound. ``max_wait_s=0`` never blocks.
+        Drains what is already buffered without blocking; when nothing is, waits on the socket until
+        more arrives or ``max_wait_s`` (counted from the call) has passed. It returns early only when
+        ``max_messages`` is reached, so under load batches are full, and a quiet stream returns what
+        it has (maybe nothing) after ``max_wait_s``: that is the latency bound. ``max_wait_s=0``
+        never blocks.
         """
-        payloads, raw_positions = self._take(max_messages, max_wait_s, 64 << 20)
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        cursor = self._require_cursor()
+        deadline = time.monotonic() + max_wait_s
+        read = cursor.read_message
         decode = self._decoder.decode
         boundaries = _BOUNDARIES
         messages: list[Message] = []
         positions: list[int] = []
+        add_message = messages.append
+        add_position = positions.append
         position = self._position
-        for payload, start in zip(payloads, raw_positions, strict=True):
-            # Relation and Type messages arrive with position 0/0: they belong where the stream is.
-            position = start or position
-            msg = decode(payload)
-            messages.append(msg)
-            positions.append(position)
-            if type(msg) in boundaries:
-                self._follow(msg)
-        self._position = position
-        self._wal_end = max(self._wal_end, position)
+        try:
+            with _boundary(f"replication from slot {self.slot!r} failed"):
+                while True:
+                    raw = read()
+                    if raw is not None:
+                        # Relation and Type messages arrive with position 0/0: they belong where the
+                        # stream is.
+                        position = raw.data_start or position
+                        msg = decode(raw.payload)
+                        add_message(msg)
+                        add_position(position)
+                        if type(msg) in boundaries:
+                            self._follow(msg)
+                        if len(messages) >= max_messages:
+                            break
+                        continue
+                    if not self._wait_readable(deadline):
+                        break
+        finally:
+            self._position = position
+            self._wal_end = max(self._wal_end, cursor.wal_end, position)
         return Batch(messages, positions)
 
-    def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
-        """The pgoutput payloads that have arrived, undecoded, up to ``max_messages`` or about ``max_bytes``.
+    def _wait_readable(self, deadline: float) -> bool:
+        """Wait on the socket until data arrives or ``deadline``; ``False`` once the deadline has passed.
 
-        ``max_bytes`` counts payloads and their Python objects and may be passed by one drain of
-        the socket (at most 1 MB).
-
-        Returns at once what has arrived: under load a chunk holds what arrived while the caller was
-        busy. When nothing has, waits until something does or ``max_wait_s`` has passed (``0``:
-        never blocks). Only Begin and Commit (and the streaming messages) are decoded here, to know
-        what is in flight; the caller decodes the rest.
+        Wakes up in time for the periodic status message (``read_message`` sends it when due).
         """
-        payloads, positions = self._take(max_messages, max_wait_s, max_bytes)
-        for start in reversed(positions):
-            if start:
-                self._position = start
-                break
-        self._wal_end = max(self._wal_end, self._position)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
+        if self._conn is None or self._conn.closed:
+            raise SourceError(f"the replication connection of slot {self.slot!r} closed")
+        return True
+
+    def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
+        """The pgoutput payloads buffered now, undecoded, up to ``max_messages`` or ``max_bytes``.
+
+        Returns as soon as the connection has nothing more buffered: under load a chunk holds what
+        arrived while the caller was busy, and a caller that has nothing to do learns at once that the
+        stream is drained. When nothing at all is buffered, waits on the socket until something arrives
+        or ``max_wait_s`` has passed (``0``: never blocks). Only Begin and Commit (and the streaming
+        messages) are decoded here, to know what is in flight; the caller decodes the rest.
+        """
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        cursor = self._require_cursor()
+        deadline = time.monotonic() + max_wait_s
+        read = cursor.read_message
+        payloads: list[bytes] = []
+        add = payloads.append
+        size = 0
+        last: Any = None
+        try:
+            with _boundary(f"replication from slot {self.slot!r} failed"):
+                while True:
+                    raw = read()
+                    if raw is not None:
+                        last = raw
+                        payload = raw.payload
+                        add(payload)
+                        size += len(payload)
+                        if len(payloads) >= max_messages or size >= max_bytes:
+                            break
+                        continue
+                    if payloads:
+                        break
+                    if not self._wait_readable(deadline):
+                        break
+        finally:
+            if last is not None:
+                self._position = last.data_start or self._position
+            self._wal_end = max(self._wal_end, cursor.wal_end, self._position)
         tags = bytes(map(first_byte, payloads))
         if STREAM_TAGS.search(tags) or self._decoder.in_stream:
             for payload in payloads:  # stream blocks (protocol v2): follow them message by message
@@ -827,7 +736,7 @@ class ReplicationStream:
             raise ValueError(f"cannot confirm {lsn}: the server has only sent up to {self.server_wal_end}")
         self._confirmed = value
         cursor = self._require_cursor()
-        with self._io, _boundary(f"cannot send feedback for slot {self.slot!r}"):
+        with _boundary(f"cannot send feedback for slot {self.slot!r}"):
             cursor.send_feedback(write_lsn=value, flush_lsn=value, apply_lsn=value, force=True)
 
     def confirm_idle(self) -> LSN | None:
@@ -850,7 +759,7 @@ class ReplicationStream:
     def send_status(self, *, reply: bool = False) -> None:
         """Send a status message now (keeps the walsender from timing out during a long apply)."""
         cursor = self._require_cursor()
-        with self._io, _boundary(f"cannot send feedback for slot {self.slot!r}"):
+        with _boundary(f"cannot send feedback for slot {self.slot!r}"):
             cursor.send_feedback(reply=reply, force=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -860,19 +769,11 @@ class ReplicationStream:
         return self._conn is None
 
     def close(self) -> None:
-        with self._inbox_ready:
-            self._stopping = True
-            self._inbox_ready.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()  # within one poll of the socket
-        self._thread = None
-        with self._io:
-            conn, self._conn = self._conn, None
+        conn, self._conn = self._conn, None
         if conn is not None:
+            self._poll = select.poll()
             _close_quietly(conn)
             self._decoder.reset()
-        self._inbox.clear()
-        self._inbox_size = 0
 
     def _require_cursor(self) -> Any:
         if self._conn is None:
