@@ -697,6 +697,13 @@ def up(
                 step("backups (WAL archiving, stanza, scheduler)")
                 backup_ops.ensure(dep, report, restart_scheduler=rendered.scheduler_changed and not fresh)
 
+            if spec.multi_az and (spec.pipeline is not None or spec.backup.enabled):
+                # The first backup and the pipeline's start write WAL; a standby that falls behind
+                # for a moment is named synchronous again only once it caught up. `up` returns with
+                # a synchronous standby in place.
+                step("synchronous standby")
+                ha.wait_sync(dep, True)
+
             report.pending_reboot = pending_reboot(dep, params, cat)
             if report.pending_reboot:
                 report.add("instance", "pending-reboot", ", ".join(report.pending_reboot))
