@@ -241,9 +241,9 @@ class Supervisor:
                     hint=f"see {self.home.logs / (name + '.log')}",
                 ) from None
 
-    def stop_program(self, name: str) -> None:
+    def stop_program(self, name: str, wait: bool = True) -> None:
         try:
-            self._proxy().supervisor.stopProcess(name, True)
+            self._proxy().supervisor.stopProcess(name, wait)
         except xmlrpc.client.Fault as f:
             if f.faultCode != _NOT_RUNNING:
                 raise DeploymentError(f"supervisord could not stop {name}: {f.faultString}") from None
@@ -284,11 +284,7 @@ class Supervisor:
                     if info["statename"] != "STOPPING":  # not asked yet, or started again meanwhile
                         if info["pid"] and info["now"] - info["start"] < _YOUNG_S:
                             young.add(name)
-                        try:
-                            proxy.supervisor.stopProcess(name, False)
-                        except xmlrpc.client.Fault as f:
-                            if f.faultCode != _NOT_RUNNING:
-                                raise
+                        self.stop_program(name, wait=False)
                         stopped_at = time.monotonic()
                 if young and time.monotonic() - stopped_at > _RESEND_AFTER_S:
                     for name in young & live.keys():
