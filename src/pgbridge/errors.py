@@ -70,6 +70,14 @@ class DeploymentError(PgbridgeError):
     exit_code = 5
 
 
+class CommandFailed(DeploymentError):
+    """A program pgbridge ran exited non-zero; `returncode` lets callers tell its failures apart."""
+
+    def __init__(self, message: str, returncode: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.returncode = returncode
+
+
 class NotFoundError(PgbridgeError):
     """The deployment (or an object in it) does not exist."""
 

@@ -6,10 +6,12 @@ The tests share one deployment and run in file order (the last one damages the r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pgbridge.errors import DeploymentError
 from pgbridge.home import Home
 from pgbridge.ops import backup as backup_ops
+from pgbridge.platform import system
 from pgbridge.platform.pgbackrest import PgBackRest
 from pgbridge.settings import load_settings
 from tests.conftest import PGBRIDGE, Env, make_env
@@ -149,6 +153,30 @@ def test_pitr_between_two_commits_into_a_new_deployment(dep: Env) -> None:
     assert not [p.name for p in archive.rglob("*") if p.is_file() and not p.name.startswith(("00000001", "archive"))]
     subprocess.run([*pgbridge(dep), "--name", new, "destroy", "--yes"], env=dep.env(), capture_output=True, check=True)
     assert not new_home.exists()
+
+
+def test_stanza_create_waits_for_an_archiver_holding_the_lock(dep: Env) -> None:
+    """A new deployment's PostgreSQL starts archive-push at once, and its asynchronous archiver
+    holds the archive lock while stanza-create wants it (a restore failed on this in CI)."""
+    pb = backup_ops.tool(load_settings(), Home(dep.home), dep.name)
+    lock = dep.home / "backup" / "lock" / f"{dep.name}-archive.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+    system.chown(lock, load_settings().user)  # pgBackRest (the service user) opens it to lock it
+    release = threading.Timer(2.0, fcntl.flock, (fd, fcntl.LOCK_UN))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # without a wait, pgBackRest gives up on the lock at once: the lock is the one it takes
+        with pytest.raises(DeploymentError, match="unable to acquire lock"):
+            pb.run("stanza-create", what="creating the backup stanza")
+        release.start()
+        t0 = time.monotonic()
+        pb.stanza_create()  # an existing stanza that matches: a no-op once it has the lock
+        assert time.monotonic() - t0 >= 1.9
+    finally:
+        release.cancel()
+        if release.is_alive():
+            release.join()
+        os.close(fd)  # closing lets go of the lock too
 
 
 def test_snapshots_survive_retention_and_restore(dep: Env) -> None:

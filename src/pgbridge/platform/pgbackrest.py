@@ -11,12 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgbridge.errors import DeploymentError, PgbridgeError
+from pgbridge.errors import CommandFailed, DeploymentError, PgbridgeError
 from pgbridge.plan.backup import BackupSet
 from pgbridge.platform import system
 from pgbridge.settings import ServiceUser
@@ -198,6 +199,11 @@ def target_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
 
 
+LOCK_ACQUIRE_ERROR = 50  # pgBackRest's exit code when another of its processes holds the lock
+LOCK_HELD = "Resource temporarily unavailable"  # its message for a lock another process holds (EWOULDBLOCK)
+LOCK_WAIT = 60.0
+
+
 class PgBackRest:
     """Runs pgBackRest for one stanza as the service user."""
 
@@ -221,18 +227,32 @@ class PgBackRest:
         timeout: float = 3600,
         stanza: bool = True,
         params: Sequence[str] = (),
+        lock_wait: float = 0.0,
     ) -> str:
+        """Run one command; with `lock_wait`, retry it that long while another pgBackRest holds its lock.
+
+        A running PostgreSQL starts `archive-push` processes of its own at any moment (asynchronous
+        ones hold the archive lock for a while), so commands that take that lock while the database
+        runs wait for it rather than fail on the first try.
+        """
         argv = self.argv(command, *options, stanza=stanza, params=params)
-        try:
-            return system.run(argv, what=what or f"pgbackrest {command}", timeout=timeout)
-        except PgbridgeError as e:
-            raise DeploymentError(e.message, hint=f"pgBackRest's log: {self.conf.parent / 'log'}") from None
+        deadline = time.monotonic() + lock_wait
+        while True:
+            try:
+                return system.run(argv, what=what or f"pgbackrest {command}", timeout=timeout)
+            except PgbridgeError as e:
+                # exit 50 also means a lock file it may not open: only a held lock is worth a wait
+                locked = isinstance(e, CommandFailed) and e.returncode == LOCK_ACQUIRE_ERROR and LOCK_HELD in e.message
+                if locked and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise DeploymentError(e.message, hint=f"pgBackRest's log: {self.conf.parent / 'log'}") from None
 
     def stanza_create(self) -> None:
-        self.run("stanza-create", what="creating the backup stanza", timeout=300)
+        self.run("stanza-create", what="creating the backup stanza", timeout=300, lock_wait=LOCK_WAIT)
 
     def check(self) -> None:
-        self.run("check", what="checking WAL archiving", timeout=300)
+        self.run("check", what="checking WAL archiving", timeout=300, lock_wait=LOCK_WAIT)
 
     def backup(self, kind: str, annotation: dict[str, str] | None = None) -> None:
         opts = [f"--type={kind}"]

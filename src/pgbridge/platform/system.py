@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from pgbridge.errors import DeploymentError, HostError, PortInUseError
+from pgbridge.errors import CommandFailed, DeploymentError, HostError, PortInUseError
 from pgbridge.settings import ServiceUser
 
 
@@ -141,7 +141,7 @@ def run(
         raise DeploymentError(f"{what}: {argv[0]} did not finish within {timeout:.0f}s") from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise DeploymentError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        raise CommandFailed(f"{what} failed (exit {proc.returncode}):\n{tail}", proc.returncode)
     return proc.stdout
 
 
