@@ -182,6 +182,59 @@ def test_confirm_advances_confirmed_flush_lsn(pg: Server, table: Table) -> None:
     assert status.retained_bytes is not None and status.retained_bytes >= 0
 
 
+def test_status_messages_carry_only_what_was_confirmed(pg: Server, table: Table) -> None:
+    """Keepalives and the periodic status messages never move the slot past the caller's confirm
+    (psycopg2 moved the flush position to a keepalive's WAL end by itself: a pipeline restarted
+    after that found its slot beyond the position recorded in the warehouse)."""
+    other = _name("quiet")
+    pg.sql(f"CREATE TABLE {other} (id serial PRIMARY KEY, payload text)")  # not in the publication
+    with create_slot(pg.dsn, table.slot):
+        pass
+    with ReplicationStream.start(pg.dsn, table.slot, table.options, status_interval=1.0) as stream:
+        insert(pg, table, range(1, 4))
+        got = read_until(stream, lambda got: bool(commits(got)))
+        end = commits(got)[-1].end_lsn
+        stream.confirm(end)
+        for _ in range(5):
+            pg.sql(f"INSERT INTO {other} (payload) SELECT repeat('x', 200) FROM generate_series(1, 500)")
+        target = pg.lsn()
+        deadline = time.monotonic() + 15
+        while stream.server_wal_end < target:  # keepalives report the WAL beyond the commit ...
+            assert time.monotonic() < deadline, f"no keepalive reported {target}"
+            stream.send_status(reply=True)
+            assert not stream.read_batch(100, 0.3)
+        assert not stream.read_batch(100, 2.5)  # ... and status messages go out meanwhile
+        assert not stream.in_flight and stream.idle_position() is not None
+        assert slot_status(pg.dsn, table.slot).confirmed_flush_lsn == end
+
+
+def test_a_busy_consumer_neither_stalls_the_server_nor_times_it_out(pg: Server, table: Table) -> None:
+    """The reader thread drains the socket while the consumer is away, up to its bound, and keeps
+    the walsender from timing out meanwhile (here 3 s: far shorter than the consumer's absence)."""
+    with create_slot(pg.dsn, table.slot):
+        pass
+    dsn = f"{pg.dsn} options='-c wal_sender_timeout=3s'"
+    with ReplicationStream.start(dsn, table.slot, table.options, status_interval=1.0) as stream:
+        stream.inbox_bytes = 1 << 20
+        insert(pg, table, range(1, 100_001))  # about 3 MB of pgoutput messages
+        time.sleep(7)  # busy elsewhere: nothing is read by the consumer
+        first = stream.read_raw(max_messages=1_000_000, max_wait_s=0)
+        held = sum(map(len, first.payloads))
+        # More than a socket holds (a few hundred messages): the reader kept the server sending ...
+        assert held >= 512 << 10, held
+        # ... and stopped at its bound (plus at most one gulp of the socket).
+        assert held < 2 << 20, held
+        rows = sum(1 for p in first.payloads if p[:1] == b"I")
+        done = False
+        deadline = time.monotonic() + 60
+        while not done:
+            assert time.monotonic() < deadline
+            chunk = stream.read_raw(max_wait_s=1.0)
+            rows += sum(1 for p in chunk.payloads if p[:1] == b"I")
+            done = b"C" in chunk.tags
+    assert rows == 100_000
+
+
 def test_idle_stream_confirming_wal_end_advances_the_slot(pg: Server, table: Table) -> None:
     other = _name("other")
     pg.sql(f"CREATE TABLE {other} (id serial PRIMARY KEY, payload text)")  # not in the publication
@@ -189,8 +242,7 @@ def test_idle_stream_confirming_wal_end_advances_the_slot(pg: Server, table: Tab
         pass
     before = slot_status(pg.dsn, table.slot)
     assert before.restart_lsn is not None and before.confirmed_flush_lsn is not None
-    # A long status interval: psycopg2 sends no status message of its own during the test, so the
-    # slot moves only through confirm_idle().
+    # Status messages carry only what was confirmed: the slot moves only through confirm_idle().
     with ReplicationStream.start(pg.dsn, table.slot, table.options, status_interval=60) as stream:
         assert not stream.read_batch(100, 0.5)
         for _ in range(20):

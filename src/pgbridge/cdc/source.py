@@ -1,19 +1,19 @@
 """The replication connection: slots, the exported snapshot, the pgoutput stream and its feedback.
 
-This is the only module that owns a replication socket (psycopg2's ``LogicalReplicationConnection``;
-psycopg 3 has no replication protocol). Everything around it stays pure or uses ordinary SQL, so the
-rules that make CDC exactly-once live here in one small place: the slot is created with an exported
-snapshot that the initial load reads under, messages are read and decoded in the same thread in
-large batches (the walsender, not decoding, is the bottleneck), and an LSN is confirmed to the server
-only when the caller says it is durable in the warehouse — or, when nothing is in flight, up to the
-server's WAL end so that an idle pipeline never pins WAL.
+This is the only module that owns a replication connection (:mod:`pgbridge.cdc.wire`, which speaks
+the protocol itself; psycopg 3 has none). Everything around it stays pure or uses ordinary SQL, so
+the rules that make CDC exactly-once live here in one small place: the slot is created with an
+exported snapshot that the initial load reads under, a reader thread keeps the socket drained (the
+walsender, not decoding, is the bottleneck), and an LSN is confirmed to the server only when the
+caller says it is durable in the warehouse — or, when nothing is in flight, up to the server's WAL
+end so that an idle pipeline never pins WAL. No status message carries more than that.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import select
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,8 +22,6 @@ from types import TracebackType
 from typing import Any, Final, Self, overload
 
 import psycopg
-import psycopg2
-import psycopg2.extras
 
 from pgbridge.cdc.pgoutput import (
     STREAM_TAGS,
@@ -36,6 +34,14 @@ from pgbridge.cdc.pgoutput import (
     StreamStart,
     decode,
     first_byte,
+)
+from pgbridge.cdc.wire import (
+    CONNECT_TIMEOUT_S,
+    ServerError,
+    UnsupportedAuthentication,
+    WireConnection,
+    WireError,
+    status_message,
 )
 from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.secrets.redact import redact_dsn
@@ -62,7 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
-_CONNECT_TIMEOUT_S: Final = 10
 
 
 class SourceError(TransientError):
@@ -190,7 +195,7 @@ def _lsn_sql(lsn: LSN) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Error translation (the boundary: no psycopg/psycopg2 exception leaves this module)
+# Error translation (the boundary: no psycopg, protocol or socket exception leaves this module)
 # --------------------------------------------------------------------------------------------
 
 # SQLSTATE classes and codes that say "try again later": connection exceptions, insufficient
@@ -223,7 +228,9 @@ def _translate(exc: BaseException, doing: str) -> PgbridgeError:
 def _boundary(doing: str) -> Iterator[None]:
     try:
         yield
-    except (psycopg2.Error, psycopg.Error) as exc:
+    except UnsupportedAuthentication as exc:
+        raise SourceRejectedError(f"{doing}: {exc}") from None
+    except (psycopg.Error, ServerError, WireError, OSError) as exc:
         raise _translate(exc, doing) from None
 
 
@@ -242,7 +249,7 @@ WHERE s.slot_name = %s
 
 
 def sql_connect(dsn: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
 
 
 def _parse_lsn(text: str | None) -> LSN | None:
@@ -305,24 +312,13 @@ def drop_slot(conn_dsn: str, slot: str, *, terminate_active: bool = False, timeo
 
 
 # --------------------------------------------------------------------------------------------
-# The replication connection (psycopg2)
+# The replication connection (pgbridge.cdc.wire)
 # --------------------------------------------------------------------------------------------
 
 
-def _replication_connect(dsn: str) -> Any:
+def _replication_connect(dsn: str) -> WireConnection:
     with _boundary("cannot open a replication connection"):
-        return psycopg2.connect(
-            dsn,
-            connection_factory=psycopg2.extras.LogicalReplicationConnection,
-            connect_timeout=_CONNECT_TIMEOUT_S,
-        )
-
-
-def _close_quietly(conn: Any) -> None:
-    try:
-        conn.close()
-    except psycopg2.Error as exc:  # closing a broken connection: nothing left to do with it
-        log.debug("closing the replication connection failed: %s", redact_dsn(str(exc)))
+        return WireConnection.connect(dsn)
 
 
 class SnapshotSlot:
@@ -344,9 +340,9 @@ class SnapshotSlot:
     connection over to the returned :class:`ReplicationStream` (and ends the snapshot).
     """
 
-    def __init__(self, dsn: str, conn: Any, info: SlotInfo, *, temporary: bool, drop_on_error: bool) -> None:
+    def __init__(self, dsn: str, conn: WireConnection, info: SlotInfo, *, temporary: bool, drop_on_error: bool) -> None:
         self._dsn = dsn
-        self._conn: Any = conn
+        self._conn: WireConnection | None = conn
         self.info = info
         self.temporary = temporary
         self.drop_on_error = drop_on_error
@@ -358,12 +354,13 @@ class SnapshotSlot:
         kind = "TEMPORARY LOGICAL" if temporary else "LOGICAL"
         try:
             with _boundary(f"cannot create replication slot {slot!r}"):
-                cur = conn.cursor()
-                cur.execute(f"CREATE_REPLICATION_SLOT {slot} {kind} pgoutput EXPORT_SNAPSHOT")
-                name, consistent, snapshot, plugin = cur.fetchone()
+                [(name, consistent, snapshot, plugin)] = conn.query(
+                    f"CREATE_REPLICATION_SLOT {slot} {kind} pgoutput EXPORT_SNAPSHOT"
+                )
         except BaseException:
-            _close_quietly(conn)
+            conn.close()
             raise
+        assert name is not None and consistent is not None and plugin is not None
         info = SlotInfo(name=name, consistent_lsn=LSN.parse(consistent), snapshot_name=snapshot, output_plugin=plugin)
         log.info("created replication slot %s at %s (snapshot %s)", name, consistent, snapshot)
         return cls(dsn, conn, info, temporary=temporary, drop_on_error=drop_on_error)
@@ -399,14 +396,14 @@ class SnapshotSlot:
                 conn, self.info.name, options, start_lsn=self.info.consistent_lsn, status_interval=status_interval
             )
         except BaseException:
-            _close_quietly(conn)
+            conn.close()
             raise
 
     def close(self) -> None:
         """Release the snapshot (and, for a temporary slot, the slot itself)."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            _close_quietly(conn)
+            conn.close()
 
     def __enter__(self) -> Self:
         return self
@@ -502,32 +499,39 @@ class ReplicationStream:
     server attached to the message: a change's own LSN, the first LSN of the transaction for Begin,
     ``end_lsn`` for Commit (Relation and Type messages come with 0/0 and get the position of the
     message before them). Confirm with :meth:`confirm` — only after the warehouse committed, and only
-    commit ``end_lsn`` values (or :attr:`server_wal_end` through :meth:`confirm_idle`). Call
-    :meth:`read_batch` (or :meth:`send_status`) at least every ``wal_sender_timeout``: status
-    messages go out from inside it every ``status_interval`` seconds, also while idle.
+    commit ``end_lsn`` values (or :attr:`server_wal_end` through :meth:`confirm_idle`).
 
-    psycopg2 itself moves the reported flush position up to the server's WAL end on a keepalive when
-    everything it handed out has been confirmed; that is the same "idle never pins WAL" rule.
+    A reader thread of the connection drains the socket into a bounded inbox (``inbox_bytes``) and
+    sends a status message every ``status_interval`` seconds, also while the consumer is busy
+    elsewhere, so the walsender neither stalls on a full socket nor times out. Status messages
+    carry only what was confirmed: nothing moves the slot on its own.
 
-    One thread reads, decodes and confirms; the object is not thread-safe. Create it with
-    :meth:`start` (or :meth:`SnapshotSlot.start_stream`).
+    One thread reads, decodes and confirms. Create it with :meth:`start` (or
+    :meth:`SnapshotSlot.start_stream`).
     """
 
-    def __init__(self, conn: Any, slot: str, options: StreamOptions, status_interval: float) -> None:
-        self._conn: Any = conn
-        self._cursor: Any = conn.cursor()
+    def __init__(self, conn: WireConnection, slot: str, options: StreamOptions, status_interval: float) -> None:
+        self._conn: WireConnection | None = conn
         self.slot = slot
         self.options = options
         self.status_interval = status_interval
         self._decoder = Decoder()
-        self._poll = select.poll()
-        self._poll.register(self._cursor.fileno(), select.POLLIN)
         self._position = 0  # LSN (int) of the last message handed out
         self._wal_end = 0  # highest WAL end the server reported
         self._confirmed = 0  # highest LSN confirmed by the caller
         self._committed = 0  # highest commit end_lsn handed out
         self._in_transaction = False
         self._open_streams: set[int] = set()
+        self._status_lock = threading.Lock()  # positions read and sent together: never backwards
+
+    @property
+    def inbox_bytes(self) -> int:
+        """How much the reader thread holds at most before it waits for the consumer."""
+        return self._require_conn().inbox_bytes
+
+    @inbox_bytes.setter
+    def inbox_bytes(self, value: int) -> None:
+        self._require_conn().inbox_bytes = value
 
     @classmethod
     def start(
@@ -548,12 +552,12 @@ class ReplicationStream:
         try:
             return cls._start(conn, slot, options, start_lsn=start_lsn, status_interval=status_interval)
         except BaseException:
-            _close_quietly(conn)
+            conn.close()
             raise
 
     @classmethod
     def _start(
-        cls, conn: Any, slot: str, options: StreamOptions, *, start_lsn: LSN | None, status_interval: float
+        cls, conn: WireConnection, slot: str, options: StreamOptions, *, start_lsn: LSN | None, status_interval: float
     ) -> ReplicationStream:
         if status_interval <= 0:
             raise ValueError("status_interval must be positive")
@@ -565,7 +569,7 @@ class ReplicationStream:
         lsn = _lsn_sql(start_lsn or LSN(0))
         command = f"START_REPLICATION SLOT {slot} LOGICAL {lsn} {options.sql()}"
         with _boundary(f"cannot start replication from slot {slot!r}"):
-            stream._cursor.start_replication_expert(command, decode=False, status_interval=status_interval)
+            conn.start_copy(command, status_interval, stream._status)
         log.info("streaming from slot %s at %s (pgoutput v%d)", slot, lsn, options.proto_version)
         return stream
 
@@ -574,98 +578,57 @@ class ReplicationStream:
     def read_batch(self, max_messages: int = 10_000, max_wait_s: float = 1.0) -> Batch:
         """Up to ``max_messages`` decoded messages with their positions, in stream order.
 
-        Drains what is already buffered without blocking; when nothing is, waits on the socket until
-        more arrives or ``max_wait_s`` (counted from the call) has passed. It returns early only when
+        Drains what is already received without blocking; when nothing is, waits until more arrives
+        or ``max_wait_s`` (counted from the call) has passed. It returns early only when
         ``max_messages`` is reached, so under load batches are full, and a quiet stream returns what
         it has (maybe nothing) after ``max_wait_s``: that is the latency bound. ``max_wait_s=0``
         never blocks.
         """
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        cursor = self._require_cursor()
         deadline = time.monotonic() + max_wait_s
-        read = cursor.read_message
         decode = self._decoder.decode
         boundaries = _BOUNDARIES
         messages: list[Message] = []
         positions: list[int] = []
-        add_message = messages.append
-        add_position = positions.append
         position = self._position
-        try:
-            with _boundary(f"replication from slot {self.slot!r} failed"):
-                while True:
-                    raw = read()
-                    if raw is not None:
-                        # Relation and Type messages arrive with position 0/0: they belong where the
-                        # stream is.
-                        position = raw.data_start or position
-                        msg = decode(raw.payload)
-                        add_message(msg)
-                        add_position(position)
-                        if type(msg) in boundaries:
-                            self._follow(msg)
-                        if len(messages) >= max_messages:
-                            break
-                        continue
-                    if not self._wait_readable(deadline):
-                        break
-        finally:
-            self._position = position
-            self._wal_end = max(self._wal_end, cursor.wal_end, position)
+        while len(messages) < max_messages:
+            starts: list[int] = []
+            payloads = self._read(max_messages - len(messages), 1 << 62, max(0.0, deadline - time.monotonic()), starts)
+            for payload, start in zip(payloads, starts, strict=True):
+                # Relation and Type messages arrive with position 0/0: they belong where the stream is.
+                position = start or position
+                msg = decode(payload)
+                messages.append(msg)
+                positions.append(position)
+                if type(msg) in boundaries:
+                    self._follow(msg)
+            if not payloads and time.monotonic() >= deadline:
+                break
+        self._position = position
         return Batch(messages, positions)
 
-    def _wait_readable(self, deadline: float) -> bool:
-        """Wait on the socket until data arrives or ``deadline``; ``False`` once the deadline has passed.
-
-        Wakes up in time for the periodic status message (``read_message`` sends it when due).
-        """
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        self._poll.poll(max(1, int(min(remaining, self.status_interval) * 1000)))
-        if self._conn is None or self._conn.closed:
-            raise SourceError(f"the replication connection of slot {self.slot!r} closed")
-        return True
+    def _read(self, max_messages: int, max_bytes: int, wait: float, starts: list[int] | None = None) -> list[bytes]:
+        conn = self._require_conn()
+        try:
+            with _boundary(f"replication from slot {self.slot!r} failed"):
+                return conn.read(max_messages, max_bytes, wait, starts)
+        finally:
+            self._position = conn.last_start or self._position
+            self._wal_end = max(self._wal_end, conn.wal_end, self._position)
 
     def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
-        """The pgoutput payloads buffered now, undecoded, up to ``max_messages`` or ``max_bytes``.
+        """The pgoutput payloads received by now, undecoded, up to ``max_messages`` or ``max_bytes``.
 
-        Returns as soon as the connection has nothing more buffered: under load a chunk holds what
-        arrived while the caller was busy, and a caller that has nothing to do learns at once that the
-        stream is drained. When nothing at all is buffered, waits on the socket until something arrives
-        or ``max_wait_s`` has passed (``0``: never blocks). Only Begin and Commit (and the streaming
-        messages) are decoded here, to know what is in flight; the caller decodes the rest.
+        Returns as soon as nothing more is received: under load a chunk holds what arrived while the
+        caller was busy, and a caller that has nothing to do learns at once that the stream is
+        drained. When nothing at all is there, waits until something arrives or ``max_wait_s`` has
+        passed (``0``: never blocks). Only Begin and Commit (and the streaming messages) are decoded
+        here, to know what is in flight; the caller decodes the rest.
         """
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        cursor = self._require_cursor()
-        deadline = time.monotonic() + max_wait_s
-        read = cursor.read_message
-        payloads: list[bytes] = []
-        add = payloads.append
-        size = 0
-        last: Any = None
-        try:
-            with _boundary(f"replication from slot {self.slot!r} failed"):
-                while True:
-                    raw = read()
-                    if raw is not None:
-                        last = raw
-                        payload = raw.payload
-                        add(payload)
-                        size += len(payload)
-                        if len(payloads) >= max_messages or size >= max_bytes:
-                            break
-                        continue
-                    if payloads:
-                        break
-                    if not self._wait_readable(deadline):
-                        break
-        finally:
-            if last is not None:
-                self._position = last.data_start or self._position
-            self._wal_end = max(self._wal_end, cursor.wal_end, self._position)
+        payloads = self._read(max_messages, max_bytes, max_wait_s)
         tags = bytes(map(first_byte, payloads))
         if STREAM_TAGS.search(tags) or self._decoder.in_stream:
             for payload in payloads:  # stream blocks (protocol v2): follow them message by message
@@ -735,9 +698,7 @@ class ReplicationStream:
         if value > max(self._wal_end, self._committed):
             raise ValueError(f"cannot confirm {lsn}: the server has only sent up to {self.server_wal_end}")
         self._confirmed = value
-        cursor = self._require_cursor()
-        with _boundary(f"cannot send feedback for slot {self.slot!r}"):
-            cursor.send_feedback(write_lsn=value, flush_lsn=value, apply_lsn=value, force=True)
+        self._send_status()
 
     def confirm_idle(self) -> LSN | None:
         """Confirm up to :attr:`server_wal_end` when nothing is in flight; returns the LSN confirmed, if any.
@@ -757,10 +718,23 @@ class ReplicationStream:
         return LSN(self._wal_end)
 
     def send_status(self, *, reply: bool = False) -> None:
-        """Send a status message now (keeps the walsender from timing out during a long apply)."""
-        cursor = self._require_cursor()
+        """Send a status message now; with ``reply``, the server answers with a keepalive (its WAL end)."""
+        self._send_status(reply=reply)
+
+    def _send_status(self, *, reply: bool = False) -> None:
+        conn = self._require_conn()
         with _boundary(f"cannot send feedback for slot {self.slot!r}"):
-            cursor.send_feedback(reply=reply, force=True)
+            self._status(conn, reply)
+
+    def _status(self, conn: WireConnection | None = None, reply: bool = False) -> None:
+        """The positions as they are; also the connection's heartbeat, from its reader thread."""
+        conn = conn or self._conn
+        if conn is None:
+            return
+        with self._status_lock:
+            # write: what was handed out (for pg_stat_replication); flush and apply: only what was confirmed
+            confirmed = self._confirmed
+            conn.send(status_message(max(self._position, confirmed), confirmed, confirmed, reply=reply))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -771,14 +745,13 @@ class ReplicationStream:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._poll = select.poll()
-            _close_quietly(conn)
+            conn.close()
             self._decoder.reset()
 
-    def _require_cursor(self) -> Any:
+    def _require_conn(self) -> WireConnection:
         if self._conn is None:
             raise RuntimeError(f"the replication stream of slot {self.slot!r} is closed")
-        return self._cursor
+        return self._conn
 
     def __enter__(self) -> Self:
         return self

@@ -1,0 +1,462 @@
+"""PostgreSQL's frontend/backend protocol, as much as a logical replication connection needs.
+
+pgbridge speaks it itself instead of through psycopg2's replication connection for two reasons:
+
+* **Feedback under the caller's control.** psycopg2 moves the flush position it reports up to the
+  server's WAL end on its own, on a keepalive, once everything it handed out was confirmed. A
+  pipeline that records that position in the warehouse before confirming it could find its slot
+  beyond its record after a restart. Here a status message carries only what the caller confirmed.
+* **A drained socket.** A unix socket holds about 200 kB, a few milliseconds of a busy stream; the
+  walsender stops decoding as soon as it is full. A reader thread keeps ``recv``-ing large blocks
+  (the GIL is released while it waits) into a bounded inbox, and the consumer splits frames out of
+  those blocks, with no library call and no object per message beyond the payload itself.
+
+Scope: protocol 3.0 without TLS, with ``trust`` or ``peer`` authentication — what the pipeline
+uses over the deployment's local socket. The connection parameters are resolved by libpq first (an
+ordinary psycopg connection: multiple hosts, ``target_session_attrs``, environment defaults), and
+the replication connection goes to the server that connection reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "ServerError",
+    "UnsupportedAuthentication",
+    "WireConnection",
+    "WireError",
+    "status_message",
+]
+
+CONNECT_TIMEOUT_S: Final = 10
+_PROTOCOL_3_0: Final = 196608
+_PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC, the protocol's timestamp origin
+_RECV_BYTES: Final = 1 << 20
+GATHER_S: Final = 0.0005  # the reader's pause between the first byte and a gulp (see _read_loop)
+WAKE_S: Final = 1.0  # the reader's longest wait for a byte: status messages are due meanwhile
+
+_HEADER = struct.Struct(">cI")
+_LENGTH = struct.Struct(">I")
+_STATUS = struct.Struct(">cIcQQQqB")  # CopyData('r' write flush apply clock reply)
+_XLOG_HEADER = struct.Struct(">QQ")  # XLogData: data start, WAL end (after the 'w')
+_KEEPALIVE = struct.Struct(">QqB")  # Primary keepalive: WAL end, clock, reply requested (after the 'k')
+
+# ErrorResponse field codes (the ones a message is built from)
+_SEVERITY, _SQLSTATE, _MESSAGE, _DETAIL, _HINT = "V", "C", "M", "D", "H"
+
+
+class WireError(Exception):
+    """The connection broke or the server said something this module cannot follow."""
+
+
+class UnsupportedAuthentication(WireError):
+    """The server asks for a credential (a password, SCRAM, GSS): retrying will not help."""
+
+
+class ServerError(Exception):
+    """An ErrorResponse: ``sqlstate`` and the server's message (with its detail and hint)."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        self.fields = fields
+        self.sqlstate = fields.get(_SQLSTATE)
+        text = fields.get(_MESSAGE, "the server reported an error")
+        for key, label in ((_DETAIL, "DETAIL"), (_HINT, "HINT")):
+            if key in fields:
+                text += f" {label}: {fields[key]}"
+        super().__init__(text)
+
+
+def _parse_error(body: bytes) -> ServerError:
+    fields: dict[str, str] = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return ServerError(fields)
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+
+
+def status_message(write: int, flush: int, apply: int, *, reply: bool = False) -> bytes:
+    """A Standby status update in a CopyData frame (positions as integers)."""
+    clock = int((time.time() - _PG_EPOCH) * 1_000_000)
+    return _STATUS.pack(b"d", _STATUS.size - 1, b"r", write, flush, apply, clock, int(reply))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom: what libpq resolved from the DSN."""
+
+    host: str
+    port: int
+    params: dict[str, str]  # startup parameters (user, database, application_name, options)
+
+    @classmethod
+    def resolve(cls, dsn: str) -> Target:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            info = conn.info
+            given = info.get_parameters()
+            params = {"user": info.user, "database": info.dbname}
+            for key in ("application_name", "options"):
+                if given.get(key):
+                    params[key] = given[key]
+            return cls(info.host, int(info.port), params)
+
+
+class WireConnection:
+    """One replication connection (``replication=database``) on a plain socket.
+
+    Before :meth:`start_copy`, it runs simple-protocol commands (:meth:`query`). After it, a reader
+    thread fills the inbox and the owner takes payloads with :meth:`read`; :meth:`send` may be
+    called from any thread.
+    """
+
+    def __init__(self, sock: socket.socket, target: Target) -> None:
+        self._sock = sock
+        self.target = target
+        self._buf = b""  # received and not parsed yet
+        self._off = 0  # where parsing goes on in _buf (once the copy runs)
+        self._queued: deque[bytes] = deque()  # blocks taken from the inbox, after _buf
+        self._queued_size = 0
+        self._error: BaseException | None = None  # what the server ended the stream with, to raise next
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._inbox: deque[bytes] = deque()
+        self._inbox_size = 0
+        self.inbox_bytes = 32 << 20
+        self._ended: BaseException | None = None  # why the reader stopped (EOF, an error)
+        self._closing = False
+        self._reader: threading.Thread | None = None
+        self.last_send = time.monotonic()
+        self.server_pid = 0
+        self.status_interval = 10.0
+        self.heartbeat: Callable[[], None] | None = None  # sends a status message; the reader calls it too
+        self.wal_end = 0  # the highest WAL end the server reported, in what was parsed
+        self.last_start = 0  # the data start of the last XLogData payload parsed that had one
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, dsn: str) -> WireConnection:
+        target = Target.resolve(dsn)
+        if target.host.startswith("/"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = f"{target.host}/.s.PGSQL.{target.port}"
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_STREAM)
+            address = (target.host, target.port)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(address)
+            conn = cls(sock, target)
+            conn._startup()
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    def _startup(self) -> None:
+        params = {**self.target.params, "replication": "database", "client_encoding": "UTF8"}
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+        self._sock.sendall(struct.pack(">II", 8 + len(body), _PROTOCOL_3_0) + body)
+        while True:
+            kind, payload = self._next_message()
+            if kind == b"R":
+                (code,) = _LENGTH.unpack_from(payload)
+                if code != 0:
+                    raise UnsupportedAuthentication(
+                        f"the server at {self.where} asks for a password or another credential (authentication"
+                        f" request {code}); pgbridge's replication connection logs in over the local socket by"
+                        " OS identity (peer) or trust"
+                    )
+            elif kind == b"K":
+                (self.server_pid,) = _LENGTH.unpack_from(payload)
+            elif kind == b"E":
+                raise _parse_error(payload)
+            elif kind == b"Z":
+                return
+            # ParameterStatus, NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.host}:{self.target.port}"
+
+    # -- before the copy: whole messages, in this thread -----------------------------------------
+
+    def _next_message(self) -> tuple[bytes, bytes]:
+        while True:
+            if len(self._buf) >= 5:
+                kind, length = _HEADER.unpack_from(self._buf)
+                end = 1 + length
+                if len(self._buf) >= end:
+                    payload, self._buf = self._buf[5:end], self._buf[end:]
+                    return kind, payload
+            data = self._sock.recv(_RECV_BYTES)
+            if not data:
+                raise WireError(f"the server at {self.where} closed the connection")
+            self._buf += data
+
+    def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run one simple-protocol command; its rows as text. Raises :class:`ServerError` on an error."""
+        self.send(b"Q" + _LENGTH.pack(4 + len(sql.encode()) + 1) + sql.encode() + b"\0")
+        rows: list[tuple[str | None, ...]] = []
+        error: ServerError | None = None
+        while True:
+            kind, payload = self._next_message()
+            if kind == b"D":
+                rows.append(_data_row(payload))
+            elif kind == b"E":
+                error = _parse_error(payload)
+            elif kind == b"Z":
+                if error is not None:
+                    raise error
+                return rows
+
+    def start_copy(self, sql: str, status_interval: float, heartbeat: Callable[[], None]) -> None:
+        """Send a command that answers with CopyBothResponse (``START_REPLICATION``), start the reader.
+
+        ``heartbeat`` sends a status message; it is called when the server asks for one and, from the
+        reader thread, whenever none went out for ``status_interval`` seconds.
+        """
+        self.status_interval, self.heartbeat = status_interval, heartbeat
+        self.send(b"Q" + _LENGTH.pack(4 + len(sql.encode()) + 1) + sql.encode() + b"\0")
+        while True:
+            kind, payload = self._next_message()
+            if kind == b"W":
+                break
+            if kind == b"E":
+                error = _parse_error(payload)
+                while kind != b"Z":
+                    kind, payload = self._next_message()
+                raise error
+        # Frames that came with the response stay in _buf, parsed first.
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT_S))
+        self._reader = threading.Thread(target=self._read_loop, name="pgbridge-replication-reader", daemon=True)
+        self._reader.start()
+
+    # -- the copy: the reader thread ------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        """Receive in gulps: wait for the first byte, let more come for GATHER_S, then drain.
+
+        The walsender writes each message on its own (about 100 bytes, a socket buffer each), so a
+        reader blocked in ``recv`` is woken for every one of them: a few hundred thousand wake-ups a
+        second, a third of a core. Waiting GATHER_S first takes what arrived meanwhile in one call,
+        well before the socket (a few hundred such messages) is full.
+        """
+        sock, cond = self._sock, self._cond
+        fd = sock.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        area = bytearray(_RECV_BYTES)
+        view = memoryview(area)
+        try:
+            while True:
+                with cond:
+                    while self._inbox_size >= self.inbox_bytes and not self._closing:
+                        cond.wait(min(0.5, self.status_interval))
+                        self._beat()
+                    if self._closing:
+                        return
+                if not poll.poll(WAKE_S * 1000):
+                    self._beat()
+                    continue
+                time.sleep(GATHER_S)
+                blocks = []
+                size = 0
+                closed = False
+                while size < _RECV_BYTES:
+                    try:
+                        n = sock.recv_into(area, _RECV_BYTES, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    if not n:
+                        closed = True
+                        break
+                    blocks.append(view[:n].tobytes())
+                    size += n
+                with cond:  # what came before an end of the stream is passed on before the end
+                    self._inbox.extend(blocks)
+                    self._inbox_size += size
+                    cond.notify_all()
+                if closed:
+                    raise WireError(f"the server at {self.where} closed the replication connection")
+                self._beat()
+        except BaseException as exc:
+            with cond:
+                self._ended = exc if not self._closing else WireError("the replication connection is closed")
+                cond.notify_all()
+
+    def _beat(self) -> None:
+        """A status message when none went out for ``status_interval`` (also while the consumer is away)."""
+        if self.heartbeat is not None and time.monotonic() - self.last_send >= self.status_interval:
+            self.heartbeat()
+
+    def _take(self, timeout: float) -> bool:
+        """Queue the reader's blocks behind what is left to parse; ``False`` when none came in ``timeout``.
+
+        Raises what stopped the reader once everything it received was taken.
+        """
+        with self._cond:
+            if not self._inbox and timeout > 0 and self._ended is None:
+                self._cond.wait(timeout)
+            if not self._inbox:
+                if self._ended is not None:
+                    raise self._ended
+                return False
+            self._queued.extend(self._inbox)
+            self._queued_size += self._inbox_size
+            self._inbox.clear()
+            self._inbox_size = 0
+            self._cond.notify_all()
+        return True
+
+    def _advance(self) -> bool:
+        """Continue parsing with queued blocks: joins only what completes the next frame.
+
+        ``False`` when the queue does not hold the rest of that frame yet. A block is copied about
+        once, and a frame larger than many blocks is joined once, when all of it is there.
+        """
+        rest = self._buf[self._off :]
+        head = rest[:5]
+        for block in self._queued:
+            if len(head) >= 5:
+                break
+            head += block[: 5 - len(head)]
+        if len(head) < 5:
+            if not self._queued:
+                return False
+            need = len(rest) + self._queued_size  # less than a header in all: take all of it
+        else:
+            need = 1 + _LENGTH.unpack_from(head, 1)[0]
+            if len(rest) + self._queued_size < need:
+                return False
+        parts, have = ([rest] if rest else []), len(rest)
+        while have < need:
+            block = self._queued.popleft()
+            self._queued_size -= len(block)
+            parts.append(block)
+            have += len(block)
+        self._buf, self._off = (parts[0] if len(parts) == 1 else b"".join(parts)), 0
+        return True
+
+    def read(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        timeout: float,
+        positions: list[int] | None = None,
+    ) -> list[bytes]:
+        """The pgoutput payloads of the XLogData frames received, in order, up to the limits.
+
+        Returns as soon as nothing more is buffered; when nothing is, waits up to ``timeout`` for
+        the reader. Keepalives update :attr:`wal_end` (and get an answer at once when the server
+        asks for one); :attr:`last_start` is the data start of the last payload with one. With
+        ``positions``, each payload's data start is appended to it (0 for Relation and Type).
+        Raises :class:`ServerError` or :class:`WireError` once the payloads before it were returned.
+        """
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        out: list[bytes] = []
+        add = out.append
+        size = 0
+        deadline = time.monotonic() + timeout
+        length_at = _LENGTH.unpack_from
+        while True:
+            buf, off = self._buf, self._off
+            n = len(buf)
+            last_w = -1
+            while off + 5 <= n:
+                (length,) = length_at(buf, off + 1)
+                end = off + 1 + length
+                if end > n:
+                    break
+                kind = buf[off]
+                if kind == 100 and buf[off + 5] == 119:  # CopyData, XLogData
+                    add(buf[off + 30 : end])
+                    size += end - off - 30
+                    last_w = off
+                    if positions is not None:
+                        positions.append(_XLOG_HEADER.unpack_from(buf, off + 6)[0])
+                elif kind == 100 and buf[off + 5] == 107:  # CopyData, keepalive
+                    wal_end, _clock, reply = _KEEPALIVE.unpack_from(buf, off + 6)
+                    self.wal_end = max(self.wal_end, wal_end)
+                    if reply and self.heartbeat is not None:
+                        self.heartbeat()
+                elif kind == 69:  # ErrorResponse
+                    self._error = _parse_error(buf[off + 5 : end])
+                elif kind == 99:  # CopyDone: the server ends the stream (a shutdown)
+                    self._error = WireError(f"the server at {self.where} ended the replication stream")
+                off = end  # NoticeResponse, ParameterStatus, ...: nothing to do
+                if self._error is not None or len(out) >= max_messages or size >= max_bytes:
+                    break
+            self._off = off
+            if last_w >= 0:
+                start, wal_end = _XLOG_HEADER.unpack_from(buf, last_w + 6)
+                self.last_start = start or self.last_start
+                self.wal_end = max(self.wal_end, wal_end)
+            if self._error is not None and not out:
+                error, self._error = self._error, None
+                raise error
+            if self._error is not None or len(out) >= max_messages or size >= max_bytes:
+                return out
+            if self._advance():
+                continue
+            try:
+                if not self._take(0.0 if out else max(deadline - time.monotonic(), 0.0)):
+                    return out
+            except Exception as exc:  # the reader's end: after what came before it
+                if not out:
+                    raise
+                self._error = exc
+                return out
+
+    # -- sending (any thread) ---------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        with self._send_lock:
+            self._sock.sendall(data)
+            self.last_send = time.monotonic()
+
+    def close(self) -> None:
+        """Terminate the session and the reader; never raises."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        with contextlib.suppress(OSError), self._send_lock:
+            self._sock.sendall(b"X" + _LENGTH.pack(4))
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        self._sock.close()
+
+
+def _data_row(payload: bytes) -> tuple[str | None, ...]:
+    (count,) = struct.unpack_from(">h", payload)
+    off, values = 2, list[str | None]()
+    for _ in range(count):
+        (length,) = struct.unpack_from(">i", payload, off)
+        off += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(payload[off : off + length].decode())
+            off += length
+    return tuple(values)

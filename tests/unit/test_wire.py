@@ -1,0 +1,195 @@
+"""The replication wire protocol against byte fixtures written into a real socket pair.
+
+The test plays the server: it writes what a walsender sends (in pieces of any size, so frames are
+split across reads anywhere) and reads what the client sends back.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from pgbridge.cdc.wire import ServerError, Target, UnsupportedAuthentication, WireConnection, WireError, status_message
+
+
+def msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack(">I", 4 + len(body)) + body
+
+
+def xlog(start: int, end: int, payload: bytes) -> bytes:
+    return msg(b"d", b"w" + struct.pack(">QQq", start, end, 0) + payload)
+
+
+def keepalive(end: int, reply: bool) -> bytes:
+    return msg(b"d", b"k" + struct.pack(">QqB", end, 0, int(reply)))
+
+
+def error(code: str, text: str) -> bytes:
+    return msg(b"E", b"SERROR\0VERROR\0C" + code.encode() + b"\0M" + text.encode() + b"\0\0")
+
+
+READY = msg(b"Z", b"I")
+AUTH_OK = msg(b"R", struct.pack(">I", 0))
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[WireConnection, socket.socket]]:
+    client, server = socket.socketpair()
+    server.settimeout(10)
+    conn = WireConnection(client, Target("/run/pg", 5432, {"user": "cdc", "database": "shop"}))
+    try:
+        yield conn, server
+    finally:
+        conn.close()
+        server.close()
+
+
+def recv_message(server: socket.socket) -> tuple[bytes, bytes]:
+    head = recv_exactly(server, 5)
+    (length,) = struct.unpack(">I", head[1:])
+    return head[:1], recv_exactly(server, length - 4)
+
+
+def recv_exactly(server: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = server.recv(n - len(data))
+        assert part, "client closed"
+        data += part
+    return data
+
+
+def started(conn: WireConnection, server: socket.socket, heartbeat: list[int]) -> None:
+    """The client sends START_REPLICATION; the server answers CopyBothResponse."""
+    server.sendall(msg(b"W", b"\0\0\0"))
+    conn.start_copy("START_REPLICATION SLOT s LOGICAL 0/0", 60.0, lambda: heartbeat.append(1))
+    kind, body = recv_message(server)
+    assert kind == b"Q" and body.startswith(b"START_REPLICATION")
+
+
+def test_startup_sends_a_replication_startup_packet_and_reads_to_ready(
+    pair: tuple[WireConnection, socket.socket],
+) -> None:
+    conn, server = pair
+    server.sendall(AUTH_OK + msg(b"S", b"server_version\x0015.8\0") + msg(b"K", struct.pack(">II", 4242, 7)) + READY)
+    conn._startup()
+    (length,) = struct.unpack(">I", recv_exactly(server, 4))
+    packet = recv_exactly(server, length - 4)
+    assert struct.unpack(">I", packet[:4]) == (196608,)
+    pairs = packet[4:].rstrip(b"\0").split(b"\0")
+    params = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    assert params[b"replication"] == b"database" and params[b"user"] == b"cdc" and params[b"database"] == b"shop"
+    assert conn.server_pid == 4242
+
+
+def test_a_password_request_is_refused_clearly(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    server.sendall(msg(b"R", struct.pack(">I", 10) + b"SCRAM-SHA-256\0\0"))
+    with pytest.raises(UnsupportedAuthentication, match="peer"):
+        conn._startup()
+
+
+def test_a_startup_error_carries_its_sqlstate(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    server.sendall(error("28000", 'no pg_hba.conf entry for replication connection from host "[local]"'))
+    with pytest.raises(ServerError, match=r"pg_hba\.conf") as info:
+        conn._startup()
+    assert info.value.sqlstate == "28000"
+
+
+def test_query_returns_text_rows_with_nulls_and_raises_after_ready(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    row = struct.pack(">h", 4)
+    for value in (b"slot_a", b"0/16B3748", None, b"pgoutput"):
+        row += struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
+    server.sendall(msg(b"T", b"\0\4...") + msg(b"D", row) + msg(b"C", b"CREATE_REPLICATION_SLOT\0") + READY)
+    assert conn.query("CREATE_REPLICATION_SLOT slot_a LOGICAL pgoutput") == [("slot_a", "0/16B3748", None, "pgoutput")]
+    server.sendall(error("42710", 'replication slot "slot_a" already exists') + READY)
+    with pytest.raises(ServerError, match="already exists") as info:
+        conn.query("CREATE_REPLICATION_SLOT slot_a LOGICAL pgoutput")
+    assert info.value.sqlstate == "42710"
+
+
+def test_frames_split_anywhere_come_out_whole_and_in_order(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    beats: list[int] = []
+    started(conn, server, beats)
+    rng = random.Random(7)
+    payloads = [b"I" + rng.randbytes(rng.randrange(0, 300)) for _ in range(3000)]
+    payloads.insert(1500, b"I" + rng.randbytes(3 << 20))  # one frame over many reads
+    stream = b"".join(xlog(1000 + i, 5000 + i, p) for i, p in enumerate(payloads[:2000]))
+    stream += keepalive(9000, reply=True) + msg(b"N", b"SNOTICE\0Mhello\0\0")
+    stream += b"".join(xlog(2000 + i, 6000 + i, p) for i, p in enumerate(payloads[2000:]))
+
+    def write() -> None:
+        off = 0
+        while off < len(stream):
+            step = rng.choice((1, 2, 5, 7, 100, 4096, 65536, 1 << 20))
+            server.sendall(stream[off : off + step])
+            off += step
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    got: list[bytes] = []
+    starts: list[int] = []
+    while len(got) < len(payloads):
+        got.extend(conn.read(500, 1 << 30, 5.0, starts))
+    writer.join()
+    assert got == payloads
+    assert starts == [1000 + i for i in range(2000)] + [2000 + i for i in range(len(payloads) - 2000)]
+    assert conn.last_start == 2000 + len(payloads) - 2001 and conn.wal_end == 9000
+    assert beats == [1]  # the keepalive asked for a reply
+
+
+def test_limits_cut_a_read_and_the_rest_follows(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    started(conn, server, [])
+    server.sendall(b"".join(xlog(i + 1, i + 1, b"I" + bytes(99)) for i in range(50)))
+    first: list[bytes] = []
+    while not first:
+        first = conn.read(20, 1 << 30, 2.0)
+    assert len(first) <= 20
+    rest = list(first)
+    while len(rest) < 50:
+        chunk = conn.read(1000, 1000, 2.0)  # about ten payloads of 100 bytes
+        assert len(chunk) <= 10
+        rest.extend(chunk)
+    assert len(rest) == 50
+
+
+def test_an_error_after_data_comes_after_the_data(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    started(conn, server, [])
+    server.sendall(xlog(10, 10, b"Bfirst") + error("55000", "replication slot was invalidated"))
+    got = conn.read(100, 1 << 30, 5.0)
+    while not got:
+        got = conn.read(100, 1 << 30, 5.0)
+    assert got == [b"Bfirst"]
+    with pytest.raises(ServerError, match="invalidated") as info:
+        for _ in range(50):
+            conn.read(100, 1 << 30, 0.1)
+    assert info.value.sqlstate == "55000"
+
+
+def test_the_server_going_away_is_a_wire_error_once_drained(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    started(conn, server, [])
+    server.sendall(xlog(10, 10, b"Ilast"))
+    server.shutdown(socket.SHUT_WR)
+    got: list[bytes] = []
+    with pytest.raises(WireError, match="closed"):
+        for _ in range(50):
+            got.extend(conn.read(100, 1 << 30, 0.2))
+    assert got == [b"Ilast"]
+
+
+def test_status_message_layout() -> None:
+    data = status_message(0x10, 0x20, 0x30, reply=True)
+    assert data[:1] == b"d" and struct.unpack(">I", data[1:5]) == (len(data) - 1,)
+    kind, write, flush, apply, _clock, reply = struct.unpack(">cQQQqB", data[5:])
+    assert (kind, write, flush, apply, reply) == (b"r", 0x10, 0x20, 0x30, 1)
