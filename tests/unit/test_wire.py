@@ -115,6 +115,18 @@ def test_query_returns_text_rows_with_nulls_and_raises_after_ready(pair: tuple[W
     assert info.value.sqlstate == "42710"
 
 
+def test_a_fatal_error_then_the_end_of_the_connection_reports_the_error(
+    pair: tuple[WireConnection, socket.socket],
+) -> None:
+    conn, server = pair
+    fatal = msg(b"E", b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0")
+    server.sendall(fatal)
+    server.shutdown(socket.SHUT_WR)
+    with pytest.raises(ServerError, match="administrator command") as info:
+        conn.query("CREATE_REPLICATION_SLOT slot_a LOGICAL pgoutput")
+    assert info.value.sqlstate == "57P01"
+
+
 def test_frames_split_anywhere_come_out_whole_and_in_order(pair: tuple[WireConnection, socket.socket]) -> None:
     conn, server = pair
     beats: list[int] = []

@@ -45,10 +45,10 @@ from pgbridge.cdc.source import (
     drop_slot,
     slot_exists,
     slot_status,
-    sql_connect,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.cdc.validate import validate_table
+from pgbridge.cdc.wire import sql_connect
 from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.types import LSN
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self, overload
+from typing import Final, Self, overload
 
 import psycopg
 
@@ -36,11 +36,11 @@ from pgbridge.cdc.pgoutput import (
     first_byte,
 )
 from pgbridge.cdc.wire import (
-    CONNECT_TIMEOUT_S,
     ServerError,
     UnsupportedAuthentication,
     WireConnection,
     WireError,
+    sql_connect,
     status_message,
 )
 from pgbridge.errors import PgbridgeError, TransientError
@@ -248,10 +248,6 @@ WHERE s.slot_name = %s
 """
 
 
-def sql_connect(dsn: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-
-
 def _parse_lsn(text: str | None) -> LSN | None:
     return LSN.parse(text) if text else None
 
@@ -321,6 +317,15 @@ def _replication_connect(dsn: str) -> WireConnection:
         return WireConnection.connect(dsn)
 
 
+@contextmanager
+def _closed_on_error(conn: WireConnection) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        conn.close()
+        raise
+
+
 class SnapshotSlot:
     """A new pgoutput slot whose exported snapshot stays valid while this object is open.
 
@@ -352,14 +357,10 @@ class SnapshotSlot:
         _check_slot_name(slot)
         conn = _replication_connect(dsn)
         kind = "TEMPORARY LOGICAL" if temporary else "LOGICAL"
-        try:
-            with _boundary(f"cannot create replication slot {slot!r}"):
-                [(name, consistent, snapshot, plugin)] = conn.query(
-                    f"CREATE_REPLICATION_SLOT {slot} {kind} pgoutput EXPORT_SNAPSHOT"
-                )
-        except BaseException:
-            conn.close()
-            raise
+        with _closed_on_error(conn), _boundary(f"cannot create replication slot {slot!r}"):
+            [(name, consistent, snapshot, plugin)] = conn.query(
+                f"CREATE_REPLICATION_SLOT {slot} {kind} pgoutput EXPORT_SNAPSHOT"
+            )
         assert name is not None and consistent is not None and plugin is not None
         info = SlotInfo(name=name, consistent_lsn=LSN.parse(consistent), snapshot_name=snapshot, output_plugin=plugin)
         log.info("created replication slot %s at %s (snapshot %s)", name, consistent, snapshot)
@@ -391,13 +392,10 @@ class SnapshotSlot:
         conn, self._conn = self._conn, None
         if conn is None:
             raise RuntimeError("this slot's connection is closed")
-        try:
+        with _closed_on_error(conn):
             return ReplicationStream._start(
                 conn, self.info.name, options, start_lsn=self.info.consistent_lsn, status_interval=status_interval
             )
-        except BaseException:
-            conn.close()
-            raise
 
     def close(self) -> None:
         """Release the snapshot (and, for a temporary slot, the slot itself)."""
@@ -517,6 +515,8 @@ class ReplicationStream:
         self.status_interval = status_interval
         self._decoder = Decoder()
         self._position = 0  # LSN (int) of the last message handed out
+        self._received = 0  # the highest such LSN (transactions come in commit order, not LSN order)
+        self._failed: PgbridgeError | None = None  # what ended a read_batch that had messages to return
         self._wal_end = 0  # highest WAL end the server reported
         self._confirmed = 0  # highest LSN confirmed by the caller
         self._committed = 0  # highest commit end_lsn handed out
@@ -549,11 +549,8 @@ class ReplicationStream:
         """
         _check_slot_name(slot)
         conn = _replication_connect(dsn)
-        try:
+        with _closed_on_error(conn):
             return cls._start(conn, slot, options, start_lsn=start_lsn, status_interval=status_interval)
-        except BaseException:
-            conn.close()
-            raise
 
     @classmethod
     def _start(
@@ -594,7 +591,15 @@ class ReplicationStream:
         position = self._position
         while len(messages) < max_messages:
             starts: list[int] = []
-            payloads = self._read(max_messages - len(messages), 1 << 62, max(0.0, deadline - time.monotonic()), starts)
+            try:
+                payloads = self._read(
+                    max_messages - len(messages), 1 << 62, max(0.0, deadline - time.monotonic()), starts
+                )
+            except PgbridgeError as exc:
+                if not messages:
+                    raise
+                self._failed = exc  # raised by the next read, after these messages
+                break
             for payload, start in zip(payloads, starts, strict=True):
                 # Relation and Type messages arrive with position 0/0: they belong where the stream is.
                 position = start or position
@@ -610,11 +615,15 @@ class ReplicationStream:
 
     def _read(self, max_messages: int, max_bytes: int, wait: float, starts: list[int] | None = None) -> list[bytes]:
         conn = self._require_conn()
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         try:
             with _boundary(f"replication from slot {self.slot!r} failed"):
                 return conn.read(max_messages, max_bytes, wait, starts)
         finally:
             self._position = conn.last_start or self._position
+            self._received = max(self._received, self._position)
             self._wal_end = max(self._wal_end, conn.wal_end, self._position)
 
     def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0, max_bytes: int = 64 << 20) -> RawChunk:
@@ -732,9 +741,9 @@ class ReplicationStream:
         if conn is None:
             return
         with self._status_lock:
-            # write: what was handed out (for pg_stat_replication); flush and apply: only what was confirmed
+            # write: what was received (for pg_stat_replication); flush and apply: only what was confirmed
             confirmed = self._confirmed
-            conn.send(status_message(max(self._position, confirmed), confirmed, confirmed, reply=reply))
+            conn.send(status_message(max(self._received, confirmed), confirmed, confirmed, reply=reply))
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,6 +47,8 @@ _PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC, the protocol's timest
 _RECV_BYTES: Final = 1 << 20
 GATHER_S: Final = 0.0005  # the reader's pause between the first byte and a gulp (see _read_loop)
 WAKE_S: Final = 1.0  # the reader's longest wait for a byte: status messages are due meanwhile
+
+_TLS_REQUIRED: Final = frozenset({"require", "verify-ca", "verify-full"})
 
 _HEADER = struct.Struct(">cI")
 _LENGTH = struct.Struct(">I")
@@ -107,14 +109,24 @@ class Target:
 
     @classmethod
     def resolve(cls, dsn: str) -> Target:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        with sql_connect(dsn) as conn:
             info = conn.info
             given = info.get_parameters()
+            if not info.host.startswith("/") and given.get("sslmode") in _TLS_REQUIRED:
+                raise UnsupportedAuthentication(
+                    f"the DSN asks for TLS (sslmode={given['sslmode']}), which pgbridge's replication"
+                    " connection does not speak; it connects over the deployment's local socket"
+                )
             params = {"user": info.user, "database": info.dbname}
             for key in ("application_name", "options"):
                 if given.get(key):
                     params[key] = given[key]
-            return cls(info.host, int(info.port), params)
+            return cls(info.hostaddr or info.host, int(info.port), params)
+
+
+def sql_connect(dsn: str) -> psycopg.Connection[Any]:
+    """An ordinary connection (autocommit), with pgbridge's connect timeout."""
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
 
 
 class WireConnection:
@@ -146,7 +158,7 @@ class WireConnection:
         self.status_interval = 10.0
         self.heartbeat: Callable[[], None] | None = None  # sends a status message; the reader calls it too
         self.wal_end = 0  # the highest WAL end the server reported, in what was parsed
-        self.last_start = 0  # the data start of the last XLogData payload parsed that had one
+        self.last_start = 0  # the data start of the last XLogData payload parsed (unless that was 0)
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -155,15 +167,20 @@ class WireConnection:
         target = Target.resolve(dsn)
         if target.host.startswith("/"):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: Any = f"{target.host}/.s.PGSQL.{target.port}"
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            try:
+                sock.connect(f"{target.host}/.s.PGSQL.{target.port}")
+            except BaseException:
+                sock.close()
+                raise
         else:
-            sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_STREAM)
-            address = (target.host, target.port)
-        sock.settimeout(CONNECT_TIMEOUT_S)
+            sock = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT_S)
         try:
-            sock.connect(address)
             conn = cls(sock, target)
             conn._startup()
+            # Commands wait as long as the server needs: CREATE_REPLICATION_SLOT waits for every
+            # transaction running when it starts.
+            sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
@@ -210,21 +227,34 @@ class WireConnection:
                 raise WireError(f"the server at {self.where} closed the connection")
             self._buf += data
 
-    def query(self, sql: str) -> list[tuple[str | None, ...]]:
-        """Run one simple-protocol command; its rows as text. Raises :class:`ServerError` on an error."""
-        self.send(b"Q" + _LENGTH.pack(4 + len(sql.encode()) + 1) + sql.encode() + b"\0")
-        rows: list[tuple[str | None, ...]] = []
+    def _command(self, sql: str, until: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Send a simple query; its answer's messages up to ``until`` (ReadyForQuery, CopyBothResponse).
+
+        An ErrorResponse is raised once the server is ready again, or when it closes the connection
+        after it (a FATAL error): the server's message, not the lost connection, is what tells.
+        """
+        data = sql.encode()
+        self.send(b"Q" + _LENGTH.pack(4 + len(data) + 1) + data + b"\0")
         error: ServerError | None = None
         while True:
-            kind, payload = self._next_message()
-            if kind == b"D":
-                rows.append(_data_row(payload))
-            elif kind == b"E":
-                error = _parse_error(payload)
-            elif kind == b"Z":
+            try:
+                kind, payload = self._next_message()
+            except WireError:
                 if error is not None:
-                    raise error
-                return rows
+                    raise error from None
+                raise
+            if kind == b"E":
+                error = _parse_error(payload)
+            elif kind == b"Z" and error is not None:
+                raise error
+            elif kind == until:
+                return
+            else:
+                yield kind, payload
+
+    def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run one simple-protocol command; its rows as text. Raises :class:`ServerError` on an error."""
+        return [_data_row(payload) for kind, payload in self._command(sql, b"Z") if kind == b"D"]
 
     def start_copy(self, sql: str, status_interval: float, heartbeat: Callable[[], None]) -> None:
         """Send a command that answers with CopyBothResponse (``START_REPLICATION``), start the reader.
@@ -233,16 +263,8 @@ class WireConnection:
         reader thread, whenever none went out for ``status_interval`` seconds.
         """
         self.status_interval, self.heartbeat = status_interval, heartbeat
-        self.send(b"Q" + _LENGTH.pack(4 + len(sql.encode()) + 1) + sql.encode() + b"\0")
-        while True:
-            kind, payload = self._next_message()
-            if kind == b"W":
-                break
-            if kind == b"E":
-                error = _parse_error(payload)
-                while kind != b"Z":
-                    kind, payload = self._next_message()
-                raise error
+        for _ in self._command(sql, b"W"):
+            pass
         # Frames that came with the response stay in _buf, parsed first.
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT_S))
@@ -267,12 +289,16 @@ class WireConnection:
         view = memoryview(area)
         try:
             while True:
-                with cond:
-                    while self._inbox_size >= self.inbox_bytes and not self._closing:
-                        cond.wait(min(0.5, self.status_interval))
-                        self._beat()
-                    if self._closing:
-                        return
+                full = True
+                while full:
+                    with cond:
+                        if self._closing:
+                            return
+                        full = self._inbox_size >= self.inbox_bytes
+                        if full:
+                            cond.wait(min(0.5, self.status_interval))
+                    if full:
+                        self._beat()  # outside the lock: a send may take its time
                 if not poll.poll(WAKE_S * 1000):
                     self._beat()
                     continue
@@ -290,10 +316,11 @@ class WireConnection:
                         break
                     blocks.append(view[:n].tobytes())
                     size += n
-                with cond:  # what came before an end of the stream is passed on before the end
-                    self._inbox.extend(blocks)
-                    self._inbox_size += size
-                    cond.notify_all()
+                if blocks:
+                    with cond:  # what came before an end of the stream is passed on before the end
+                        self._inbox.extend(blocks)
+                        self._inbox_size += size
+                        cond.notify_all()
                 if closed:
                     raise WireError(f"the server at {self.where} closed the replication connection")
                 self._beat()
@@ -366,7 +393,7 @@ class WireConnection:
 
         Returns as soon as nothing more is buffered; when nothing is, waits up to ``timeout`` for
         the reader. Keepalives update :attr:`wal_end` (and get an answer at once when the server
-        asks for one); :attr:`last_start` is the data start of the last payload with one. With
+        asks for one); :attr:`last_start` is the data start of the last payload (unless that was 0). With
         ``positions``, each payload's data start is appended to it (0 for Relation and Type).
         Raises :class:`ServerError` or :class:`WireError` once the payloads before it were returned.
         """
@@ -439,8 +466,12 @@ class WireConnection:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        with contextlib.suppress(OSError), self._send_lock:
-            self._sock.sendall(b"X" + _LENGTH.pack(4))
+        if self._send_lock.acquire(timeout=1.0):  # Terminate, if the socket takes it at once
+            try:
+                with contextlib.suppress(OSError):
+                    self._sock.send(b"X" + _LENGTH.pack(4), socket.MSG_DONTWAIT)
+            finally:
+                self._send_lock.release()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         if self._reader is not None and self._reader is not threading.current_thread():
