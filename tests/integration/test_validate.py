@@ -40,6 +40,12 @@ def running(pg: Server, tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
     d.start()
     try:
         converge(pg, Path(cfg.socket), f"{s}.items")
+        # The loaded rows are queryable a moment before the phase turns to streaming, and validate
+        # and resync answer only once it has.
+        deadline = time.monotonic() + 30
+        while d.pipeline is None or d.pipeline.status.phase != "streaming":
+            assert time.monotonic() < deadline, "the pipeline did not start streaming"
+            time.sleep(0.05)
         yield s, d
     finally:
         d.stop()
