@@ -707,7 +707,7 @@ class ReplicationStream:
         if value > max(self._wal_end, self._committed):
             raise ValueError(f"cannot confirm {lsn}: the server has only sent up to {self.server_wal_end}")
         self._confirmed = value
-        self._send_status()
+        self.send_status()
 
     def confirm_idle(self) -> LSN | None:
         """Confirm up to :attr:`server_wal_end` when nothing is in flight; returns the LSN confirmed, if any.
@@ -728,16 +728,13 @@ class ReplicationStream:
 
     def send_status(self, *, reply: bool = False) -> None:
         """Send a status message now; with ``reply``, the server answers with a keepalive (its WAL end)."""
-        self._send_status(reply=reply)
-
-    def _send_status(self, *, reply: bool = False) -> None:
-        conn = self._require_conn()
+        self._require_conn()
         with _boundary(f"cannot send feedback for slot {self.slot!r}"):
-            self._status(conn, reply)
+            self._status(reply)
 
-    def _status(self, conn: WireConnection | None = None, reply: bool = False) -> None:
+    def _status(self, reply: bool = False) -> None:
         """The positions as they are; also the connection's heartbeat, from its reader thread."""
-        conn = conn or self._conn
+        conn = self._conn
         if conn is None:
             return
         with self._status_lock:

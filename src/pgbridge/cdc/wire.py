@@ -165,17 +165,15 @@ class WireConnection:
     @classmethod
     def connect(cls, dsn: str) -> WireConnection:
         target = Target.resolve(dsn)
-        if target.host.startswith("/"):
+        unix = target.host.startswith("/")
+        if unix:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            try:
-                sock.connect(f"{target.host}/.s.PGSQL.{target.port}")
-            except BaseException:
-                sock.close()
-                raise
-        else:
+        else:  # closes its socket itself when it fails
             sock = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT_S)
         try:
+            if unix:
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(f"{target.host}/.s.PGSQL.{target.port}")
             conn = cls(sock, target)
             conn._startup()
             # Commands wait as long as the server needs: CREATE_REPLICATION_SLOT waits for every
@@ -266,7 +264,6 @@ class WireConnection:
         for _ in self._command(sql, b"W"):
             pass
         # Frames that came with the response stay in _buf, parsed first.
-        self._sock.settimeout(None)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT_S))
         self._reader = threading.Thread(target=self._read_loop, name="pgbridge-replication-reader", daemon=True)
         self._reader.start()
