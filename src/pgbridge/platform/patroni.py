@@ -190,10 +190,18 @@ class PatroniAPI:
         """POST /switchover; the answer is advisory (4.1.5 may say 503 while it still completes)."""
         return self._call("POST", "/switchover", {"leader": leader, "candidate": candidate})
 
-    def restart(self) -> None:
-        status, body = self._call("POST", "/restart", {})
-        if status != 200:
-            raise DeploymentError(f"Patroni could not restart PostgreSQL ({status}): {body}")
+    def restart(self, busy_wait: float = 60.0) -> None:
+        """Restart PostgreSQL under this member; waits up to ``busy_wait`` while Patroni finishes
+        another action of its own (it reports a member that ends a switchover's demote as a running
+        replica while it still refuses a restart with "demote already in progress")."""
+        deadline = time.monotonic() + busy_wait
+        while True:
+            status, body = self._call("POST", "/restart", {})
+            if status == 200:
+                return
+            if not (status == 503 and "in progress" in str(body) and time.monotonic() < deadline):
+                raise DeploymentError(f"Patroni could not restart PostgreSQL ({status}): {body}")
+            time.sleep(0.5)
 
     def reload(self) -> None:
         status, body = self._call("POST", "/reload", {})
