@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -34,6 +35,9 @@ from pgbridge.platform.pgbouncer import (
 )
 from pgbridge.platform.system import free_port
 from pgbridge.platform.tls import ensure_ca, ensure_server_cert
+
+if TYPE_CHECKING:
+    from tests.pgserver import Server
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 CONSOLE_USER = "pgb_console"
@@ -290,8 +294,10 @@ def test_real_pgbouncer_accepts_config_and_console(pgbouncer_bin: Path, env: Env
 # --------------------------------------------------------------------- with a real PostgreSQL 15
 
 
-@pytest.mark.integration
-def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) -> None:
+@contextlib.contextmanager
+def shop_server(env: Env) -> Iterator[Server]:
+    """A real PostgreSQL 15 over TLS with database shop, roles shop_app (password shop_app-pw),
+    boss (a superuser) and the auth user, and the lookup function installed in shop."""
     from tests.pgserver import PG_BIN, bare_server
 
     if not (PG_BIN / "postgres").is_file():
@@ -310,6 +316,23 @@ def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) 
             pg.sql(f"CREATE ROLE {role} LOGIN{extra} PASSWORD '{password}'")
         with psycopg.connect(pg.dsn.replace("dbname=postgres", "dbname=shop"), autocommit=True) as conn:
             conn.execute(auth_function_sql(AUTH_USER).encode())
+        yield pg
+
+
+def _client(
+    env: Env, inp: PgBouncerInput, dbname: str = "shop", user: str = "shop_app", password: str = "shop_app-pw"
+) -> psycopg.Connection:
+    """A TLS client of the pooler, from 127.0.0.1 like every client in these tests."""
+    return psycopg.connect(
+        host="127.0.0.1", port=inp.listen_port, dbname=dbname, user=user, password=password,
+        sslmode="verify-ca", sslrootcert=str(env.base / "tls" / "ca.crt"), prepare_threshold=None, connect_timeout=5,
+    )  # fmt: skip
+
+
+@pytest.mark.integration
+def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) -> None:
+    with shop_server(env) as pg:
+        with psycopg.connect(pg.dsn.replace("dbname=postgres", "dbname=shop"), autocommit=True) as conn:
             # the lookup is for the auth user alone
             may = "SELECT has_function_privilege(%s, 'pgbouncer.user_lookup(text)', 'EXECUTE')"
             assert conn.execute(may, ("shop_app",)).fetchone() == (False,)
@@ -321,10 +344,7 @@ def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) 
         _write(env, inp.auth_file, _userlist())
 
         def connect(dbname: str, user: str = "shop_app", password: str = "shop_app-pw") -> psycopg.Connection:
-            return psycopg.connect(
-                host="127.0.0.1", port=inp.listen_port, dbname=dbname, user=user, password=password,
-                sslmode="verify-ca", sslrootcert=str(tls / "ca.crt"), prepare_threshold=None, connect_timeout=5,
-            )  # fmt: skip
+            return _client(env, inp, dbname, user, password)
 
         with running_pgbouncer(pgbouncer_bin, env, inp):
             # shop_app is in no file: PgBouncer found its SCRAM secret through auth_query and
