@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from pgbridge.platform.pgbouncer import (
     auth_function_sql,
     pgbouncer_command,
     reader_database,
+    render_hba,
     render_ini,
     render_userlist,
     scram_secret,
@@ -54,11 +55,13 @@ def _input(base: Path, **overrides: object) -> PgBouncerInput:
         "listen_port": 6432,
         "socket_dir": base / "run",
         "auth_file": base / "userlist.txt",
+        "hba_file": base / "pgbouncer-hba.conf",
         "auth_user": AUTH_USER,
         "console_user": CONSOLE_USER,
         "client_tls_cert": base / "tls" / "server.crt",
         "client_tls_key": base / "tls" / "server.key",
         "server_tls_ca": base / "tls" / "ca.crt",
+        "allowed_cidrs": ("127.0.0.1/32",),
     }
     kwargs.update(overrides)
     return PgBouncerInput(**kwargs)  # type: ignore[arg-type]
@@ -84,7 +87,7 @@ def test_ini_two_databases_transaction_pooling_tls(tmp_path: Path) -> None:
     assert s["pool_mode"] == "transaction"
     assert (s["default_pool_size"], s["max_client_conn"]) == ("30", "5000")
     assert (s["listen_addr"], s["listen_port"]) == ("127.0.0.1", "6432")
-    assert s["auth_type"] == "scram-sha-256"
+    assert (s["auth_type"], s["auth_hba_file"]) == ("hba", str(tmp_path / "pgbouncer-hba.conf"))
     assert (s["auth_user"], s["auth_query"]) == (AUTH_USER, AUTH_QUERY)
     assert s["auth_query"] == "SELECT username, password FROM pgbouncer.user_lookup($1)"
     assert (s["admin_users"], s["stats_users"]) == (CONSOLE_USER, CONSOLE_USER)
@@ -108,6 +111,66 @@ def test_ini_options(tmp_path: Path) -> None:
         "/usr/sbin/pgbouncer",
         "/h/pgbouncer.ini",
     ]
+
+
+def test_hba_admits_allowed_networks_over_tls_and_rejects_the_rest(tmp_path: Path) -> None:
+    inp = _input(tmp_path, allowed_cidrs=("10.0.0.0/16", "2001:db8::/32"), console_cidrs=("10.0.0.5/32",))
+    assert render_hba(inp).splitlines() == [
+        "# written by pgbridge: edits are overwritten by `pgbridge up`",
+        # the auth user only looks passwords up; it never logs in as a client, not even locally
+        f"local all {AUTH_USER} reject",
+        f"host all {AUTH_USER} 0.0.0.0/0 reject",
+        f"host all {AUTH_USER} ::/0 reject",
+        "local all all scram-sha-256",
+        # the console: only its own database, only from this host
+        f"hostssl pgbouncer {CONSOLE_USER} 10.0.0.5/32 scram-sha-256",
+        f"host all {CONSOLE_USER} 0.0.0.0/0 reject",
+        f"host all {CONSOLE_USER} ::/0 reject",
+        "hostssl all all 10.0.0.0/16 scram-sha-256",
+        "hostssl all all 2001:db8::/32 scram-sha-256",
+        "host all all 0.0.0.0/0 reject",
+        "host all all ::/0 reject",
+    ]
+    rules = render_hba(inp).splitlines()
+    assert all(" trust" not in r and " md5" not in r and " password" not in r for r in rules)
+    assert all(r.endswith(" reject") for r in rules if r.startswith("host "))  # no TLS, no entry
+
+
+def test_hba_is_byte_identical_for_equal_inputs_and_follows_the_networks(tmp_path: Path) -> None:
+    inp = _input(tmp_path, allowed_cidrs=("10.0.0.0/8", "192.168.1.0/24"))
+    assert render_hba(inp) == render_hba(_input(tmp_path, allowed_cidrs=("10.0.0.0/8", "192.168.1.0/24")))
+    narrowed = render_hba(replace(inp, allowed_cidrs=("10.0.0.0/8",)))
+    assert narrowed != render_hba(inp) and "192.168.1.0/24" not in narrowed
+    # no networks: only the console (from this host) and the socket remain
+    closed = render_hba(replace(inp, allowed_cidrs=()))
+    assert not any(r.startswith("hostssl all all") for r in closed.splitlines())
+    # one form only, what PgBouncer parses: address/bits, each network once
+    same = render_hba(replace(inp, allowed_cidrs=("10.0.0.5", "10.0.0.5/32", "::1")))
+    assert same.count("hostssl all all 10.0.0.5/32 scram-sha-256") == 1
+    assert "hostssl all all ::1/128 scram-sha-256" in same
+    # a role named like an hba keyword is quoted, so it means itself and not "every user"
+    keyword = render_hba(replace(inp, stats_users=("all",)))
+    assert f'hostssl pgbouncer {CONSOLE_USER},"all" 127.0.0.1/32 scram-sha-256' in keyword.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"allowed_cidrs": ("10.0.0.1/8",)}, "'10.0.0.1/8' is not a network in CIDR form"),  # host bits set
+        ({"allowed_cidrs": ("10.0.0.0/33",)}, "allowed network '10.0.0.0/33'"),
+        ({"allowed_cidrs": ("10.0.0.0/8 trust",)}, "allowed network '10.0.0.0/8 trust'"),
+        ({"allowed_cidrs": ("db.example.com/24",)}, "allowed network 'db.example.com/24'"),
+        ({"allowed_cidrs": (167772160,)}, "allowed network 167772160"),
+        ({"allowed_cidrs": "10.0.0.0/8"}, "allowed networks must be a tuple"),
+        ({"console_cidrs": ()}, "at least one console network"),
+        ({"console_cidrs": ("localhost",)}, "console network 'localhost'"),
+        ({"hba_file": Path("relative/hba.conf")}, "cannot use the path"),
+        ({"hba_file": Path("/tmp/a#b")}, "cannot use the path"),
+    ],
+)
+def test_bad_networks_are_refused_before_any_file(tmp_path: Path, overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _input(tmp_path, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -217,6 +280,7 @@ def _write(env: Env, path: Path, text: str, mode: int = 0o600) -> None:
 def running_pgbouncer(pgbouncer: Path, env: Env, inp: PgBouncerInput) -> Iterator[subprocess.Popen[bytes]]:
     """Start pgbouncer in the foreground, wait until it listens, stop it by its own pid."""
     ini = env.base / "pgbouncer.ini"
+    _write(env, inp.hba_file, render_hba(inp), 0o644)
     _write(env, ini, render_ini(inp))
     log_path = env.base / "pgbouncer.log"
     kwargs: dict[str, object] = {}
@@ -377,6 +441,68 @@ def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) 
             console.resume("shop")
             with connect("shop") as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _reload_hba(env: Env, proc: subprocess.Popen[bytes], inp: PgBouncerInput) -> None:
+    """What `up` does when the allowed networks change: rewrite the hba file, then SIGHUP."""
+    _write(env, inp.hba_file, render_hba(inp), 0o644)
+    proc.send_signal(signal.SIGHUP)
+
+
+def _login_error(env: Env, inp: PgBouncerInput, **who: str) -> str | None:
+    """None when the client gets in, else PgBouncer's reason."""
+    try:
+        with _client(env, inp, **who) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except psycopg.OperationalError as e:
+        return str(e)
+
+
+def _settles(check: Callable[[], bool], timeout: float = 10) -> bool:
+    """PgBouncer applies a SIGHUP on its next event loop turn: poll briefly for the outcome."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.integration
+def test_hba_admits_only_the_allowed_networks(pgbouncer_bin: Path, env: Env) -> None:
+    """PgBouncer enforces allowed_cidrs itself (PostgreSQL only sees the pooler's address).
+
+    Every client here comes from 127.0.0.1, so "outside" is the same client after the networks are
+    narrowed to 10.0.0.0/8 and PgBouncer reloaded, as `up` does on a running deployment. pgbridge's
+    own console login from this host must keep working throughout.
+    """
+    with shop_server(env) as pg:
+        inside = _input(env.base, listen_port=free_port(), writer_port=pg.port, reader_port=pg.port)
+        outside = replace(inside, allowed_cidrs=("10.0.0.0/8",))
+        _write(env, inside.auth_file, _userlist())
+        with running_pgbouncer(pgbouncer_bin, env, inside) as proc:
+            assert _login_error(env, inside) is None, "a client from an allowed network was refused"
+            _reload_hba(env, proc, outside)
+            refused = _settles(lambda: _login_error(env, inside) is not None)
+            assert refused, (
+                "PgBouncer still admits a client from 127.0.0.1 with allowed_cidrs [10.0.0.0/8]: "
+                "the pooler does not enforce the allowed networks"
+            )
+            assert "login rejected" in (_login_error(env, inside) or ""), "refused, but not by the hba rules"
+            console = _console(env, inside)  # from this host, over TLS with SCRAM, as pgbridge does
+            console.pause("shop")
+            console.resume("shop")
+            assert ("pgbouncer", "pgbouncer") in {(p.database, p.user) for p in console.show_pools()}
+
+            _reload_hba(env, proc, inside)
+            assert _settles(lambda: _login_error(env, inside) is None), "widening the networks again did not admit"
+            # from an allowed network too, neither the auth user (it could read every SCRAM secret)
+            # nor the console user gets a database through the pooler
+            for user, password in ((AUTH_USER, AUTH_PASSWORD), (CONSOLE_USER, CONSOLE_PASSWORD)):
+                error = _login_error(env, inside, user=user, password=password)
+                assert error is not None and "login rejected" in error, f"{user} got in: {error}"
+            assert proc.poll() is None
 
 
 def test_input_is_frozen(tmp_path: Path) -> None:

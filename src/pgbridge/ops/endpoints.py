@@ -2,13 +2,15 @@
 
 `up` renders both configs, runs both as supervised programs, creates the pooler's auth role and
 its lookup function, and reloads a running HAProxy or PgBouncer when their files change (members
-added or removed). Clients reach PgBouncer; its database ``<db>`` goes through HAProxy's writer
-(the member holding Patroni's leader key) and ``<db>_ro`` through the reader (replicas within the
-lag limit, else the primary).
+added or removed, allowed networks changed). Clients reach PgBouncer, which admits only the
+spec's allowed networks; its database ``<db>`` goes through HAProxy's writer (the member holding
+Patroni's leader key) and ``<db>_ro`` through the reader (replicas within the lag limit, else the
+primary).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ def _files(dep: Deployment) -> dict[str, Path]:
     return {
         "haproxy": etc / "haproxy.cfg",
         "ini": etc / "pgbouncer.ini",
+        "hba": etc / "pgbouncer-hba.conf",
         "users": etc / "pgbouncer-users.txt",
         "stats": dep.home.run / "haproxy.sock",
     }
@@ -85,17 +88,25 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         listen_address=",".join(dep.spec.network.listen_addresses),
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
+        hba_file=_files(dep)["hba"],
         auth_user=POOLER_ROLE,
         console_user=CONSOLE_USER,
         client_tls_cert=tls / "server.crt",
         client_tls_key=tls / "server.key",
         server_tls_ca=tls / "ca.crt",
+        allowed_cidrs=tuple(dep.spec.network.allowed_cidrs),
+        console_cidrs=(_host_network(dep.client_host()),),
         pool_size=ep.pooler.pool_size,
         reader_pool_size=ep.pooler.reader_pool_size,
         reserve_pool_size=ep.pooler.reserve_pool_size,
         max_client_conn=ep.pooler.max_client_conn,
         tls_min_version=dep.spec.tls.min_version,
     )
+
+
+def _host_network(address: str) -> str:
+    """The one-address network `console` connects from: its own target, an address of this host."""
+    return ipaddress.ip_network(address).with_prefixlen
 
 
 def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[str]]:
@@ -111,7 +122,8 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
     changed: set[str] = set()
     if _write_checked(files["haproxy"], cfg, haproxy_bin):
         changed.add(HAPROXY)
-    ini = pgbouncer.render_ini(pgbouncer_input(dep, ports))
+    pgb = pgbouncer_input(dep, ports)
+    ini, hba = pgbouncer.render_ini(pgb), pgbouncer.render_hba(pgb)
     console_password = store.get(CONSOLE_SECRET).reveal()
     users_now = files["users"].read_text() if files["users"].exists() else ""
     pooler_password = store.get(secret_name_for_role(POOLER_ROLE)).reveal()
@@ -119,6 +131,9 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
     # still matches the password, so an unchanged deployment rewrites nothing.
     kept = _kept_console_secret(users_now, console_password) or pgbouncer.scram_secret(console_password)
     users = pgbouncer.render_userlist(POOLER_ROLE, pooler_password, [(CONSOLE_USER, kept)])
+    # The hba file first: an ini that names it must never be read before it exists.
+    if write_if_changed(files["hba"], hba, mode=0o644):
+        changed.add(PGBOUNCER)
     if write_if_changed(files["ini"], ini, mode=0o644):
         changed.add(PGBOUNCER)
     if write_if_changed(files["users"], users, mode=0o600):

@@ -8,12 +8,16 @@ in PostgreSQL itself (``auth_query`` through a SECURITY DEFINER function), so pa
 PostgreSQL work at once and no password file has to be kept in step: the only entries in
 ``userlist.txt`` are the auth user's own credentials and the console user's SCRAM secret.
 
+PostgreSQL only ever sees the pooler's own address, so the deployment's "security group"
+(``network.allowed_cidrs``) is enforced here too, by PgBouncer's hba file (``render_hba``).
+
 The render functions are pure; ``PgBouncerConsole`` is the small client of the admin console used
 around switchovers (PAUSE / RESUME) and by ``status`` (SHOW POOLS).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import select
 import time
@@ -56,11 +60,15 @@ class PgBouncerInput:
     listen_port: int
     socket_dir: Path
     auth_file: Path
+    hba_file: Path
     auth_user: str
     console_user: str
     client_tls_cert: Path
     client_tls_key: Path
     server_tls_ca: Path
+    allowed_cidrs: tuple[str, ...]  # the spec's client networks (the "security group")
+    # Where pgbridge itself reaches the console over TCP (PAUSE/RESUME, SHOW POOLS): this host.
+    console_cidrs: tuple[str, ...] = ("127.0.0.1/32",)
     listen_address: str = "127.0.0.1"
     endpoint_host: str = "127.0.0.1"
     pool_size: int = 20  # server connections per (database, user) on the writer
@@ -98,9 +106,32 @@ class PgBouncerInput:
         ]
         if min(sizes) < 1 or self.reserve_pool_size < 0 or self.max_db_connections < 0:
             raise SpecError("PgBouncer pool sizes must be positive")
-        for path in (self.socket_dir, self.auth_file, self.client_tls_cert, self.client_tls_key, self.server_tls_ca):
+        paths = (self.socket_dir, self.auth_file, self.hba_file, self.client_tls_cert, self.client_tls_key)
+        for path in (*paths, self.server_tls_ca):
             if any(c in str(path) for c in "\n\r;#") or not path.is_absolute():
                 raise SpecError(f"PgBouncer cannot use the path {str(path)!r} (absolute, no ; or #)")
+        _networks("allowed network", self.allowed_cidrs)
+        if not _networks("console network", self.console_cidrs):
+            raise SpecError("PgBouncer needs at least one console network (pgbridge pauses and resumes through it)")
+
+
+def _networks(what: str, cidrs: object) -> list[str]:
+    """Networks in the one form PgBouncer's hba parser takes (address/bits, no host bits set).
+
+    PgBouncer 1.18 skips an hba line it cannot parse with nothing but a warning in its log, so a
+    bad value here must never reach the file: one dropped line can let through what it refused.
+    """
+    if not isinstance(cidrs, tuple):
+        raise SpecError(f"{what}s must be a tuple of CIDR strings, got {type(cidrs).__name__}")
+    out = []
+    for cidr in cidrs:
+        try:
+            if not isinstance(cidr, str):
+                raise TypeError(f"not a string but {type(cidr).__name__}")
+            out.append(ipaddress.ip_network(cidr, strict=True).with_prefixlen)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{what} {cidr!r} is not a network in CIDR form, e.g. 10.0.0.0/16 ({e})") from None
+    return list(dict.fromkeys(out))
 
 
 def _check_ident(what: str, name: str) -> None:
@@ -137,7 +168,10 @@ def render_ini(inp: PgBouncerInput) -> str:
         f"default_pool_size = {inp.pool_size}",
         f"reserve_pool_size = {inp.reserve_pool_size}",
         f"max_db_connections = {inp.max_db_connections}",
-        "auth_type = scram-sha-256",
+        # Who may log in from where is in the hba file (see render_hba); its password lines are
+        # scram-sha-256, so clients authenticate exactly as they would with auth_type scram-sha-256.
+        "auth_type = hba",
+        f"auth_hba_file = {inp.hba_file}",
         f"auth_file = {inp.auth_file}",
         f"auth_user = {inp.auth_user}",
         f"auth_query = {AUTH_QUERY}",
@@ -166,6 +200,52 @@ def render_ini(inp: PgBouncerInput) -> str:
         "log_disconnections = 0",
         "log_pooler_errors = 1",
     ]
+    return "\n".join(lines) + "\n"
+
+
+# Words PgBouncer's hba parser reads as keywords in the database and user fields; a role of that
+# name must be quoted to mean itself.
+_HBA_KEYWORDS = frozenset({"all", "sameuser", "samerole", "samegroup", "replication"})
+
+
+def _hba_names(names: Sequence[str]) -> str:
+    return ",".join(f'"{n}"' if n in _HBA_KEYWORDS else n for n in dict.fromkeys(names))
+
+
+def render_hba(inp: PgBouncerInput) -> str:
+    """PgBouncer's hba file: the deployment's allowed networks, enforced at the pooler.
+
+    PostgreSQL sees every pooled client as the pooler's own address, so this is where
+    ``allowed_cidrs`` takes effect for clients of the endpoints. The first matching line wins:
+
+    - the auth user never logs in as a client (PgBouncer's own server logins for auth_query are
+      not subject to this file); it could otherwise read every role's SCRAM secret;
+    - the unix socket (mode 0700: the service user and root) keeps password logins, and
+      PgBouncer's own "pgbouncer" console user from the same OS user, which never reaches hba;
+    - console users reach only the console, over TLS with SCRAM, and only from the addresses
+      pgbridge connects from (this host), never from the client networks;
+    - clients from the allowed networks: TLS and SCRAM; everything else is rejected explicitly.
+
+    PgBouncer (1.18) reads this file at start and on SIGHUP or RELOAD only. It runs auth_query
+    before it consults the file, so a refused client's user name is still looked up in PostgreSQL
+    (an unknown name is told "no such user", a known one "login rejected"); a file it cannot open
+    on reload leaves every client rejected, not the old rules in force.
+    """
+    auth = _hba_names([inp.auth_user])
+    console = _hba_names([inp.console_user, *inp.stats_users])
+    console_nets = _networks("console network", inp.console_cidrs)
+    client_nets = _networks("allowed network", inp.allowed_cidrs)
+    lines = [
+        "# written by pgbridge: edits are overwritten by `pgbridge up`",
+        f"local all {auth} reject",
+        f"host all {auth} 0.0.0.0/0 reject",
+        f"host all {auth} ::/0 reject",
+        "local all all scram-sha-256",
+    ]
+    lines += [f"hostssl {ADMIN_DATABASE} {console} {c} scram-sha-256" for c in console_nets]
+    lines += [f"host all {console} 0.0.0.0/0 reject", f"host all {console} ::/0 reject"]
+    lines += [f"hostssl all all {c} scram-sha-256" for c in client_nets]
+    lines += ["host all all 0.0.0.0/0 reject", "host all all ::/0 reject"]
     return "\n".join(lines) + "\n"
 
 
