@@ -483,6 +483,10 @@ def test_hba_admits_only_the_allowed_networks(pgbouncer_bin: Path, env: Env) -> 
         _write(env, inside.auth_file, _userlist())
         with running_pgbouncer(pgbouncer_bin, env, inside) as proc:
             assert _login_error(env, inside) is None, "a client from an allowed network was refused"
+            connected = _client(env, inside)
+            connected.execute("SELECT 1")
+            connected.commit()
+
             _reload_hba(env, proc, outside)
             refused = _settles(lambda: _login_error(env, inside) is not None)
             assert refused, (
@@ -490,6 +494,12 @@ def test_hba_admits_only_the_allowed_networks(pgbouncer_bin: Path, env: Env) -> 
                 "the pooler does not enforce the allowed networks"
             )
             assert "login rejected" in (_login_error(env, inside) or ""), "refused, but not by the hba rules"
+            # PgBouncer runs auth_query before it reads its hba rules: a name that is no role is
+            # told so even from outside
+            assert "no such user" in (_login_error(env, inside, user="nobody", password="x") or "")
+            # a reload only governs new logins: the client already connected keeps working
+            assert connected.execute("SELECT 1").fetchone() == (1,)
+            connected.close()
             console = _console(env, inside)  # from this host, over TLS with SCRAM, as pgbridge does
             console.pause("shop")
             console.resume("shop")
