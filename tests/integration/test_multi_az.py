@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,29 @@ def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
         row = c.execute("SELECT current_setting('synchronous_standby_names')").fetchone()
         assert row is not None and row[0] not in ("", "*")
     assert dep.run("up").stdout.strip().endswith("no changes")
+
+
+def test_the_pooler_admits_only_the_allowed_networks(dep: Env) -> None:
+    """PostgreSQL sees pooled clients as the pooler's loopback address, so PgBouncer enforces
+    allowed_cidrs itself: narrowed to a network without 127.0.0.1, `up` reloads the running pooler
+    and the same client is turned away; widened again, it gets in."""
+    writer = endpoint(dep, "writer")
+    spec = dep.spec.read_text()
+    assert "allowed_cidrs: [127.0.0.1/32]" in spec
+    dep.spec.write_text(spec.replace("allowed_cidrs: [127.0.0.1/32]", "allowed_cidrs: [10.0.0.0/8]"))
+    try:
+        out = dep.run("up").stdout
+        assert any("endpoints" in line and re.search(r"\bchanged\b", line) for line in out.splitlines()), out
+        try:
+            connect(writer).close()
+        except psycopg.OperationalError as e:
+            assert "login rejected" in str(e), e
+        else:
+            raise AssertionError("the pooler still admits a client from 127.0.0.1 with allowed_cidrs [10.0.0.0/8]")
+    finally:
+        dep.spec.write_text(spec)
+        dep.run("up")
+    assert role_of(writer) is False
 
 
 def test_a_replica_over_the_lag_limit_leaves_the_reader_pool(dep: Env) -> None:
