@@ -150,6 +150,11 @@ def test_members_sync_standby_and_both_endpoints(dep: Env) -> None:
     with connect(endpoint(dep, "writer")) as c:
         row = c.execute("SELECT current_setting('synchronous_standby_names')").fetchone()
         assert row is not None and row[0] not in ("", "*")
+    # status shows the pooler's pools: the writer and reader databases just used, no admin pool
+    pools = {(p["database"], p["user"]) for p in status(dep)["endpoints"]["pools"]}
+    assert pools >= {("shop", "shop_app"), ("shop_ro", "shop_app")}, pools
+    assert "pgbouncer" not in {d for d, _ in pools}, pools
+    assert "pool shop_ro/shop_app" in dep.run("status").stdout
     assert dep.run("up").stdout.strip().endswith("no changes")
 
 

@@ -177,6 +177,13 @@ def status(c: Ctx, as_json: bool) -> None:
             reaches = s["endpoints"].get(f"{kind}_reaches")
             suffix = f"  (now: {', '.join(reaches) or 'none'})" if reaches is not None else ""
             t.add_row(f"{kind} endpoint", s["endpoints"][kind] + suffix)
+    for pool in s["endpoints"].get("pools", ()):
+        t.add_row(
+            f"pool {pool['database']}/{pool['user']}",
+            f"{pool['clients_active']} clients active, {pool['clients_waiting']} waiting"
+            f" (longest {pool['longest_wait_s']:g} s); {pool['servers_active']} server connections active,"
+            f" {pool['servers_idle']} idle",
+        )
     if "instance" in s["endpoints"]:
         t.add_row("instance endpoint", s["endpoints"]["instance"])
     if "tls" in s:

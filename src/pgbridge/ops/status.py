@@ -17,7 +17,7 @@ from pgbridge.ops.context import Deployment
 from pgbridge.ops.parameters import desired_parameters
 from pgbridge.ops.up import catalogue_for, pending_reboot
 from pgbridge.plan.params import ParamValue, with_defaults
-from pgbridge.platform import haproxy
+from pgbridge.platform import haproxy, pgbouncer
 from pgbridge.platform.patroni import RUNNING_STATES
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.tls import cert_info
@@ -104,6 +104,20 @@ def status(dep: Deployment) -> dict[str, Any]:
             hp = endpoints.haproxy_state(dep)
             out["endpoints"]["writer_reaches"] = list(hp.targets(haproxy.WRITER))
             out["endpoints"]["reader_reaches"] = list(hp.targets(haproxy.READER))
+        with contextlib.suppress(PgbridgeError, OSError):
+            out["endpoints"]["pools"] = [
+                {
+                    "database": p.database,
+                    "user": p.user,
+                    "clients_active": p.cl_active,
+                    "clients_waiting": p.cl_waiting,
+                    "servers_active": p.sv_active,
+                    "servers_idle": p.sv_idle,
+                    "longest_wait_s": round(p.maxwait_s, 3),
+                }
+                for p in endpoints.console(dep).show_pools()
+                if p.database != pgbouncer.ADMIN_DATABASE
+            ]
     try:
         cat = catalogue_for(dep.settings)
         out["pending_reboot"] = pending_reboot(dep, desired_parameters(spec, dep.home, cat), cat)

@@ -12,7 +12,8 @@ PostgreSQL only ever sees the pooler's own address, so the deployment's "securit
 (``network.allowed_cidrs``) is enforced here too, by PgBouncer's hba file (``render_hba``).
 
 The render functions are pure; ``PgBouncerConsole`` is the small client of the admin console used
-around switchovers (PAUSE / RESUME) and by ``status`` (SHOW POOLS).
+around switchovers (PAUSE / RESUME) and by ``status`` (SHOW POOLS: clients active and waiting, server
+connections per pool).
 """
 
 from __future__ import annotations
