@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -72,8 +73,10 @@ def psql(rig: Rig, target: Target, password: str, sql: str) -> str:
     return proc.stdout.strip()
 
 
-def pgbench(rig: Rig, target: Target, password: str, *opts: str, timeout: float = 600) -> str:
+def pgbench(rig: Rig, target: Target, password: str, *opts: str, timeout: float = 600) -> tuple[str, float]:
+    """pgbench's output and the CPU seconds it used itself (the client's share of the work)."""
     argv = [str(PGBENCH), *opts, target.dsn]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         argv,
         capture_output=True,
@@ -87,7 +90,9 @@ def pgbench(rig: Rig, target: Target, password: str, *opts: str, timeout: float 
             f"pgbench {' '.join(opts)} via {target.label} exited {proc.returncode}\n"
             f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         )
-    return proc.stdout + proc.stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc.stdout + proc.stderr, cpu_s
 
 
 @dataclass
@@ -96,20 +101,23 @@ class Run:
     latency_ms: float | None
     connect_ms: float | None
     failed: int
+    client_cpu_ms: float | None = None  # pgbench's own CPU per transaction
 
 
-def parse(output: str) -> Run:
+def parse(output: str, cpu_s: float = 0.0) -> Run:
     tps = re.search(r"^tps = ([\d.]+)", output, re.M)
     if tps is None:
         raise RuntimeError(f"no tps in the pgbench output:\n{output[-2000:]}")
     lat = re.search(r"^latency average = ([\d.]+) ms", output, re.M)
     conn = re.search(r"^average connection time = ([\d.]+) ms", output, re.M)
     failed = re.search(r"^number of failed transactions: (\d+)", output, re.M)
+    done = re.search(r"^number of transactions actually processed: (\d+)", output, re.M)
     return Run(
         float(tps.group(1)),
         float(lat.group(1)) if lat else None,
         float(conn.group(1)) if conn else None,
         int(failed.group(1)) if failed else 0,
+        1000 * cpu_s / int(done.group(1)) if done and int(done.group(1)) else None,
     )
 
 
@@ -118,9 +126,10 @@ def compare(rig: Rig, password: str, a: Target, b: Target, opts: list[str], roun
     runs: dict[str, list[Run]] = {a.label: [], b.label: []}
     for i in range(rounds):
         for t in (a, b) if i % 2 == 0 else (b, a):
-            r = parse(pgbench(rig, t, password, *opts))
+            r = parse(*pgbench(rig, t, password, *opts))
             runs[t.label].append(r)
             extra = f", connect {r.connect_ms:.2f} ms" if r.connect_ms is not None else ""
+            extra += f", pgbench CPU {r.client_cpu_ms:.2f} ms/tx" if r.client_cpu_ms is not None else ""
             lat = f"{r.latency_ms:.2f} ms" if r.latency_ms is not None else "?"
             say(f"  {' '.join(opts)} via {t.label}: {r.tps:,.1f} tps (latency {lat}{extra}, failed {r.failed})")
     return runs[a.label], runs[b.label]
@@ -217,6 +226,14 @@ def main() -> None:
     ratio1, ratio2 = p.tps / d.tps, r.tps / w.tps
     say(f"  pooled/direct (connection per transaction): {ratio1:.2f}x   (anchor: {ANCHOR_POOLED_DIRECT:g}x)")
     say(f"  reader/primary (select-only):               {ratio2:.2f}x")
+    if p.client_cpu_ms and d.client_cpu_ms:
+        # The client's own part of a new connection (TLS handshake, SCRAM's salted-password rounds)
+        # is the same either way; pooling removes only the server's part (a backend fork, its TLS).
+        cap = (os.cpu_count() or 1) * 1000 / p.client_cpu_ms
+        say(
+            f"  pgbench's own CPU per connection: {p.client_cpu_ms:.2f} ms via the pooler,"
+            f" {d.client_cpu_ms:.2f} ms direct; on {os.cpu_count()} CPUs the client alone caps (1) at {cap:,.0f} tps"
+        )
     failed = sum(x.failed for x in (*pooled, *plain, *on_reader, *on_primary))
     if failed:
         say(f"  note: {failed} failed transactions over all runs")
