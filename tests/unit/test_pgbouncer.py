@@ -162,13 +162,15 @@ def test_hba_is_byte_identical_for_equal_inputs_and_follows_the_networks(tmp_pat
         ({"allowed_cidrs": ("db.example.com/24",)}, "allowed network 'db.example.com/24'"),
         ({"allowed_cidrs": (167772160,)}, "allowed network 167772160"),
         ({"allowed_cidrs": "10.0.0.0/8"}, "allowed networks must be a tuple"),
+        ({"allowed_cidrs": ("fe80::/64%eth0",)}, "IPv6 scope"),  # PgBouncer would skip the line
+        ({"console_cidrs": ("fe80::1%eth0",)}, "console network 'fe80::1%eth0'"),
         ({"console_cidrs": ()}, "at least one console network"),
         ({"console_cidrs": ("localhost",)}, "console network 'localhost'"),
         ({"hba_file": Path("relative/hba.conf")}, "cannot use the path"),
         ({"hba_file": Path("/tmp/a#b")}, "cannot use the path"),
     ],
 )
-def test_bad_networks_are_refused_before_any_file(tmp_path: Path, overrides: dict[str, object], message: str) -> None:
+def test_bad_networks_are_refused_with_the_input(tmp_path: Path, overrides: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         _input(tmp_path, **overrides)
 

@@ -35,6 +35,8 @@ def test_example_is_valid_and_commented() -> None:
         ({"name": "a", "network": {"port": 80}}, ["network.port: 80", "greater than or equal to 1024"]),
         ({"name": "a", "network": {"allowed_cidrs": ["10.0.0.1/8"]}}, ["10.0.0.1/8", "host bits"]),
         ({"name": "a", "network": {"listen_addresses": ["localhost"]}}, ["localhost", "not an IP address"]),
+        ({"name": "a", "network": {"listen_addresses": ["fe80::1%eth0"]}}, ["fe80::1%eth0", "not an IP address"]),
+        ({"name": "a", "network": {"allowed_cidrs": ["fe80::/64%eth0"]}}, ["fe80::/64%eth0", "IPv6 scope"]),
         ({"name": "a", "tls": {"mode": "off"}}, ["tls.mode", "'required'"]),
         ({"name": "a", "parameter_group": "nope"}, ["parameter_group", "not defined"]),
         ({"name": "a", "database": {"name": "postgres"}}, ["system database"]),

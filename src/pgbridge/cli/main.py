@@ -177,6 +177,8 @@ def status(c: Ctx, as_json: bool) -> None:
             reaches = s["endpoints"].get(f"{kind}_reaches")
             suffix = f"  (now: {', '.join(reaches) or 'none'})" if reaches is not None else ""
             t.add_row(f"{kind} endpoint", s["endpoints"][kind] + suffix)
+    if s["endpoints"].get("pools_error"):
+        t.add_row("pools", f"unavailable: {s['endpoints']['pools_error']}")
     for pool in s["endpoints"].get("pools", ()):
         t.add_row(
             f"pool {pool['database']}/{pool['user']}",

@@ -118,12 +118,13 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
         return [], set()
     haproxy_bin, pgbouncer_bin = dep.settings.binaries.endpoint_tools()
     files, user, store = _files(dep), dep.settings.user, dep.secrets
+    # Both inputs are checked before anything is written: a bad value leaves every file as it was.
     cfg = haproxy.render_config(haproxy_input(dep, ports))
+    pgb = pgbouncer_input(dep, ports)
+    ini, hba = pgbouncer.render_ini(pgb), pgbouncer.render_hba(pgb)
     changed: set[str] = set()
     if _write_checked(files["haproxy"], cfg, haproxy_bin):
         changed.add(HAPROXY)
-    pgb = pgbouncer_input(dep, ports)
-    ini, hba = pgbouncer.render_ini(pgb), pgbouncer.render_hba(pgb)
     console_password = store.get(CONSOLE_SECRET).reveal()
     users_now = files["users"].read_text() if files["users"].exists() else ""
     pooler_password = store.get(secret_name_for_role(POOLER_ROLE)).reveal()

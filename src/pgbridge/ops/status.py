@@ -104,7 +104,7 @@ def status(dep: Deployment) -> dict[str, Any]:
             hp = endpoints.haproxy_state(dep)
             out["endpoints"]["writer_reaches"] = list(hp.targets(haproxy.WRITER))
             out["endpoints"]["reader_reaches"] = list(hp.targets(haproxy.READER))
-        with contextlib.suppress(PgbridgeError, OSError):
+        try:
             out["endpoints"]["pools"] = [
                 {
                     "database": p.database,
@@ -118,6 +118,8 @@ def status(dep: Deployment) -> dict[str, Any]:
                 for p in endpoints.console(dep).show_pools()
                 if p.database != pgbouncer.ADMIN_DATABASE
             ]
+        except PgbridgeError as e:  # PgBouncer down or refusing: say so, not "no pools"
+            out["endpoints"]["pools_error"] = e.message
     try:
         cat = catalogue_for(dep.settings)
         out["pending_reboot"] = pending_reboot(dep, desired_parameters(spec, dep.home, cat), cat)

@@ -685,7 +685,11 @@ def up(
             if endpoints.enabled(dep):
                 step("endpoints")
                 fresh_programs = set(programs_changed["added"]) | set(programs_changed["changed"])
-                endpoints.reload(dep, rendered.endpoints_changed - fresh_programs)
+                # PgBouncer always re-reads its files (cheap; connected clients stay): an earlier
+                # `up` that failed after writing a narrower hba file must not leave the old rules
+                # in force while this run finds nothing changed on disk.
+                reloads = rendered.endpoints_changed | {endpoints.PGBOUNCER}
+                endpoints.reload(dep, reloads - fresh_programs)
                 endpoints.wait_writer(dep, timeout=60)
                 report.add("endpoints", "changed" if rendered.endpoints_changed else "unchanged")
 

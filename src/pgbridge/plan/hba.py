@@ -23,8 +23,8 @@ class HbaInput:
     tls_required: bool
     replication_cidrs: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     cdc_local: tuple[str, str] | None = None  # (database, role): the pipeline daemon's peer login
-    # Where HAProxy/PgBouncer connect from (clients' own networks are checked by the pooler's listen
-    # addresses; PostgreSQL sees the pooler's address).
+    # Where HAProxy/PgBouncer connect from (PostgreSQL sees the pooler's address; clients' own
+    # networks are checked by the pooler's hba file, platform/pgbouncer.render_hba).
     endpoint_cidrs: tuple[str, ...] = ()
 
 

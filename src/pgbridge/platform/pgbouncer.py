@@ -18,7 +18,6 @@ connections per pool).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import select
 import time
@@ -32,7 +31,7 @@ from psycopg import pq
 
 from pgbridge.errors import DeploymentError, SpecError, TransientError
 from pgbridge.platform.postgres import SCRAM_ITERATIONS, scram_verifier
-from pgbridge.spec.models import IDENT_RE
+from pgbridge.spec.models import IDENT_RE, normalize_cidr
 
 READER_SUFFIX = "_ro"
 ADMIN_DATABASE = "pgbouncer"
@@ -53,7 +52,7 @@ def reader_database(database: str) -> str:
 
 @dataclass(frozen=True)
 class PgBouncerInput:
-    """Everything pgbouncer.ini depends on; equal inputs render byte-identical files."""
+    """Everything pgbouncer.ini and its hba file depend on; equal inputs render byte-identical files."""
 
     database: str
     writer_port: int  # HAProxy writer endpoint
@@ -128,10 +127,10 @@ def _networks(what: str, cidrs: object) -> list[str]:
     for cidr in cidrs:
         try:
             if not isinstance(cidr, str):
-                raise TypeError(f"not a string but {type(cidr).__name__}")
-            out.append(ipaddress.ip_network(cidr, strict=True).with_prefixlen)
+                raise TypeError(f"{cidr!r} is not a string but {type(cidr).__name__}")
+            out.append(normalize_cidr(cidr))
         except (TypeError, ValueError) as e:
-            raise SpecError(f"{what} {cidr!r} is not a network in CIDR form, e.g. 10.0.0.0/16 ({e})") from None
+            raise SpecError(f"{what} {e}") from None
     return list(dict.fromkeys(out))
 
 
@@ -401,10 +400,10 @@ class PgBouncerConsole:
         with self._connect() as conn:
             try:
                 cur = conn.execute(command.encode())
+                names = [d.name for d in cur.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
             except psycopg.Error as e:
                 raise DeploymentError(f"PgBouncer refused {command!r}: {e}") from None
-            names = [d.name for d in cur.description or ()]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def show_pools(self) -> list[PoolStats]:
         return [

@@ -62,6 +62,8 @@ class Network(_Model):
                 out.append(a)
                 continue
             try:
+                if "%" in a:  # PostgreSQL, PgBouncer and pg_hba take no IPv6 scope ("%eth0")
+                    raise ValueError
                 out.append(str(ipaddress.ip_address(a)))
             except ValueError:
                 raise ValueError(f"{a!r} is not an IP address (use e.g. 127.0.0.1, 10.0.0.5, ::1 or *)") from None
@@ -72,13 +74,18 @@ class Network(_Model):
     @field_validator("allowed_cidrs")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
-        out = []
-        for c in v:
-            try:
-                out.append(str(ipaddress.ip_network(c, strict=True)))
-            except ValueError as e:
-                raise ValueError(f"{c!r} is not a network in CIDR form, e.g. 10.0.0.0/16 ({e})") from None
-        return out
+        return [normalize_cidr(c) for c in v]
+
+
+def normalize_cidr(cidr: str) -> str:
+    """A network as ``address/bits`` (no host bits set, no IPv6 scope), the one form that pg_hba
+    and PgBouncer's hba parser both take; ValueError names the bad value."""
+    try:
+        if "%" in cidr:
+            raise ValueError("an IPv6 scope such as %eth0 is not allowed")
+        return ipaddress.ip_network(cidr, strict=True).with_prefixlen
+    except ValueError as e:
+        raise ValueError(f"{cidr!r} is not a network in CIDR form, e.g. 10.0.0.0/16 ({e})") from None
 
 
 class TLS(_Model):
