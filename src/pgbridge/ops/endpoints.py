@@ -10,7 +10,6 @@ primary).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -95,18 +94,15 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         client_tls_key=tls / "server.key",
         server_tls_ca=tls / "ca.crt",
         allowed_cidrs=tuple(dep.spec.network.allowed_cidrs),
-        console_cidrs=(_host_network(dep.client_host()),),
+        # pgbridge reaches the console at its own target, an address of this host (the input
+        # normalises it to a one-address network).
+        console_cidrs=(dep.client_host(),),
         pool_size=ep.pooler.pool_size,
         reader_pool_size=ep.pooler.reader_pool_size,
         reserve_pool_size=ep.pooler.reserve_pool_size,
         max_client_conn=ep.pooler.max_client_conn,
         tls_min_version=dep.spec.tls.min_version,
     )
-
-
-def _host_network(address: str) -> str:
-    """The one-address network `console` connects from: its own target, an address of this host."""
-    return ipaddress.ip_network(address).with_prefixlen
 
 
 def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[str]]:
