@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from pgbridge.ops.ha import candidates, named_candidate
 from pgbridge.plan.hba import REWIND_ROLE, HbaInput, render_hba
 from pgbridge.plan.topology import members
 from pgbridge.spec.models import Spec
@@ -62,3 +63,20 @@ def test_the_rewind_role_may_log_in_over_tls_to_postgres_only() -> None:
     assert rewind and all(r.startswith(f"hostssl postgres {REWIND_ROLE} ") for r in rewind)
     assert "hostssl all all 127.0.0.1/32 scram-sha-256" in rules  # the pooler's address
     assert rules.index(rewind[0]) < rules.index("host all all 0.0.0.0/0 reject")
+
+
+def _view(*members: tuple[str, str]) -> dict[str, object]:
+    return {"members": [{"name": n, "role": r, "state": "streaming"} for n, r in members]}
+
+
+def test_a_switchover_to_the_synchronous_standby_does_not_name_it() -> None:
+    # Patroni 4.1.5 makes the other replicas sleep 2 s when a candidate is named (the stand-in the
+    # new primary's commits wait for among them); unnamed, only the synchronous standby may win.
+    view = _view(("shop-1", "leader"), ("shop-2", "sync_standby"), ("shop-r1", "replica"))
+    assert named_candidate(view, "shop-2") is None
+    assert candidates(view, "shop-1")[0]["name"] == "shop-2"
+    # any other target is named; so is any target when Patroni could pick among synchronous standbys
+    assert named_candidate(view, "shop-r1") == "shop-r1"
+    two = _view(("shop-1", "leader"), ("shop-2", "sync_standby"), ("shop-r1", "sync_standby"))
+    assert named_candidate(two, "shop-2") == "shop-2"
+    assert named_candidate(_view(("shop-1", "leader"), ("shop-2", "replica")), "shop-2") == "shop-2"

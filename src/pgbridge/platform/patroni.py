@@ -186,9 +186,10 @@ class PatroniAPI:
             raise DeploymentError(f"Patroni refused the configuration change ({status}): {body}")
         return body
 
-    def switchover(self, leader: str, candidate: str) -> tuple[int, Any]:
+    def switchover(self, leader: str, candidate: str | None) -> tuple[int, Any]:
         """POST /switchover; the answer is advisory (4.1.5 may say 503 while it still completes)."""
-        return self._call("POST", "/switchover", {"leader": leader, "candidate": candidate})
+        body = {"leader": leader} if candidate is None else {"leader": leader, "candidate": candidate}
+        return self._call("POST", "/switchover", body)
 
     def restart(self, busy_wait: float = 60.0) -> None:
         """Restart PostgreSQL under this member; waits up to ``busy_wait`` while Patroni finishes
