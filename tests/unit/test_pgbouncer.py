@@ -461,6 +461,15 @@ def _login_error(env: Env, inp: PgBouncerInput, **who: str) -> str | None:
         return str(e)
 
 
+def _console_error(env: Env, inp: PgBouncerInput) -> str | None:
+    """None when pgbridge's console login from this host gets in, else the reason."""
+    try:
+        _console(env, inp).show_pools()
+        return None
+    except TransientError as e:
+        return str(e)
+
+
 def _settles(check: Callable[[], bool], timeout: float = 10) -> bool:
     """PgBouncer applies a SIGHUP on its next event loop turn: poll briefly for the outcome."""
     deadline = time.monotonic() + timeout
@@ -507,8 +516,16 @@ def test_hba_admits_only_the_allowed_networks(pgbouncer_bin: Path, env: Env) -> 
             console.resume("shop")
             assert ("pgbouncer", "pgbouncer") in {(p.database, p.user) for p in console.show_pools()}
 
+            # the console only from its own network: with 127.0.0.1 outside it, pgbridge's login there is
+            # refused too, while clients of the allowed networks are not
+            _reload_hba(env, proc, replace(inside, console_cidrs=("10.0.0.1/32",)))
+            assert _settles(lambda: _console_error(env, inside) is not None), "the console admits a foreign network"
+            assert "login rejected" in (_console_error(env, inside) or ""), "refused, but not by the hba rules"
+            assert _login_error(env, inside) is None
+
             _reload_hba(env, proc, inside)
             assert _settles(lambda: _login_error(env, inside) is None), "widening the networks again did not admit"
+            assert _settles(lambda: _console_error(env, inside) is None), "the console's own network was refused"
             # from an allowed network too, neither the auth user (it could read every SCRAM secret)
             # nor the console user gets a database through the pooler
             for user, password in ((AUTH_USER, AUTH_PASSWORD), (CONSOLE_USER, CONSOLE_PASSWORD)):
