@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from pgbridge.errors import DeploymentError, SpecError, TransientError
+from pgbridge.ops.context import with_loopback
 from pgbridge.platform.pgbouncer import (
     AUTH_QUERY,
     PgBouncerConsole,
@@ -443,6 +444,29 @@ def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) 
             console.resume("shop")
             with connect("shop") as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_listen_addresses_always_serve_the_loopback() -> None:
+    assert with_loopback(["::"]) == ("::", "127.0.0.1")
+    assert with_loopback(["10.1.2.3"]) == ("10.1.2.3", "127.0.0.1")
+    for covered in (["127.0.0.1"], ["*"], ["0.0.0.0"], ["::", "0.0.0.0"]):
+        assert with_loopback(covered) == tuple(covered)
+
+
+@pytest.mark.integration
+def test_an_ipv6_only_listener_still_serves_pgbridge_on_loopback(pgbouncer_bin: Path, env: Env) -> None:
+    """`listen_addresses: ["::"]` alone: PgBouncer binds :: for IPv6 only, and pgbridge's console
+    target (status, switchover) is 127.0.0.1, so the pooler listens there too."""
+    listen = ",".join(with_loopback(["::"]))
+    inp = _input(
+        env.base, listen_port=free_port(), writer_port=free_port(), reader_port=free_port(), listen_address=listen
+    )
+    _write(env, inp.auth_file, _userlist())
+    with running_pgbouncer(pgbouncer_bin, env, inp) as proc:  # it waits until 127.0.0.1 answers
+        assert ("pgbouncer", "pgbouncer") in {(p.database, p.user) for p in _console(env, inp).show_pools()}
+        with socket.create_connection(("::1", inp.listen_port), timeout=5):
+            pass  # and the spec's own address
+        assert proc.poll() is None
 
 
 def _reload_hba(env: Env, proc: subprocess.Popen[bytes], inp: PgBouncerInput) -> None:

@@ -6,6 +6,7 @@ then call services with a `Deployment`; nothing here prints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,17 @@ from pgbridge.spec.load import load_spec
 from pgbridge.spec.models import Spec
 
 REST_USER = "pgbridge"
+
+
+def with_loopback(addresses: Sequence[str]) -> tuple[str, ...]:
+    """Listen addresses that also serve 127.0.0.1, where pgbridge and HAProxy connect on this host.
+
+    ``*`` and ``0.0.0.0`` already cover it; ``::`` alone does not (PgBouncer binds it IPv6-only),
+    so 127.0.0.1 is added then, as it is to any list without it.
+    """
+    listen = tuple(addresses)
+    covered = {"127.0.0.1", "*", "0.0.0.0"} & set(listen)
+    return listen if covered else (*listen, "127.0.0.1")
 
 
 def secret_name_for_role(role: str) -> str:

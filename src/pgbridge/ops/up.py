@@ -32,6 +32,7 @@ from pgbridge.ops.context import (
     REST_USER,
     Deployment,
     secret_name_for_role,
+    with_loopback,
 )
 from pgbridge.ops.parameters import desired_parameters, host_resources
 from pgbridge.ops.pmwatch import PROGRAM as PMWATCH
@@ -264,9 +265,9 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     spec, home, settings, store = dep.spec, dep.home, dep.settings, dep.secrets
     b = settings.binaries
     write_if_changed(home.etc / "post_bootstrap.sh", post_bootstrap_script(b.pg_bindir, ADMIN_ROLE), mode=0o755)
-    listen = list(spec.network.listen_addresses)
-    if spec.effective_endpoints() and "127.0.0.1" not in listen and "*" not in listen:
-        listen.append("127.0.0.1")  # HAProxy reaches every member on loopback
+    listen = tuple(spec.network.listen_addresses)
+    if spec.effective_endpoints():
+        listen = with_loopback(listen)  # HAProxy reaches every member on loopback
     changed: set[str] = set()
     programs = [
         Program(
@@ -279,7 +280,7 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
             member=m.name,
             rest_port=ports[f"patroni:{m.name}"],
             pg_port=spec.network.port if m.name == dep.primary_member else ports[f"postgres:{m.name}"],
-            listen_addresses=tuple(listen),
+            listen_addresses=listen,
             connect_address=dep.client_host(),
             etcd_hosts=(f"127.0.0.1:{ports['etcd_client']}",),
             bindir=b.pg_bindir,
