@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from pgbridge.errors import DeploymentError, SpecError, TransientError
-from pgbridge.ops.context import with_loopback
+from pgbridge.ops.context import listen_addresses
 from pgbridge.platform.pgbouncer import (
     AUTH_QUERY,
     PgBouncerConsole,
@@ -446,18 +446,22 @@ def test_auth_query_scram_pass_through_and_pause(pgbouncer_bin: Path, env: Env) 
                 assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_listen_addresses_always_serve_the_loopback() -> None:
-    assert with_loopback(["::"]) == ("::", "127.0.0.1")
-    assert with_loopback(["10.1.2.3"]) == ("10.1.2.3", "127.0.0.1")
+def test_servers_listen_where_pgbridge_connects() -> None:
+    # only wildcards: pgbridge connects to 127.0.0.1, which :: alone does not serve
+    assert listen_addresses(["::"]) == ("::", "127.0.0.1")
     for covered in (["127.0.0.1"], ["*"], ["0.0.0.0"], ["::", "0.0.0.0"]):
-        assert with_loopback(covered) == tuple(covered)
+        assert listen_addresses(covered) == tuple(covered)
+    # a named address is where pgbridge connects; with loopback (members behind HAProxy) 127.0.0.1 too
+    assert listen_addresses(["10.1.2.3"]) == ("10.1.2.3",)
+    assert listen_addresses(["10.1.2.3"], loopback=True) == ("10.1.2.3", "127.0.0.1")
+    assert listen_addresses(["::"], loopback=True) == ("::", "127.0.0.1")
 
 
 @pytest.mark.integration
 def test_an_ipv6_only_listener_still_serves_pgbridge_on_loopback(pgbouncer_bin: Path, env: Env) -> None:
     """`listen_addresses: ["::"]` alone: PgBouncer binds :: for IPv6 only, and pgbridge's console
     target (status, switchover) is 127.0.0.1, so the pooler listens there too."""
-    listen = ",".join(with_loopback(["::"]))
+    listen = ",".join(listen_addresses(["::"]))
     inp = _input(
         env.base, listen_port=free_port(), writer_port=free_port(), reader_port=free_port(), listen_address=listen
     )

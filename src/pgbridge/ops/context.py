@@ -26,13 +26,20 @@ from pgbridge.spec.models import Spec
 REST_USER = "pgbridge"
 
 
-def with_loopback(addresses: Sequence[str]) -> tuple[str, ...]:
-    """Listen addresses that also serve 127.0.0.1, where pgbridge and HAProxy connect on this host.
+WILDCARDS = ("*", "0.0.0.0", "::")
 
-    ``*`` and ``0.0.0.0`` already cover it; ``::`` alone does not (PgBouncer binds it IPv6-only),
-    so 127.0.0.1 is added then, as it is to any list without it.
+
+def listen_addresses(addresses: Sequence[str], *, loopback: bool = False) -> tuple[str, ...]:
+    """Where a server of the deployment listens: the spec's addresses, and 127.0.0.1 when needed.
+
+    pgbridge connects to the client host (:meth:`Deployment.client_host`): the first address the
+    spec names, or 127.0.0.1 when it names only wildcards. ``*`` and ``0.0.0.0`` cover 127.0.0.1;
+    ``::`` alone does not (PostgreSQL and PgBouncer bind it for IPv6 only), so 127.0.0.1 is added
+    then, and always with ``loopback`` (HAProxy reaches the members there).
     """
     listen = tuple(addresses)
+    if not loopback and any(a not in WILDCARDS for a in listen):
+        return listen
     covered = {"127.0.0.1", "*", "0.0.0.0"} & set(listen)
     return listen if covered else (*listen, "127.0.0.1")
 
@@ -132,7 +139,7 @@ class Deployment:
     def client_host(self) -> str:
         """The address a local client should use to reach the instance."""
         for a in self.spec.network.listen_addresses:
-            if a not in ("*", "0.0.0.0", "::"):
+            if a not in WILDCARDS:
                 return a
         return "127.0.0.1"
 

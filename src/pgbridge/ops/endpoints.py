@@ -19,7 +19,7 @@ from psycopg import sql
 
 from pgbridge.errors import DeploymentError, HostError, NotFoundError, TransientError
 from pgbridge.home import write_if_changed
-from pgbridge.ops.context import Deployment, secret_name_for_role, with_loopback
+from pgbridge.ops.context import Deployment, listen_addresses, secret_name_for_role
 from pgbridge.ops.tasks import Report
 from pgbridge.platform import haproxy, pgbouncer, system
 from pgbridge.platform.postgres import LEAST, RoleSpec, admin_connection, ensure_role, verifier_matches
@@ -84,9 +84,7 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         writer_port=ports["haproxy_writer"],
         reader_port=ports["haproxy_reader"],
         listen_port=ports["pgbouncer"],
-        # pgbridge reaches the console, and status its pools, at 127.0.0.1 (the client host unless
-        # the spec names another address, which is then listed itself)
-        listen_address=",".join(with_loopback(dep.spec.network.listen_addresses)),
+        listen_address=",".join(listen_addresses(dep.spec.network.listen_addresses)),  # and the console's
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
         hba_file=_files(dep)["hba"],

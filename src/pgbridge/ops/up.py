@@ -31,8 +31,8 @@ from pgbridge.ops.context import (
     REST_SECRET,
     REST_USER,
     Deployment,
+    listen_addresses,
     secret_name_for_role,
-    with_loopback,
 )
 from pgbridge.ops.parameters import desired_parameters, host_resources
 from pgbridge.ops.pmwatch import PROGRAM as PMWATCH
@@ -265,9 +265,7 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     spec, home, settings, store = dep.spec, dep.home, dep.settings, dep.secrets
     b = settings.binaries
     write_if_changed(home.etc / "post_bootstrap.sh", post_bootstrap_script(b.pg_bindir, ADMIN_ROLE), mode=0o755)
-    listen = tuple(spec.network.listen_addresses)
-    if spec.effective_endpoints():
-        listen = with_loopback(listen)  # HAProxy reaches every member on loopback
+    listen = listen_addresses(spec.network.listen_addresses, loopback=bool(spec.effective_endpoints()))
     changed: set[str] = set()
     programs = [
         Program(
