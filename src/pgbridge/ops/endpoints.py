@@ -84,7 +84,7 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         writer_port=ports["haproxy_writer"],
         reader_port=ports["haproxy_reader"],
         listen_port=ports["pgbouncer"],
-        listen_address=",".join(listen_addresses(dep.spec.network.listen_addresses)),  # and the console's
+        listen_address=",".join(listen_addresses(dep.spec.network.listen_addresses)),
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
         hba_file=_files(dep)["hba"],
