@@ -455,9 +455,21 @@ def test_servers_listen_where_pgbridge_connects() -> None:
     assert listen_addresses(["10.1.2.3"]) == ("10.1.2.3",)
     assert listen_addresses(["10.1.2.3"], loopback=True) == ("10.1.2.3", "127.0.0.1")
     assert listen_addresses(["::"], loopback=True) == ("::", "127.0.0.1")
+    assert listen_addresses(["0.0.0.0"], loopback=True) == ("0.0.0.0",)  # it already serves 127.0.0.1
+    assert listen_addresses(["::1"]) == ("::1",)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 def test_an_ipv6_only_listener_still_serves_pgbridge_on_loopback(pgbouncer_bin: Path, env: Env) -> None:
     """`listen_addresses: ["::"]` alone: PgBouncer binds :: for IPv6 only, and pgbridge's console
     target (status, switchover) is 127.0.0.1, so the pooler listens there too."""

@@ -80,3 +80,5 @@ def test_a_switchover_to_the_synchronous_standby_does_not_name_it() -> None:
     two = _view(("shop-1", "leader"), ("shop-2", "sync_standby"), ("shop-r1", "sync_standby"))
     assert named_candidate(two, "shop-2") == "shop-2"
     assert named_candidate(_view(("shop-1", "leader"), ("shop-2", "replica")), "shop-2") == "shop-2"
+    # Patroni in maintenance mode refuses a switchover without a candidate
+    assert named_candidate({**view, "pause": True}, "shop-2") == "shop-2"

@@ -30,7 +30,8 @@ CONSOLE_USER = "pgbridge_console"  # PgBouncer admin console user (PAUSE/RESUME,
 CONSOLE_SECRET = "pgbouncer:console"
 HAPROXY = "haproxy"
 PGBOUNCER = "pgbouncer"
-PORT_KEYS = ("haproxy_writer", "haproxy_reader", "pgbouncer")
+POOLER_PORT_KEY = "pgbouncer"
+PORT_KEYS = ("haproxy_writer", "haproxy_reader", POOLER_PORT_KEY)
 
 Endpoint = Literal["writer", "reader"]
 
@@ -138,7 +139,15 @@ def render(dep: Deployment, ports: dict[str, int]) -> tuple[list[Program], set[s
     system.chown(files["users"], user)
     programs = [
         Program(HAPROXY, haproxy.haproxy_command(haproxy_bin, files["haproxy"]), priority=30, stop_wait=10),
-        Program(PGBOUNCER, pgbouncer.pgbouncer_command(pgbouncer_bin, files["ini"]), priority=40, stop_wait=10),
+        Program(
+            PGBOUNCER,
+            pgbouncer.pgbouncer_command(pgbouncer_bin, files["ini"]),
+            priority=40,
+            stop_wait=10,
+            # PgBouncer reads listen_addr at start only (a SIGHUP leaves it): naming the addresses
+            # here makes a change of them a changed program, which the supervisor restarts.
+            environment={"PGBRIDGE_LISTEN": pgb.listen_address},
+        ),
     ]
     return programs, changed
 

@@ -160,6 +160,8 @@ def named_candidate(view: dict[str, Any], candidate: str) -> str | None:
     gap falls from about 3.6 s to about 1.8 s. With more than one synchronous standby the winner
     would be Patroni's pick, so the candidate is named then.
     """
+    if view.get("pause"):  # Patroni in maintenance mode switches over to a named candidate only
+        return candidate
     sync = [str(m.get("name")) for m in view.get("members", []) if m.get("role") == "sync_standby"]
     return None if sync == [candidate] else candidate
 
@@ -194,9 +196,18 @@ def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 9
     threading.Thread(target=ask, name="pgbridge-switchover", daemon=True).start()
     deadline = time.monotonic() + timeout
     failed_at: float | None = None
+    looked = time.monotonic()
     while time.monotonic() < deadline:
         if accepts_writes(dep, candidate):
             return Switched(old, candidate)
+        if named is None and time.monotonic() - looked >= 1:
+            # Unnamed, Patroni promotes whoever holds the synchronous role when it acts, which could
+            # have moved since the view above: follow the member that took the leader lock.
+            looked = time.monotonic()
+            with contextlib.suppress(TransientError):
+                leader = leader_of(dep.cluster_view())
+                if leader not in (None, old):
+                    candidate = str(leader)
         status = answer[0][0] if answer else None
         if status not in (None, 0, 200, 202, 503):
             raise DeploymentError(f"Patroni refused the switchover ({status}): {answer[0][1]}")

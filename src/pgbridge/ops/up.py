@@ -127,16 +127,21 @@ def _ports(state: dict[str, Any], spec: Spec, running: bool) -> dict[str, int]:
     used = {spec.network.port, *fixed.values()}
     if len(used) != 1 + len(fixed):
         raise HostError(f"the spec uses one port twice: {sorted([spec.network.port, *fixed.values()])}")
+    pooler = listen_addresses(spec.network.listen_addresses)  # where PgBouncer listens; the rest on loopback
+
+    def where(key: str) -> tuple[str, ...]:
+        return pooler if key == endpoints.POOLER_PORT_KEY else ("127.0.0.1",)
+
     for key in keys:
         if key in fixed:
             if fixed[key] != old.get(key) or not running:
-                system.check_port_free(fixed[key], ["127.0.0.1"], key)
+                system.check_port_free(fixed[key], where(key), key)
             ports[key] = fixed[key]
             continue
         port = old.get(key)
         if port is not None and not running:
             try:
-                system.check_port_free(port, ["127.0.0.1"], key)
+                system.check_port_free(port, where(key), key)
             except HostError:
                 port = None
         if port is None or port in used:
@@ -576,7 +581,8 @@ def up(
                 hint="run `pgbridge down`, then `pgbridge up` with the new port",
             )
         if not running:
-            system.check_port_free(spec.network.port, spec.network.listen_addresses, "PostgreSQL")
+            listen = listen_addresses(spec.network.listen_addresses, loopback=spec.effective_endpoints() is not None)
+            system.check_port_free(spec.network.port, listen, "PostgreSQL")
             check_python_for_service_user(settings)
         if spec.effective_endpoints() is not None:
             settings.binaries.endpoint_tools()  # a missing HAProxy or PgBouncer names its package
