@@ -44,6 +44,16 @@ def listen_addresses(addresses: Sequence[str], *, loopback: bool = False) -> tup
     return listen if covered else (*listen, "127.0.0.1")
 
 
+def member_listen_addresses(spec: Spec) -> tuple[str, ...]:
+    """Where each member's PostgreSQL listens: behind endpoints HAProxy reaches them on 127.0.0.1."""
+    return listen_addresses(spec.network.listen_addresses, loopback=spec.effective_endpoints() is not None)
+
+
+def pooler_listen_addresses(spec: Spec) -> tuple[str, ...]:
+    """Where PgBouncer listens: the spec's addresses, and where pgbridge reaches its console."""
+    return listen_addresses(spec.network.listen_addresses)
+
+
 def secret_name_for_role(role: str) -> str:
     return f"role:{role}"
 

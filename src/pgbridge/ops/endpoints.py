@@ -19,7 +19,7 @@ from psycopg import sql
 
 from pgbridge.errors import DeploymentError, HostError, NotFoundError, TransientError
 from pgbridge.home import write_if_changed
-from pgbridge.ops.context import Deployment, listen_addresses, secret_name_for_role
+from pgbridge.ops.context import Deployment, pooler_listen_addresses, secret_name_for_role
 from pgbridge.ops.tasks import Report
 from pgbridge.platform import haproxy, pgbouncer, system
 from pgbridge.platform.postgres import LEAST, RoleSpec, admin_connection, ensure_role, verifier_matches
@@ -85,7 +85,7 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         writer_port=ports["haproxy_writer"],
         reader_port=ports["haproxy_reader"],
         listen_port=ports["pgbouncer"],
-        listen_address=",".join(listen_addresses(dep.spec.network.listen_addresses)),
+        listen_address=",".join(pooler_listen_addresses(dep.spec)),
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
         hba_file=_files(dep)["hba"],

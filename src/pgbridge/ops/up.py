@@ -31,7 +31,8 @@ from pgbridge.ops.context import (
     REST_SECRET,
     REST_USER,
     Deployment,
-    listen_addresses,
+    member_listen_addresses,
+    pooler_listen_addresses,
     secret_name_for_role,
 )
 from pgbridge.ops.parameters import desired_parameters, host_resources
@@ -127,7 +128,7 @@ def _ports(state: dict[str, Any], spec: Spec, running: bool) -> dict[str, int]:
     used = {spec.network.port, *fixed.values()}
     if len(used) != 1 + len(fixed):
         raise HostError(f"the spec uses one port twice: {sorted([spec.network.port, *fixed.values()])}")
-    pooler = listen_addresses(spec.network.listen_addresses)  # where PgBouncer listens; the rest on loopback
+    pooler = pooler_listen_addresses(spec)  # the other internal ports are on loopback
 
     def where(key: str) -> tuple[str, ...]:
         return pooler if key == endpoints.POOLER_PORT_KEY else ("127.0.0.1",)
@@ -270,7 +271,7 @@ def _render(dep: Deployment, dcs: dict[str, Any], ports: dict[str, int], report:
     spec, home, settings, store = dep.spec, dep.home, dep.settings, dep.secrets
     b = settings.binaries
     write_if_changed(home.etc / "post_bootstrap.sh", post_bootstrap_script(b.pg_bindir, ADMIN_ROLE), mode=0o755)
-    listen = listen_addresses(spec.network.listen_addresses, loopback=bool(spec.effective_endpoints()))
+    listen = member_listen_addresses(spec)
     changed: set[str] = set()
     programs = [
         Program(
@@ -581,8 +582,7 @@ def up(
                 hint="run `pgbridge down`, then `pgbridge up` with the new port",
             )
         if not running:
-            listen = listen_addresses(spec.network.listen_addresses, loopback=spec.effective_endpoints() is not None)
-            system.check_port_free(spec.network.port, listen, "PostgreSQL")
+            system.check_port_free(spec.network.port, member_listen_addresses(spec), "PostgreSQL")
             check_python_for_service_user(settings)
         if spec.effective_endpoints() is not None:
             settings.binaries.endpoint_tools()  # a missing HAProxy or PgBouncer names its package
