@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,7 @@ def feed(applier: Applier, payloads: list[bytes], rng: random.Random) -> None:
     pos = 0
     while pos < len(payloads):
         step = rng.choice([1, 2, 7, 50, 400])
+        applier.behind = rng.random() < 0.5  # batches close at other commits
         applier.feed_raw(payloads[pos : pos + step])
         pos += step
         if not applier.in_transaction and applier.pending_commit and rng.random() < 0.5:
@@ -147,6 +149,54 @@ def test_random_stream_matches_one_at_a_time_application(tmp_path: Path, key_not
         assert warehouse(sink) == expected, seed
         applier.close()
         sink.close()
+
+
+def simple_table() -> SinkTable:
+    return SinkTable("public", "t", tuple(SinkColumn(n, duckdb_type(oid)) for n, oid in COLUMNS), (0,), True)
+
+
+def test_a_batch_commits_though_every_read_ends_inside_a_transaction(tmp_path: Path) -> None:
+    # A steady stream: each read returns the end of one transaction and the start of the next.
+    # The batch must still go to the warehouse once due, decided at a commit, not only when a
+    # read happens to end between transactions.
+    sink = DuckDBSink(tmp_path / "w.duckdb", "p")
+    applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=50_000, max_wait_s=0.02))
+    payloads = [relation()]
+    for n in range(1, 31):
+        lsn = 1000 + 100 * n
+        payloads += [begin(lsn), columnar.encode_row(Insert(None, OID, image((n, "a", "b", n)))), commit(lsn + 50)]
+    confirmed = []
+    for i in range(0, len(payloads) - 1, 3):  # [R B I] [C B I] [C B I] ...
+        confirmed.append(applier.feed_raw(payloads[i : i + 3]))
+        assert applier.in_transaction
+        time.sleep(0.005)
+    confirmed.append(applier.wait())
+    assert any(c is not None for c in confirmed)
+    assert applier.checkpoint is not None and applier.stats.batches >= 2
+    applier.close()
+    sink.close()
+
+
+def test_a_pipeline_behind_the_server_makes_batches_of_max_rows(tmp_path: Path) -> None:
+    sink = DuckDBSink(tmp_path / "w.duckdb", "p")
+    applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=400, max_wait_s=60))
+    payloads = [relation()]
+    for n in range(1, 21):
+        lsn = 1000 + 100 * n
+        payloads.append(begin(lsn))
+        payloads += [columnar.encode_row(Insert(None, OID, image((n * 100 + k, "a", "b", k)))) for k in range(50)]
+        payloads.append(commit(lsn + 50))
+    applier.behind = True  # a quarter of max_rows (100) is not enough now
+    applier.feed_raw(payloads[:105])  # two transactions, 100 changes
+    assert not applier.ripe() and applier.pending_commit
+    applier.behind = False
+    assert applier.ripe()
+    applier.behind = True
+    applier.feed_raw(payloads[105:])  # at the commit that reaches 400 changes the batch goes
+    applier.wait()
+    assert applier.stats.batches == 2 and applier.stats.transactions == 20
+    applier.close()
+    sink.close()
 
 
 def test_decoded_messages_fed_one_by_one_give_the_same_warehouse(tmp_path: Path) -> None:

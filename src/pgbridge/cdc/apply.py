@@ -85,6 +85,8 @@ class BatchLimits:
     # While changes keep arriving, a batch is handed to a free sink once it holds a quarter of
     # max_rows or its first commit waited this long (a warehouse commit costs milliseconds: tiny
     # batches under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
+    # While the reader is behind the server (Applier.behind), a batch grows to max_rows or
+    # max_wait_s instead: latency is set by the backlog then, and larger batches clear it sooner.
     min_wait_s: float = 0.1
 
 
@@ -206,7 +208,8 @@ class Applier:
         self._rows: list[bytes] = []  # row-change payloads collected, not decoded yet (stream order)
         self._staged: dict[int, tuple[SinkTable, list[_Segment]]] = {}  # decoded, not applied yet
         self._seq = 0  # stream position of the next collected row change (orders a table's staged changes)
-        self._pending_changes = 0
+        self._pending_changes = 0  # changes held in memory (folded, not handed to the sink)
+        self._batch_changes = 0  # changes in the batch since the last submit (held or already in the sink)
         self._decoder = Decoder()  # for chunks that hold stream blocks (protocol v2)
         self._in_txn = False
         self._skipping = False
@@ -219,6 +222,7 @@ class Applier:
         self._inflight: _InFlight | None = None
         self._ready: LSN | None = None  # end LSN of committed work the caller has not been told about
         self._idle_noted = 0.0  # monotonic time of the last note_idle record
+        self.behind = False  # more of the stream is received than read: the caller says so (pump)
         self.durable = durable
         for t in tables.values():
             sink.ensure_table(t)
@@ -263,6 +267,7 @@ class Applier:
 
     def _collected(self, n: int) -> None:
         self._pending_changes += n
+        self._batch_changes += n
         if self._in_txn and self._pending_changes >= self.limits.max_rows:
             # A large transaction: push what we have into the open warehouse transaction.
             self._apply_deltas()
@@ -288,7 +293,9 @@ class Applier:
             if self._first_commit_at is None:
                 self._first_commit_at = time.monotonic()
                 self._oldest_pending_commit = msg.commit_time.timestamp()
-            if self._pending_changes >= self.limits.max_rows:
+            # Decided here, at the commit, not where a read happens to end: under a steady stream
+            # most reads end inside a transaction, and a batch could then wait for a quiet moment.
+            if self._batch_changes >= self.limits.max_rows or self.due() or (not self.busy and self.ripe()):
                 self.submit()
             return
         if self._skipping:
@@ -304,6 +311,7 @@ class Applier:
                     self._staged[oid] = (rel.table, [_Staged(truncated=True)])  # what came before it is gone
                     self._counted(rel, 1)
                     self._pending_changes += 1
+                    self._batch_changes += 1
 
     # -- batches --------------------------------------------------------------------------------
     def due(self) -> bool:
@@ -325,7 +333,9 @@ class Applier:
         """A committed batch is worth a warehouse commit now, though more changes are arriving."""
         if self._committed_lsn is None or self._first_commit_at is None or self._in_txn:
             return False
-        if self._pending_changes >= self.limits.max_rows // 4:
+        if self.behind:
+            return self._batch_changes >= self.limits.max_rows
+        if self._batch_changes >= self.limits.max_rows // 4:
             return True
         return time.monotonic() - self._first_commit_at >= min(self.limits.min_wait_s, self.limits.max_wait_s)
 
@@ -378,6 +388,7 @@ class Applier:
         self._dispatch(work, self._committed_lsn, self._confirm_lsn, oldest)
         self._committed_lsn = self._confirm_lsn = None
         self._first_commit_at = self._oldest_pending_commit = None
+        self._batch_changes = 0
 
     def poll(self) -> LSN | None:
         """The end LSN of sink work that committed since the last call, if any; never blocks.
@@ -493,7 +504,7 @@ class Applier:
         self._sink_open = False
         self._rows.clear()
         self._staged.clear()
-        self._pending_changes = 0
+        self._pending_changes = self._batch_changes = 0
         self._committed_lsn = None
         self._first_commit_at = self._oldest_pending_commit = None
         self._in_txn = self._skipping = False

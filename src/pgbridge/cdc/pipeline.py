@@ -53,6 +53,9 @@ from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.types import LSN
 
 QUERY_ROW_LIMIT = 10_000
+# Received and not read yet, after a read: the pipeline is behind the server. Half a second of a
+# fast stream or more, so a pause of the consumer (a warehouse checkpoint) does not count.
+BEHIND_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ def pump(
             wait = min(wait, 0.005)  # notice soon that the sink is free again, or that the stream went quiet
         chunk = stream.read_raw(max_messages=max_messages, max_wait_s=wait)
         payloads, tags = chunk.payloads, chunk.tags
+        applier.behind = stream.buffered >= BEHIND_BYTES
     if until is not None and held is not None:
         stop = _first_begin_from(payloads, until)
         if stop is not None:

@@ -681,6 +681,11 @@ class ReplicationStream:
         return LSN(self._wal_end)
 
     @property
+    def buffered(self) -> int:
+        """Bytes of the stream received and not read yet: how far the caller is behind the server's sending."""
+        return self._conn.buffered if self._conn is not None else 0
+
+    @property
     def confirmed_lsn(self) -> LSN | None:
         """The highest LSN this stream confirmed (``None`` before the first :meth:`confirm`)."""
         return LSN(self._confirmed) if self._confirmed else None

@@ -451,6 +451,11 @@ class WireConnection:
                 self._error = exc
                 return out
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet (read without the lock: an estimate)."""
+        return self._inbox_size + self._queued_size + len(self._buf) - self._off
+
     # -- sending (any thread) ---------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
