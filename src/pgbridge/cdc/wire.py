@@ -47,6 +47,9 @@ _PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC, the protocol's timest
 _RECV_BYTES: Final = 1 << 20
 GATHER_S: Final = 0.0005  # the reader's pause between the first byte and a gulp (see _read_loop)
 WAKE_S: Final = 1.0  # the reader's longest wait for a byte: status messages are due meanwhile
+# A consumer that waited for the stream waits a little longer for this much of it (see _take).
+GULP_BYTES: Final = 64 << 10
+GULP_S: Final = 0.002
 
 _TLS_REQUIRED: Final = frozenset({"require", "verify-ca", "verify-full"})
 
@@ -149,6 +152,7 @@ class WireConnection:
         self._cond = threading.Condition()
         self._inbox: deque[bytes] = deque()
         self._inbox_size = 0
+        self._want = 1  # inbox bytes at which the reader wakes the consumer
         self.inbox_bytes = 32 << 20
         self._ended: BaseException | None = None  # why the reader stopped (EOF, an error)
         self._closing = False
@@ -317,7 +321,8 @@ class WireConnection:
                     with cond:  # what came before an end of the stream is passed on before the end
                         self._inbox.extend(blocks)
                         self._inbox_size += size
-                        cond.notify_all()
+                        if self._inbox_size >= self._want or closed:
+                            cond.notify_all()
                 if closed:
                     raise WireError(f"the server at {self.where} closed the replication connection")
                 self._beat()
@@ -339,6 +344,12 @@ class WireConnection:
         with self._cond:
             if not self._inbox and timeout > 0 and self._ended is None:
                 self._cond.wait(timeout)
+                if self._inbox and self._inbox_size < GULP_BYTES and self._ended is None:
+                    # The stream trickles in as the reader gathers it, a fraction of a millisecond
+                    # at a time: waiting a little for more saves the caller a cycle per gulp.
+                    self._want = GULP_BYTES
+                    self._cond.wait(min(GULP_S, timeout))
+                    self._want = 1
             if not self._inbox:
                 if self._ended is not None:
                     raise self._ended
