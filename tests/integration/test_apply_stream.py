@@ -104,6 +104,8 @@ def test_random_dml_large_txn_and_restart_leave_warehouse_equal(pg: Server, tmp_
     assert applier.stats.transactions > 100 and applier.stats.changes > 30_000
 
     # Crash mid-batch: fold changes but never commit them, then restart from the checkpoint.
+    applier.close()
+    applier = Applier(sink, tables, BatchLimits(max_rows=5_000, max_wait_s=60, min_wait_s=60))
     random_dml(pg, name, rng, 60)
     with ReplicationStream.start(dsn, slot, opts) as stream:
         for msg in stream.read_batch(max_messages=200, max_wait_s=1).messages:

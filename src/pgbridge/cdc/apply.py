@@ -85,9 +85,11 @@ class BatchLimits:
     # While changes keep arriving, a batch is handed to a free sink once it holds a quarter of
     # max_rows or its first commit waited this long (a warehouse commit costs milliseconds: tiny
     # batches under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
-    # While the reader is behind the server (Applier.behind), a batch grows to max_rows or
-    # max_wait_s instead: latency is set by the backlog then, and larger batches clear it sooner.
+    # While the reader is behind the server (Applier.behind), a batch grows to max_rows or until
+    # its first commit waited behind_wait_s (at most max_wait_s): larger batches clear a backlog
+    # sooner, and the wait stays bounded whatever max_wait_s is.
     min_wait_s: float = 0.1
+    behind_wait_s: float = 0.5  # while behind, a batch's first commit waits at most this long (or max_wait_s)
 
 
 @dataclass
@@ -290,12 +292,20 @@ class Applier:
             self.stats.transactions += 1
             self._committed_lsn = msg.commit_lsn
             self._confirm_lsn = msg.end_lsn
+            now = time.monotonic()
             if self._first_commit_at is None:
-                self._first_commit_at = time.monotonic()
+                self._first_commit_at = now
                 self._oldest_pending_commit = msg.commit_time.timestamp()
             # Decided here, at the commit, not where a read happens to end: under a steady stream
             # most reads end inside a transaction, and a batch could then wait for a quiet moment.
-            if self._batch_changes >= self.limits.max_rows or self.due() or (not self.busy and self.ripe()):
+            # Cheapest tests first: this runs for every source transaction.
+            waited = now - self._first_commit_at
+            limits = self.limits
+            if (
+                self._batch_changes >= limits.max_rows
+                or waited >= limits.max_wait_s
+                or (self._ripe(waited) and not self.busy)
+            ):
                 self.submit()
             return
         if self._skipping:
@@ -333,11 +343,16 @@ class Applier:
         """A committed batch is worth a warehouse commit now, though more changes are arriving."""
         if self._committed_lsn is None or self._first_commit_at is None or self._in_txn:
             return False
-        if self.behind:
-            return self._batch_changes >= self.limits.max_rows
-        if self._batch_changes >= self.limits.max_rows // 4:
+        return self._ripe(time.monotonic() - self._first_commit_at)
+
+    def _ripe(self, waited: float) -> bool:
+        """Ripe, for a batch whose first commit waited ``waited`` seconds; max_rows always is."""
+        limits = self.limits
+        if self._batch_changes >= limits.max_rows:
             return True
-        return time.monotonic() - self._first_commit_at >= min(self.limits.min_wait_s, self.limits.max_wait_s)
+        if self.behind:
+            return waited >= min(limits.behind_wait_s, limits.max_wait_s)
+        return self._batch_changes >= limits.max_rows // 4 or waited >= min(limits.min_wait_s, limits.max_wait_s)
 
     @property
     def pending_commit(self) -> bool:

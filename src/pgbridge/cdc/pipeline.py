@@ -53,8 +53,8 @@ from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.types import LSN
 
 QUERY_ROW_LIMIT = 10_000
-# Received and not read yet, after a read: the pipeline is behind the server. Half a second of a
-# fast stream or more, so a pause of the consumer (a warehouse checkpoint) does not count.
+# Received and not read yet, after a read: the pipeline is behind the server. About half a
+# second of a fast stream: a shorter pause of the consumer does not count as a backlog.
 BEHIND_BYTES = 8 << 20
 
 
@@ -246,7 +246,9 @@ def pump(
     Committed transactions go to the sink when it is free (it applies in a worker thread while the
     next messages are read): at once when the stream has gone quiet, else once the batch is ripe
     (:meth:`Applier.ripe`), so batches are small when the stream is quiet (low latency) and large
-    under load (few warehouse commits). ``max_wait_s`` bounds a read when nothing arrives.
+    under load (few warehouse commits). The applier also decides at each source commit, and is
+    told when the stream holds BEHIND_BYTES not read yet (``behind``: larger batches).
+    ``max_wait_s`` bounds a read when nothing arrives.
 
     With ``until``, no transaction committing at or after it is fed: its messages and everything
     after them wait in ``held`` (raw payloads), which the next call feeds first, and what was fed is
@@ -255,6 +257,7 @@ def pump(
     """
     confirms = [applier.poll()]
     tags: bytes | None = None
+    applier.behind = stream.buffered >= BEHIND_BYTES
     if held:
         payloads = list(held)
         held.clear()

@@ -339,17 +339,22 @@ class WireConnection:
     def _take(self, timeout: float) -> bool:
         """Queue the reader's blocks behind what is left to parse; ``False`` when none came in ``timeout``.
 
+        Having waited, waits up to GULP_S more (within ``timeout``) for GULP_BYTES of the stream.
+
         Raises what stopped the reader once everything it received was taken.
         """
         with self._cond:
             if not self._inbox and timeout > 0 and self._ended is None:
+                deadline = time.monotonic() + timeout
                 self._cond.wait(timeout)
                 if self._inbox and self._inbox_size < GULP_BYTES and self._ended is None:
                     # The stream trickles in as the reader gathers it, a fraction of a millisecond
                     # at a time: waiting a little for more saves the caller a cycle per gulp.
                     self._want = GULP_BYTES
-                    self._cond.wait(min(GULP_S, timeout))
-                    self._want = 1
+                    try:
+                        self._cond.wait(max(0.0, min(GULP_S, deadline - time.monotonic())))
+                    finally:
+                        self._want = 1
             if not self._inbox:
                 if self._ended is not None:
                     raise self._ended
