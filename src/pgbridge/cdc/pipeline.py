@@ -698,7 +698,9 @@ class Pipeline:
                     self.status_file.write()
                     if not self.jobs.empty() and not applier.in_transaction:
                         self._run_jobs(stream, applier)
-                confirm = applier.flush()
+                # Stopped inside a source transaction, what it folded cannot be told apart from
+                # the commits before it: all of it replays from the warehouse's checkpoint.
+                confirm = None if applier.in_transaction else applier.flush()
                 if confirm is not None:
                     stream.confirm(confirm)
         except _Stopping:
