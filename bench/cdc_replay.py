@@ -38,9 +38,11 @@ from typing import Any
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.pgserver
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for bench/cdc.py's table
 
 from tests.pgserver import bare_server
 
+from cdc import COLUMNS, ROW_EXPR
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.catalog import discover_tables, sink_table
 from pgbridge.cdc.pipeline import BEHIND_BYTES, pump
@@ -49,14 +51,7 @@ from pgbridge.cdc.source import RawChunk, ReplicationStream, StreamOptions, crea
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.types import LSN
 
-COLUMNS = (
-    "(id bigint PRIMARY KEY, order_id bigint, product_id int, qty int, price numeric(12,2),"
-    " created_at timestamptz, note text)"
-)
-ROW = (
-    "g, g / 4, (g * 7919) % 100000, 1 + g % 5, ((g * 31) % 100000) / 100.0,"
-    " timestamptz '2024-01-01' + g * interval '1 second', CASE WHEN g % 10 = 0 THEN NULL ELSE 'note for item ' || g END"
-)
+ROW = ROW_EXPR.replace("%%", "%")  # bench/cdc.py's rows, here in SQL sent without parameters
 TXN_ROWS = 1_000
 GATHER_S = 0.0005  # the reader thread's gulps (pgbridge.cdc.wire.GATHER_S)
 

@@ -155,16 +155,24 @@ def simple_table() -> SinkTable:
     return SinkTable("public", "t", tuple(SinkColumn(n, duckdb_type(oid)) for n, oid in COLUMNS), (0,), True)
 
 
+def insert_transactions(count: int, rows: int) -> list[bytes]:
+    """The relation, then ``count`` transactions of ``rows`` inserts each."""
+    payloads = [relation()]
+    for n in range(1, count + 1):
+        lsn = 1000 + 100 * n
+        payloads.append(begin(lsn))
+        payloads += [columnar.encode_row(Insert(None, OID, image((n * 100 + k, "a", "b", k)))) for k in range(rows)]
+        payloads.append(commit(lsn + 50))
+    return payloads
+
+
 def test_a_batch_commits_though_every_read_ends_inside_a_transaction(tmp_path: Path) -> None:
     # A steady stream: each read returns the end of one transaction and the start of the next.
     # The batch must still go to the warehouse once due, decided at a commit, not only when a
     # read happens to end between transactions.
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")
     applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=50_000, max_wait_s=0.02))
-    payloads = [relation()]
-    for n in range(1, 31):
-        lsn = 1000 + 100 * n
-        payloads += [begin(lsn), columnar.encode_row(Insert(None, OID, image((n, "a", "b", n)))), commit(lsn + 50)]
+    payloads = insert_transactions(30, 1)
     confirmed = []
     for i in range(0, len(payloads) - 1, 3):  # [R B I] [C B I] [C B I] ...
         confirmed.append(applier.feed_raw(payloads[i : i + 3]))
@@ -180,12 +188,7 @@ def test_a_batch_commits_though_every_read_ends_inside_a_transaction(tmp_path: P
 def test_a_pipeline_behind_the_server_makes_batches_of_max_rows(tmp_path: Path) -> None:
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")
     applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=400, max_wait_s=60))
-    payloads = [relation()]
-    for n in range(1, 21):
-        lsn = 1000 + 100 * n
-        payloads.append(begin(lsn))
-        payloads += [columnar.encode_row(Insert(None, OID, image((n * 100 + k, "a", "b", k)))) for k in range(50)]
-        payloads.append(commit(lsn + 50))
+    payloads = insert_transactions(20, 50)
     applier.behind = True  # a quarter of max_rows (100) is not enough now
     applier.feed_raw(payloads[:105])  # two transactions, 100 changes
     assert not applier.ripe() and applier.pending_commit
@@ -202,7 +205,7 @@ def test_a_pipeline_behind_the_server_makes_batches_of_max_rows(tmp_path: Path) 
 def test_decoded_messages_fed_one_by_one_give_the_same_warehouse(tmp_path: Path) -> None:
     from pgbridge.cdc.pgoutput import decode
 
-    table = SinkTable("public", "t", tuple(SinkColumn(n, duckdb_type(oid)) for n, oid in COLUMNS), (0,), True)
+    table = simple_table()
     rng = random.Random(42)
     payloads, expected = stream(rng, 60)
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")

@@ -257,7 +257,6 @@ def pump(
     """
     confirms = [applier.poll()]
     tags: bytes | None = None
-    applier.behind = stream.buffered >= BEHIND_BYTES
     if held:
         payloads = list(held)
         held.clear()
@@ -268,7 +267,7 @@ def pump(
             wait = min(wait, 0.005)  # notice soon that the sink is free again, or that the stream went quiet
         chunk = stream.read_raw(max_messages=max_messages, max_wait_s=wait)
         payloads, tags = chunk.payloads, chunk.tags
-        applier.behind = stream.buffered >= BEHIND_BYTES
+    applier.behind = stream.buffered >= BEHIND_BYTES
     if until is not None and held is not None:
         stop = _first_begin_from(payloads, until)
         if stop is not None:
