@@ -16,8 +16,8 @@ warehouse, two ways:
 
   behind   every chunk at once, with the stream reporting a backlog: the pipeline's batches when
            it is behind the server (large, at ``max_rows``);
-  paced    at ``--rate`` changes a second, in the gulps the reader thread hands over (every half
-           millisecond): the batches of a pipeline that keeps up.
+  paced    at ``--rate`` changes a second, in the gulps the reader thread hands over (every
+           ``GATHER_S``): the batches of a pipeline that keeps up.
 
 It prints the wall time, the CPU time of the whole process (main thread, apply thread, DuckDB's
 threads) per change, the main thread's share, and the number of warehouse commits. The reader
@@ -49,11 +49,11 @@ from pgbridge.cdc.pipeline import BEHIND_BYTES, pump
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.source import RawChunk, ReplicationStream, StreamOptions, create_slot
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
+from pgbridge.cdc.wire import GATHER_S  # the reader thread's gulps
 from pgbridge.types import LSN
 
 ROW = ROW_EXPR.replace("%%", "%")  # bench/cdc.py's rows, here in SQL sent without parameters
 TXN_ROWS = 1_000
-GATHER_S = 0.0005  # the reader thread's gulps (pgbridge.cdc.wire.GATHER_S)
 
 
 def capture(inserts: int, updates: int, deletes: int) -> tuple[Any, list[tuple[list[bytes], bytes]]]:

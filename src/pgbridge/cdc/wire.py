@@ -45,7 +45,7 @@ CONNECT_TIMEOUT_S: Final = 10
 _PROTOCOL_3_0: Final = 196608
 _PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC, the protocol's timestamp origin
 _RECV_BYTES: Final = 1 << 20
-GATHER_S: Final = 0.0005  # the reader's pause between the first byte and a gulp (see _read_loop)
+GATHER_S: Final = 0.0001  # the reader's pause between the first byte and a gulp (see _read_loop)
 WAKE_S: Final = 1.0  # the reader's longest wait for a byte: status messages are due meanwhile
 # A consumer that waited for the stream waits a little longer for this much of it (see _take).
 GULP_BYTES: Final = 64 << 10
@@ -279,8 +279,12 @@ class WireConnection:
 
         The walsender writes each message on its own (about 100 bytes, a socket buffer each), so a
         reader blocked in ``recv`` is woken for every one of them: a few hundred thousand wake-ups a
-        second, a third of a core. Waiting GATHER_S first takes what arrived meanwhile in one call,
-        well before the socket (a few hundred such messages) is full.
+        second, a third of a core. Waiting GATHER_S first takes what arrived meanwhile in one call.
+        The wait must end well before the socket is full, and it fills sooner than its size says:
+        each buffer is charged about 770 bytes against the walsender's 208 kB send buffer, so the
+        socket holds about 280 messages of 140 bytes, 0.45 ms of a walsender decoding 600k changes a
+        second. With 0.5 ms the walsender stalled on the full socket and reading alone ran at 0.68
+        of ``pg_recvlogical`` on such a host; with 0.1 ms, 0.94 (``bench/source_read.py`` (d)).
         """
         sock, cond = self._sock, self._cond
         fd = sock.fileno()
