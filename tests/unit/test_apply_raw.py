@@ -19,9 +19,12 @@ import pytest
 from pgbridge.cdc import columnar
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.pgoutput import Delete, Insert, TupleData, Update
+from pgbridge.cdc.pipeline import BEHIND_BYTES, pump
 from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
+from pgbridge.cdc.source import RawChunk
 from pgbridge.cdc.typemap import duckdb_type
+from pgbridge.types import LSN
 
 OID = 16400
 COLUMNS = [("id", 20), ("note", 25), ("big", 25), ("n", 23)]  # id is the key; big may be sent as 'u'
@@ -198,6 +201,40 @@ def test_a_pipeline_behind_the_server_makes_batches_of_max_rows(tmp_path: Path) 
     applier.feed_raw(payloads[105:])  # at the commit that reaches 400 changes the batch goes
     applier.wait()
     assert applier.stats.batches == 2 and applier.stats.transactions == 20
+    applier.close()
+    sink.close()
+
+
+class BufferedStream:
+    """What ``pump`` asks of a ReplicationStream: chunks to read, and how much is received and not read."""
+
+    def __init__(self, chunks: list[list[bytes]], buffered: list[int]) -> None:
+        self.chunks, self.backlog = chunks, buffered
+        self.buffered = 0
+
+    def read_raw(self, max_messages: int = 20_000, max_wait_s: float = 1.0) -> RawChunk:
+        payloads = self.chunks.pop(0) if self.chunks else []
+        self.buffered = self.backlog.pop(0) if self.backlog else 0
+        return RawChunk(payloads, bytes(p[0] for p in payloads))
+
+    def confirm(self, lsn: LSN) -> None:
+        pass
+
+    def idle_position(self) -> LSN | None:
+        return None
+
+
+def test_pump_calls_the_pipeline_behind_while_the_reader_holds_a_backlog(tmp_path: Path) -> None:
+    sink = DuckDBSink(tmp_path / "w.duckdb", "p")
+    applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=400, max_wait_s=60))
+    payloads = insert_transactions(3, 50)  # 150 changes: ripe at a quarter of max_rows unless behind
+    stream = BufferedStream([payloads[:53], payloads[53:]], [BEHIND_BYTES, BEHIND_BYTES - 1])
+    pump(stream, applier)  # type: ignore[arg-type]
+    assert applier.behind and applier.pending_commit and not applier.busy  # held for more
+    pump(stream, applier)  # type: ignore[arg-type]
+    assert not applier.behind
+    assert applier.wait() is not None  # the one batch, with all three transactions
+    assert applier.stats.batches == 1 and applier.stats.transactions == 3
     applier.close()
     sink.close()
 

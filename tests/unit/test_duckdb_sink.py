@@ -137,3 +137,23 @@ def test_a_value_the_warehouse_cannot_hold_is_an_error(sink: DuckDBSink) -> None
         sink.apply(TABLE, d)
     sink.rollback()
     assert rows(sink) == {}
+
+
+def test_the_slot_position_only_moves_forward_and_is_kept_per_pipeline(sink: DuckDBSink, tmp_path: Path) -> None:
+    assert sink.position() is None
+    sink.begin()
+    sink.commit(LSN(500), confirm=LSN(600))  # a batch: checkpoint and position in one transaction
+    sink.begin()
+    sink.note_position(LSN(550))  # an older position never takes the record back
+    sink.commit_meta()
+    assert sink.position() == LSN(600) and sink.checkpoint() == LSN(500)
+    sink.begin()
+    sink.note_position(LSN(900))  # an idle confirmation, outside a batch
+    sink.commit_meta()
+    sink.close()
+    other = DuckDBSink(tmp_path / "w.duckdb", "p2")  # another pipeline's rows in the same file
+    assert other.position() is None and other.checkpoint() is None
+    other.close()
+    again = DuckDBSink(tmp_path / "w.duckdb", "p1")
+    assert again.position() == LSN(900) and again.checkpoint() == LSN(500)
+    again.close()

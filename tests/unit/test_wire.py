@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -205,3 +206,20 @@ def test_status_message_layout() -> None:
     assert data[:1] == b"d" and struct.unpack(">I", data[1:5]) == (len(data) - 1,)
     kind, write, flush, apply, _clock, reply = struct.unpack(">cQQQqB", data[5:])
     assert (kind, write, flush, apply, reply) == (b"r", 0x10, 0x20, 0x30, 1)
+
+
+def test_a_consumer_waiting_for_the_stream_gets_a_trickle_soon(pair: tuple[WireConnection, socket.socket]) -> None:
+    # Less than a gulp arrives: the waiting consumer takes it after a short wait for more, not
+    # after its whole timeout, and the reader wakes the next consumer at the first byte again.
+    conn, server = pair
+    started(conn, server, [])
+    timer = threading.Timer(0.2, server.sendall, (xlog(10, 10, b"Ifirst"),))
+    timer.start()
+    t0 = time.monotonic()
+    got = conn.read(100, 1 << 30, 10.0)
+    took = time.monotonic() - t0
+    timer.join()
+    assert got == [b"Ifirst"] and 0.15 < took < 5.0
+    assert conn._want == 1
+    server.sendall(xlog(20, 20, b"Isecond"))
+    assert conn.read(100, 1 << 30, 10.0) == [b"Isecond"]
