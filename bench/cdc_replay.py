@@ -17,7 +17,9 @@ warehouse, two ways:
   behind   every chunk at once, with the stream reporting a backlog: the pipeline's batches when
            it is behind the server (large, at ``max_rows``);
   paced    at ``--rate`` changes a second, in the gulps the reader thread hands over (every
-           ``GATHER_S``): the batches of a pipeline that keeps up.
+           ``GATHER_S``): the batches of a pipeline that keeps up. The consumer's extra wait for
+           64 kB after it waited (``wire.GULP_S``) is not modelled, and paced figures from before
+           GATHER_S went from 0.5 to 0.1 ms (2026-11-22) had gulps 5 times larger.
 
 It prints the wall time, the CPU time of the whole process (main thread, apply thread, DuckDB's
 threads) per change, the main thread's share, and the number of warehouse commits. The reader
