@@ -267,9 +267,13 @@ class Applier:
             self._rows.extend(payloads[start:end])
             self._collected(end - start)
 
-    def _collected(self, n: int) -> None:
+    def _held(self, n: int) -> None:
+        """``n`` more changes held in memory, and in the batch."""
         self._pending_changes += n
         self._batch_changes += n
+
+    def _collected(self, n: int) -> None:
+        self._held(n)
         if self._in_txn and self._pending_changes >= self.limits.max_rows:
             # A large transaction: push what we have into the open warehouse transaction.
             self._apply_deltas()
@@ -320,8 +324,7 @@ class Applier:
                 if rel:
                     self._staged[oid] = (rel.table, [_Staged(truncated=True)])  # what came before it is gone
                     self._counted(rel, 1)
-                    self._pending_changes += 1
-                    self._batch_changes += 1
+                    self._held(1)
 
     # -- batches --------------------------------------------------------------------------------
     def due(self) -> bool:

@@ -84,7 +84,7 @@ def pgbouncer_input(dep: Deployment, ports: dict[str, int]) -> pgbouncer.PgBounc
         database=dep.spec.database.name,
         writer_port=ports["haproxy_writer"],
         reader_port=ports["haproxy_reader"],
-        listen_port=ports["pgbouncer"],
+        listen_port=ports[POOLER_PORT_KEY],
         listen_address=",".join(pooler_listen_addresses(dep.spec)),
         socket_dir=dep.home.socket_dir,
         auth_file=_files(dep)["users"],
