@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -260,23 +261,81 @@ def test_decoded_messages_fed_one_by_one_give_the_same_warehouse(tmp_path: Path)
     sink.close()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="known limitation (docs/cdc.md): a FULL identity table is applied by key"
-)
+def full_table() -> SinkTable:
+    """REPLICA IDENTITY FULL without a unique key: the table is kept as a multiset."""
+    table = SinkTable("public", "t", simple_table().columns, (0, 1, 2, 3), False)
+    assert table.bag
+    return table
+
+
 def test_identical_rows_of_a_full_identity_table_are_kept(tmp_path: Path) -> None:
-    # REPLICA IDENTITY FULL without a unique key: the whole row is the key, and the source may
-    # hold the same row twice. Each delete removes one copy there; the warehouse must follow.
-    full = SinkTable("public", "t", simple_table().columns, (0, 1, 2, 3), False)
+    # The source may hold the same row twice; each delete removes one copy there, and so here.
     row = (1, "a", "b", 1)
     same = columnar.encode_row(Insert(None, OID, image(row)))
     gone = columnar.encode_row(Delete(None, OID, "O", image(row)))
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")
-    applier = Applier(sink, {("public", "t"): full}, BatchLimits())
+    applier = Applier(sink, {("public", "t"): full_table()}, BatchLimits())
     applier.feed_raw([relation(b"f")])
     for n, changes in enumerate([[same, same], [same], [gone]], start=1):  # one batch each
         applier.feed_raw([begin(1000 * n), *changes, commit(1000 * n + 50)])
         applier.flush()
-    count = sink.con.execute("SELECT count(*) FROM public.t").fetchone()
+    assert sink.con.execute("SELECT count(*) FROM public.t").fetchone() == (2,)
     applier.close()
     sink.close()
-    assert count == (2,)
+
+
+def bag_stream(rng: random.Random, txns: int) -> tuple[list[bytes], Counter[Row]]:
+    """A random stream on a FULL-identity table that often holds the same row several times."""
+    table: Counter[Row] = Counter()
+    out = [relation(b"f")]
+    pool: list[Row] = [(1, None, "b", None), (1, "a", "b", 1), (2, "it's", "big", 2), (3, None, "x", None)]
+    lsn = 1000
+    for _ in range(txns):
+        lsn += 100
+        out.append(begin(lsn))
+        for _ in range(rng.choice([1, 3, 10, 40])):
+            r, rows = rng.random(), list(table.elements())
+            if r < 0.4 or not rows:
+                row = rng.choice(pool) if rng.random() < 0.8 else (rng.randint(1, 5), "n", f"b{rng.random()}", 7)
+                table[row] += 1
+                out.append(columnar.encode_row(Insert(None, OID, image(row))))
+            elif r < 0.7:  # one copy changes; an unchanged TOAST value comes from the old row
+                old = rng.choice(rows)
+                keep = rng.random() < 0.6
+                new: Row = (old[0], rng.choice([None, "u", "a"]), old[2] if keep else rng.choice(["b", "x"]), 1)
+                table[old] -= 1
+                table[new] += 1
+                msg = Update(None, OID, "O", image(old), image(new, unchanged_big=keep))
+                out.append(columnar.encode_row(msg))
+            elif r < 0.97:
+                old = rng.choice(rows)
+                table[old] -= 1
+                out.append(columnar.encode_row(Delete(None, OID, "O", image(old))))
+            else:
+                table.clear()
+                out.append(truncate())
+            table = +table  # drop rows with no copies left
+        out.append(commit(lsn + 50))
+    return out, table
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_random_stream_on_a_full_identity_table_keeps_every_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vectorized: bool
+) -> None:
+    if not vectorized:  # every chunk is folded one message at a time, as when the columnar decode declines
+
+        def decline(*args: object) -> list[columnar.RowGroup]:
+            raise columnar.Unsupported("test")
+
+        monkeypatch.setattr(columnar, "decode_rows", decline)
+    for seed in range(5):
+        rng = random.Random(seed)
+        payloads, expected = bag_stream(rng, 100)
+        sink = DuckDBSink(tmp_path / f"w{seed}{vectorized}.duckdb", "p")
+        applier = Applier(sink, {("public", "t"): full_table()}, BatchLimits(max_rows=rng.choice([5, 60, 50_000])))
+        feed(applier, payloads, rng)
+        rows = Counter(sink.con.execute("SELECT id, note, big, n FROM public.t").fetchall())
+        assert rows == expected, seed
+        applier.close()
+        sink.close()

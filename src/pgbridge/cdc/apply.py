@@ -5,7 +5,8 @@ collected; Begin, Commit, Relation, Truncate and logical messages are decoded on
 at their place. When a micro-batch closes, the collected row changes are decoded column by column
 (:mod:`pgbridge.cdc.columnar`) into per-table Arrow staging tables, which the sink folds and applies
 set-based (:class:`~pgbridge.cdc.sinks.base.StagedChanges`); a batch in which a change moves a row to
-another key is folded in Python instead (:class:`~pgbridge.cdc.reduce.TableDelta`). One sink
+another key is folded in Python instead (:class:`~pgbridge.cdc.reduce.TableDelta`). A table without a
+unique key is staged as signed copies of whole rows, a multiset (:attr:`SinkTable.bag`). One sink
 transaction holds every table's changes and the commit LSN, and only after it committed does the
 caller confirm the LSN to PostgreSQL. A source transaction larger than the batch limit is applied in
 chunks inside one still-open sink transaction, so memory stays bounded and the warehouse never shows
@@ -49,7 +50,7 @@ from pgbridge.cdc.pgoutput import (
     decode,
     first_byte,
 )
-from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta
+from pgbridge.cdc.reduce import UNCHANGED, Cell, Key, TableDelta, text_of
 from pgbridge.cdc.sinks.base import Sink, SinkTable, StagedChanges
 from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
@@ -117,11 +118,14 @@ class _Staged:
     inserts_only: bool = True
 
     def changes(self, table: SinkTable) -> StagedChanges:
-        names = ["_seq", "_op", *(f"c{i}" for i in range(len(table.columns)))]
-        names += [f"k{i}" for i in table.key] + [f"u{i}" for i in sorted(self.unchanged)]
+        columns = [f"c{i}" for i in range(len(table.columns))]
+        if table.bag:
+            names = ["_sign", *columns]
+        else:
+            names = ["_seq", "_op", *columns, *(f"k{i}" for i in table.key), *(f"u{i}" for i in sorted(self.unchanged))]
         batches = []
         for part in self.parts:
-            n = len(part["_seq"])
+            n = len(part[names[0]])
             arrays = [part[name] if name in part else pa.array(np.zeros(n, np.bool_)) for name in names]
             batches.append(pa.RecordBatch.from_arrays(arrays, names))
         if batches:
@@ -723,6 +727,8 @@ class Applier:
     def _arrays(rel: _Rel, g: columnar.RowGroup, arr: Any, seq: int) -> dict[str, pa.Array] | None:
         """The staging columns of one group; None when a change in it moves a row to another key."""
         table, positions = rel.table, rel.positions
+        if table.bag:
+            return _bag_arrays(positions, g, arr)
         n = len(g)
         out: dict[str, pa.Array] = {
             "_seq": pa.array(g.index + seq),
@@ -763,27 +769,28 @@ class Applier:
         return out
 
     def _fold(self, msg: Message, *, count: bool = True) -> None:
-        """One row change folded in Python (batches in which a row moves to another key)."""
-        if isinstance(msg, Insert):
-            rel = self._rels.get(msg.relation_oid)
-            if rel:
-                self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
-        elif isinstance(msg, Update):
-            rel = self._rels.get(msg.relation_oid)
-            if rel:
-                old_key = self._key(rel, msg.old) if msg.old is not None else None
-                new = self._values(rel, msg.new)
-                delta = self._delta(msg.relation_oid, rel)
-                if old_key is not None and old_key == delta.key_of(new):
-                    old_key = None
-                delta.update(new, old_key)
-        elif isinstance(msg, Delete):
-            rel = self._rels.get(msg.relation_oid)
-            if rel and msg.old is not None:
-                self._delta(msg.relation_oid, rel).delete(self._key(rel, msg.old))
-        else:
+        """One row change folded in Python (a batch in which a row moves to another key, or one the
+        columnar decode declined)."""
+        if not isinstance(msg, Insert | Update | Delete):
             raise TypeError(f"not a row change: {type(msg).__name__}")
-        if count and rel:
+        rel = self._rels.get(msg.relation_oid)
+        if rel is None:
+            return
+        if rel.table.bag:
+            staging = self._staging(msg.relation_oid, rel)
+            staging.parts.append(_bag_part(rel, msg))
+        elif isinstance(msg, Insert):
+            self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
+        elif isinstance(msg, Update):
+            old_key = self._key(rel, msg.old) if msg.old is not None else None
+            new = self._values(rel, msg.new)
+            delta = self._delta(msg.relation_oid, rel)
+            if old_key is not None and old_key == delta.key_of(new):
+                old_key = None
+            delta.update(new, old_key)
+        elif msg.old is not None:
+            self._delta(msg.relation_oid, rel).delete(self._key(rel, msg.old))
+        if count:
             self._counted(rel, 1)
 
     @staticmethod
@@ -807,3 +814,68 @@ class Applier:
         work = self._take_staged()
         if work:
             self._dispatch(work, None, None, None)
+
+
+# -- tables kept as multisets (SinkTable.bag) ---------------------------------------------------------
+
+
+def _bag_arrays(positions: tuple[int, ...], g: columnar.RowGroup, arr: Any) -> dict[str, pa.Array] | None:
+    """The staging columns of a bag table's group: its old rows as -1 copies, its new rows as +1.
+
+    An update's unchanged TOAST values are taken from its old row. None (the Python fold then says
+    what is wrong) when an old row is not whole, which REPLICA IDENTITY FULL never sends.
+    """
+    old, new, n = g.old, g.new, len(g)
+    images: list[tuple[columnar.TupleColumns, int]] = []
+    if old is not None:
+        if g.old_kind != "O" or bool((old.kinds == columnar.KIND_UNCHANGED).any()):
+            return None
+        images.append((old, -1))
+    if new is not None:
+        unchanged = new.kinds == columnar.KIND_UNCHANGED
+        if unchanged.any():
+            if old is None or old.ncols != new.ncols:
+                return None
+            new = columnar.TupleColumns(
+                np.where(unchanged, old.kinds, new.kinds),
+                np.where(unchanged, old.starts, new.starts),
+                np.where(unchanged, old.lengths, new.lengths),
+            )
+        images.append((new, 1))
+    out: dict[str, pa.Array] = {"_sign": pa.array(np.repeat([s for _, s in images], n).astype(np.int8))}
+    for i, p in enumerate(positions):
+        kinds = np.concatenate([t.kinds[:, p] for t, _ in images])
+        valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
+        starts = np.concatenate([t.starts[:, p] for t, _ in images])
+        lengths = np.concatenate([t.lengths[:, p] for t, _ in images])
+        out[f"c{i}"] = columnar.text_array(arr, starts, lengths, valid)
+    return out
+
+
+def _bag_part(rel: _Rel, msg: Insert | Update | Delete) -> dict[str, pa.Array]:
+    """One change to a bag table as staging columns (as :func:`_bag_arrays` makes them)."""
+    table = rel.table
+    images: list[tuple[list[Cell], int]] = []
+    old = None
+    if not isinstance(msg, Insert):
+        if msg.old is None or msg.old_kind != "O":
+            raise SchemaMismatch(
+                f"{table.schema}.{table.name} has no unique key, so its changes must carry the whole old row"
+                " (REPLICA IDENTITY FULL), and this one did not; run `pgbridge pipeline resync"
+                f" {table.schema}.{table.name}` after fixing its replica identity"
+            )
+        old = Applier._values(rel, msg.old)
+        if any(v is UNCHANGED for v in old):
+            raise SchemaMismatch(f"a change to {table.schema}.{table.name} did not carry its whole old row")
+        images.append((old, -1))
+    if not isinstance(msg, Delete):
+        new = Applier._values(rel, msg.new)
+        if old is not None:
+            new = [o if v is UNCHANGED else v for v, o in zip(new, old, strict=True)]
+        elif any(v is UNCHANGED for v in new):
+            raise SchemaMismatch(f"an insert into {table.schema}.{table.name} left a value out")
+        images.append((new, 1))
+    out: dict[str, pa.Array] = {"_sign": pa.array([s for _, s in images], pa.int8())}
+    for i in range(len(table.columns)):
+        out[f"c{i}"] = pa.array([text_of(v[i]) for v, _ in images], pa.large_string())
+    return out

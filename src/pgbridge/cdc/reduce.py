@@ -30,6 +30,14 @@ UNCHANGED = _Unchanged()
 Cell = Value | _Unchanged
 
 
+def text_of(v: Cell) -> str | None:
+    """The text of a value as a sink stages it: None for NULL (and for UNCHANGED, resolved separately)."""
+    if v is None or v is UNCHANGED:
+        return None
+    assert isinstance(v, bytes)
+    return v.decode()
+
+
 @dataclass
 class PendingRow:
     """The latest state of one row lineage within the batch."""

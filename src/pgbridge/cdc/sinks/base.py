@@ -37,6 +37,15 @@ class SinkTable:
     key: tuple[int, ...]
     key_not_null: bool = False
 
+    @property
+    def bag(self) -> bool:
+        """Rows have no identity of their own (REPLICA IDENTITY FULL without a unique key).
+
+        The source may hold the same row several times, and a delete removes one copy of it, so such
+        a table is kept as a multiset: a change adds or removes one copy of a whole row, never a key.
+        """
+        return not self.key_not_null and len(self.key) == len(self.columns)
+
 
 @dataclass(frozen=True)
 class StagedChanges:
@@ -50,6 +59,11 @@ class StagedChanges:
     No change moves a row to another key (those batches go through :class:`TableDelta`).
     ``truncated``: the table was emptied before these changes. ``inserts_only``: every change is an
     insert of a key that is unique in the source, so no key occurs twice.
+
+    For a :attr:`SinkTable.bag` table the form differs, as order does not matter there: ``rows`` has
+    ``_sign`` (int8: +1 a copy of the row added, -1 a copy removed) and ``c<i>`` for every column (the
+    whole row's text). An insert is one +1 row, a delete one -1 row (its old row), an update both
+    (unchanged TOAST values taken from the old row, which REPLICA IDENTITY FULL sends whole).
     """
 
     rows: pa.Table

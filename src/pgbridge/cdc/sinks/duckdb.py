@@ -11,7 +11,8 @@ columnar and in stream order (:class:`~pgbridge.cdc.sinks.base.StagedChanges`), 
 SQL: the last change of each key wins, and an unchanged TOAST column takes the last value sent for
 that key in the batch (or the warehouse row's, when none was). :meth:`DuckDBSink.apply` takes a
 :class:`~pgbridge.cdc.reduce.TableDelta` folded in Python: the form for batches in which a change
-moves a row to another key.
+moves a row to another key. A table without a unique key (:attr:`SinkTable.bag`) is staged as
+signed copies of whole rows and applied as a multiset (:meth:`DuckDBSink._apply_bag`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pgbridge.cdc.ddl import DropColumn, RenameColumn, RetypeColumn, Step
-from pgbridge.cdc.reduce import UNCHANGED, Cell, TableDelta
+from pgbridge.cdc.reduce import UNCHANGED, TableDelta, text_of
 from pgbridge.cdc.sinks.base import SinkCapabilities, SinkTable, StagedChanges
 from pgbridge.cdc.typemap import duckdb_cast_expr
 from pgbridge.errors import PgbridgeError
@@ -38,13 +40,6 @@ class SinkError(PgbridgeError):
 
 
 qi = quote_ident
-
-
-def _text(v: Cell) -> str | None:
-    if v is None or v is UNCHANGED:
-        return None
-    assert isinstance(v, bytes)
-    return v.decode()
 
 
 class DuckDBSink:
@@ -209,6 +204,7 @@ class DuckDBSink:
         return " AND ".join(parts)
 
     def apply(self, t: SinkTable, delta: TableDelta) -> None:
+        assert not t.bag, "a bag table's changes are staged (StagedChanges), never keyed"
         try:
             self._apply(t, delta)
         except duckdb.Error as e:
@@ -221,13 +217,13 @@ class DuckDBSink:
         rows = list(delta.rows.values())
         ncols = len(t.columns)
         if rows:
-            data: dict[str, Any] = {f"c{i}": [_text(r.values[i]) for r in rows] for i in range(ncols)}
+            data: dict[str, Any] = {f"c{i}": [text_of(r.values[i]) for r in rows] for i in range(ncols)}
             unchanged = [i for i in range(ncols) if any(r.values[i] is UNCHANGED for r in rows)]
             for i in unchanged:
                 data[f"u{i}"] = [r.values[i] is UNCHANGED for r in rows]
             if unchanged:
                 for i in t.key:
-                    data[f"k{i}"] = [_text(r.origin[t.key.index(i)]) if r.origin else None for r in rows]
+                    data[f"k{i}"] = [text_of(r.origin[t.key.index(i)]) if r.origin else None for r in rows]
             stg = pa.table({k: pa.array(v, type=pa.bool_() if k[0] == "u" else pa.string()) for k, v in data.items()})
             con.register("_pgb_stg", stg)
             exprs = []
@@ -240,7 +236,7 @@ class DuckDBSink:
         # After a TRUNCATE nothing from before the batch is left to clear.
         keys = [] if delta.truncated else list(delta.keys_to_clear())
         if keys:
-            kdata = {f"k{i}": [_text(k[j]) for k in keys] for j, i in enumerate(t.key)}
+            kdata = {f"k{i}": [text_of(k[j]) for k in keys] for j, i in enumerate(t.key)}
             con.register("_pgb_del", pa.table({n: pa.array(v, type=pa.string()) for n, v in kdata.items()}))
             con.execute(f"DELETE FROM {target} AS o USING _pgb_del d WHERE {self._key_match(t, 'o', 'd')}")
             con.unregister("_pgb_del")
@@ -259,6 +255,9 @@ class DuckDBSink:
         if ch.truncated:
             con.execute(f"DELETE FROM {target}")
         if not ch.rows.num_rows:
+            return
+        if t.bag:
+            self._apply_bag(t, ch)
             return
         keys = [f"s.k{i}" for i in t.key]
         same = "=" if t.key_not_null else "IS NOT DISTINCT FROM"
@@ -309,3 +308,32 @@ class DuckDBSink:
                 con.execute("DROP TABLE _pgb_res")
         finally:
             con.unregister("_pgb_stg")
+
+    def _apply_bag(self, t: SinkTable, ch: StagedChanges) -> None:
+        """A multiset table: per distinct row, add its net count of copies or remove that many.
+
+        Copies of a row are interchangeable, so the batch's order does not matter: only each typed
+        row's sum of signs. ``rowid`` picks exactly as many copies as the net count removes.
+        """
+        con, target = self.con, self.target(t)
+        casts = ", ".join(f"{duckdb_cast_expr(c.ctype, f's.c{i}')} AS c{i}" for i, c in enumerate(t.columns))
+        con.register("_pgb_stg", ch.rows)
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE _pgb_net AS SELECT {casts}, sum(s._sign)::BIGINT AS n"
+                " FROM _pgb_stg s GROUP BY ALL HAVING sum(s._sign) <> 0"
+            )
+        finally:
+            con.unregister("_pgb_stg")
+        # After a TRUNCATE nothing from before the batch is left to remove; an inserts-only batch removes nothing.
+        if not ch.truncated and pc.min(ch.rows["_sign"]).as_py() < 0:
+            same = " AND ".join(f"o.{qi(c.name)} IS NOT DISTINCT FROM d.c{i}" for i, c in enumerate(t.columns))
+            con.execute(
+                f"DELETE FROM {target} WHERE rowid IN (SELECT rid FROM (SELECT o.rowid AS rid, d.n,"
+                " row_number() OVER (PARTITION BY d.g) AS copy"
+                f" FROM {target} o JOIN (SELECT *, row_number() OVER () AS g FROM _pgb_net WHERE n < 0) d"
+                f" ON {same}) WHERE copy <= -n)"
+            )
+        values = ", ".join(f"c{i}" for i in range(len(t.columns)))
+        con.execute(f"INSERT INTO {target} ({self.column_list(t)}) SELECT {values} FROM _pgb_net, range(n) WHERE n > 0")
+        con.execute("DROP TABLE _pgb_net")
