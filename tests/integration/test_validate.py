@@ -34,6 +34,11 @@ def running(pg: Server, tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
     pg.sql(f"CREATE TABLE {s}.tags (name text PRIMARY KEY, n int)")
     pg.sql(f"INSERT INTO {s}.items SELECT g, g % 7, 'n' || g FROM generate_series(1, 30000) g")
     pg.sql(f"INSERT INTO {s}.tags SELECT 't' || g, g FROM generate_series(1, 300) g")
+    # No unique key: many identical rows, NULL in the column the ranges are cut by.
+    pg.sql(f"CREATE TABLE {s}.events (kind text, qty int)")
+    pg.sql(f"ALTER TABLE {s}.events REPLICA IDENTITY FULL")
+    kind = "CASE WHEN g % 5 > 0 THEN 'k' || g % 3 END"
+    pg.sql(f"INSERT INTO {s}.events SELECT {kind}, g % 2 FROM generate_series(1, 3000) g")
     pg.sql(f"CREATE PUBLICATION pub_{s} FOR TABLES IN SCHEMA {s}")
     cfg = pipeline_config(pg, s, tmp_path, "v")
     d = Daemon(cfg)
@@ -132,3 +137,25 @@ def test_resync_table_recopies_it(pg: Server, running: tuple[str, Daemon]) -> No
     converge(pg, Path(d.cfg.socket), f"{s}.items")
     bad = request(Path(d.cfg.socket), {"op": "resync", "tables": [f"{s}.nope"]})
     assert "not a table this pipeline replicates" in bad["error"]
+
+
+def test_validate_counts_copies_of_identical_rows_and_repair_restores_them(
+    pg: Server, running: tuple[str, Daemon]
+) -> None:
+    s, d = running
+    assert d.pipeline is not None
+    events = f"{s}.events"
+    one = f"ctid = (SELECT ctid FROM {events} WHERE kind = 'k2' AND qty = 1 LIMIT 1)"
+    pg.sql(f"DELETE FROM {events} WHERE {one}")  # the stream removes one copy of 200
+    pg.sql(f"UPDATE {events} SET qty = 5 WHERE {one}")
+    assert validate(d, tables=[events])[events]["ok"]
+    target = f'"{s}"."events"'
+    tamper(d.pipeline, f"DELETE FROM {target} WHERE rowid = (SELECT min(rowid) FROM {target} WHERE kind IS NULL)")
+    tamper(d.pipeline, f"INSERT INTO {target} VALUES ('k1', 1)")  # one more copy of a row it holds
+    result = validate(d, tables=[events])[events]
+    assert not result["ok"] and result["warehouse_rows"] == result["source_rows"], result
+    assert validate(d, tables=[events], repair=True)[events]["repaired"]
+    assert validate(d, tables=[events])[events]["ok"]
+    want = pg.sql(f"SELECT kind, qty, count(*) FROM {events} GROUP BY 1, 2 ORDER BY 1, 2")
+    got = query(Path(d.cfg.socket), f"SELECT kind, qty, count(*) FROM {target} GROUP BY 1, 2 ORDER BY 1, 2")
+    assert [tuple(r) for r in got["rows"]] == [tuple(r) for r in want]

@@ -136,8 +136,9 @@ def _in_ranges(stt: SinkTable, diffs: list[RangeDiff]) -> tuple[str, list[Any]]:
     k0 = qi(stt.columns[stt.key[0]].name)
     parts, params = [], []
     for d in diffs:
-        if d.low is None:  # below the first bound: only warehouse rows can be there
-            parts.append(f"({k0} < (SELECT min(lo) FROM {BOUNDS}))")
+        if d.low is None:  # below the first bound (only warehouse rows can be there), or NULL
+            # (a table without a unique key may hold NULL in any column: those rows rank here too)
+            parts.append(f"({k0} < (SELECT min(lo) FROM {BOUNDS}) OR {k0} IS NULL)")
             continue
         parts.append(f"({k0} >= ?" + (f" AND {k0} < ?)" if d.high is not None else ")"))
         params += [d.low] + ([d.high] if d.high is not None else [])
