@@ -21,7 +21,7 @@ from pgbridge.cdc import columnar
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.pgoutput import Delete, Insert, TupleData, Update
 from pgbridge.cdc.pipeline import BEHIND_BYTES, pump
-from pgbridge.cdc.sinks.base import SinkColumn, SinkTable
+from pgbridge.cdc.sinks.base import SinkColumn, SinkTable, StagedChanges
 from pgbridge.cdc.sinks.duckdb import DuckDBSink
 from pgbridge.cdc.source import RawChunk
 from pgbridge.cdc.typemap import duckdb_type
@@ -339,3 +339,44 @@ def test_random_stream_on_a_full_identity_table_keeps_every_copy(
         assert rows == expected, seed
         applier.close()
         sink.close()
+
+
+class RecordingSink(DuckDBSink):
+    """The DuckDB sink, noting whether each staged batch was fresh (its inserted keys need no clearing)."""
+
+    fresh: list[bool]
+
+    def apply_staged(self, t: SinkTable, changes: StagedChanges) -> None:
+        self.fresh.append(changes.fresh)
+        super().apply_staged(t, changes)
+
+
+def test_rows_copied_ahead_of_the_stream_are_not_doubled_then_inserts_skip_the_clearing(tmp_path: Path) -> None:
+    def txn(lsn: int, *ids: int) -> list[bytes]:
+        rows = [columnar.encode_row(Insert(None, OID, image((i, "a", "b", 1)))) for i in ids]
+        return [begin(lsn), *rows, commit(lsn + 50)]
+
+    sink = RecordingSink(tmp_path / "w.duckdb", "p")
+    sink.fresh = []
+    applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits())
+    applier.feed_raw([relation(), *txn(1000, 1)])
+    applier.flush()  # the first batch: no checkpoint before it, so it clears
+    # A re-copy reads the source as of now: it holds row 2, inserted by a transaction (at 1100) the
+    # stream has not applied yet, and is bounded by the WAL position 1300.
+    sink.begin()
+    sink.con.execute("INSERT INTO public.t VALUES (2, 'a', 'b', 1)")
+    sink.note_copy(LSN(1300))
+    sink.commit_meta()
+    for lsn, ids in [(1100, (2,)), (1200, (3,)), (1400, (4, 5)), (1500, (6,))]:
+        applier.feed_raw(txn(lsn, *ids))
+        applier.flush()
+    # Checkpoints (commit LSNs) 1050, 1150, 1250, 1450: only the batch after 1450 >= 1300 skips it.
+    assert sink.fresh == [False, False, False, False, True]
+    assert sink.con.execute("SELECT id, count(*) FROM public.t GROUP BY id ORDER BY id").fetchall() == [
+        (i, 1) for i in range(1, 7)
+    ]
+    applier.close()
+    sink.close()
+    again = DuckDBSink(tmp_path / "w.duckdb", "p")
+    assert again.copy_horizon() == LSN(1300)  # recorded with the copied rows
+    again.close()

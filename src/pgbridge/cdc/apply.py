@@ -117,7 +117,8 @@ class _Staged:
     truncated: bool = False
     inserts_only: bool = True
 
-    def changes(self, table: SinkTable) -> StagedChanges:
+    def changes(self, table: SinkTable, fresh: bool = False) -> StagedChanges:
+        """``fresh``: no key inserted can be in the warehouse yet (see :attr:`StagedChanges.fresh`)."""
         columns = [f"c{i}" for i in range(len(table.columns))]
         if table.bag:
             names = ["_sign", *columns]
@@ -132,7 +133,8 @@ class _Staged:
             rows = pa.Table.from_batches(batches)
         else:
             rows = pa.table({name: pa.array([], _STAGE_TYPES.get(name[0], pa.bool_())) for name in names})
-        return StagedChanges(rows, tuple(sorted(self.unchanged)), self.truncated, self.inserts_only)
+        inserts_only = self.inserts_only
+        return StagedChanges(rows, tuple(sorted(self.unchanged)), self.truncated, inserts_only, inserts_only and fresh)
 
 
 _STAGE_TYPES: Final = {"_": pa.int64(), "c": pa.large_string(), "k": pa.large_string()}
@@ -449,8 +451,15 @@ class Applier:
         if self._inflight is not None:
             self._settle()
         begin = not self._sink_open
+        # Every transaction in this work commits after the checkpoint. The stream keeps the warehouse
+        # equal to the source there, so an inserted key is new to it, unless rows were copied from the
+        # source past the checkpoint (a re-copy or a repair reads the source as of now).
+        horizon, checkpoint = self.sink.copy_horizon(), self.checkpoint
+        fresh = checkpoint is not None and (horizon is None or horizon <= checkpoint)
         changes = [
-            (table, seg.changes(table) if isinstance(seg, _Staged) else seg) for table, segs in work for seg in segs
+            (table, seg.changes(table, fresh) if isinstance(seg, _Staged) else seg)
+            for table, segs in work
+            for seg in segs
         ]
         sink, durable = self.sink, self.durable
 

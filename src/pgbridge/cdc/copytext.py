@@ -27,8 +27,9 @@ from pgbridge.cdc.catalog import SnapshotError, SourceTable, source_error
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import SinkError, qi
 from pgbridge.cdc.typemap import ColumnType, copy_text_fields, duckdb_cast_expr
+from pgbridge.types import LSN
 
-__all__ = ["CHUNK_BYTES", "CopyPlan", "copy_plan", "copy_rows", "parse_copy_text", "pieces"]
+__all__ = ["CHUNK_BYTES", "CopyPlan", "copy_plan", "copy_rows", "parse_copy_text", "pieces", "wal_insert_lsn"]
 
 CHUNK_BYTES: Final = 4 << 20  # the COPY text a parse chunk aims at (Arrow parses 4 MB best)
 
@@ -210,6 +211,17 @@ def copy_plan(st: SourceTable, stt: SinkTable, target: str) -> CopyPlan:
         f"{insert} {', '.join(kept)} FROM _pgb_load",
         f"{insert} {', '.join(casts)} FROM _pgb_load",
     )
+
+
+def wal_insert_lsn(conn: psycopg.Connection[Any]) -> LSN:
+    """The source's WAL insert position: after a copy, beyond the commit of every transaction it saw.
+
+    A transaction is visible only once its commit record is in the WAL, so rows copied earlier on
+    ``conn`` hold nothing that committed past this position (the stream's :meth:`Sink.note_copy`).
+    """
+    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return LSN.parse(str(row[0]))
 
 
 def copy_rows(

@@ -31,7 +31,7 @@ from psycopg import sql
 from pgbridge.cdc import ddl
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
 from pgbridge.cdc.catalog import SnapshotSourceError, SourceTable, discover_tables, sink_table, table_from_definition
-from pgbridge.cdc.copytext import copy_rows
+from pgbridge.cdc.copytext import copy_rows, wal_insert_lsn
 from pgbridge.cdc.pgoutput import Begin, decode
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, qi
@@ -466,6 +466,7 @@ class Pipeline:
                 self.sink.target(stt),
                 catch_up,
                 repair=bool(job.args.get("repair")),
+                note_copy=self.sink.note_copy,
             )
             results.append(r.as_dict())
         return {"tables": results}
@@ -641,6 +642,7 @@ class Pipeline:
     def recopy(self, st: SourceTable, stt: SinkTable) -> None:
         with psycopg.connect(self.cfg.dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as c:
             copy_rows(c, st, stt, self.sink.con, self.sink.target(stt))
+            self.sink.note_copy(wal_insert_lsn(c))
 
     def _check_slot_is_ours(self) -> None:
         """Refuse a slot confirmed beyond anything this pipeline ever confirmed: it was recreated.

@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 
 from pgbridge.cdc.catalog import SourceTable
-from pgbridge.cdc.copytext import copy_rows
+from pgbridge.cdc.copytext import copy_rows, wal_insert_lsn
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import qi
 from pgbridge.cdc.source import create_slot
@@ -75,10 +75,11 @@ class TableResult:
 
 def _stage(
     dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyConnection, target: str, *, exact: bool = True
-) -> LSN | None:
-    """The source table in ``STAGE``: as of an exact WAL position (returned), or as of now.
+) -> LSN:
+    """The source table in ``STAGE``: as of an exact WAL position, or as of now; returns that position.
 
-    "Now" (``exact=False``) is later than anything the warehouse holds, which is what a repair needs.
+    "Now" (``exact=False``) is later than anything the warehouse holds, which is what a repair needs;
+    the position returned then bounds it (:func:`~pgbridge.cdc.copytext.wal_insert_lsn`).
     """
     con.execute(f"CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT * FROM {target} LIMIT 0")
     with contextlib.ExitStack() as stack:
@@ -90,8 +91,9 @@ def _stage(
         if slot is not None:
             pg.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(slot.snapshot_name)))
         copy_rows(pg, st, stt, con, STAGE)
+        lsn = slot.consistent_lsn if slot is not None else wal_insert_lsn(pg)
         pg.rollback()
-        return slot.consistent_lsn if slot is not None else None
+        return lsn
 
 
 def _hash(stt: SinkTable) -> str:
@@ -156,13 +158,16 @@ def validate_table(
     repair: bool = False,
     range_rows: int = 50_000,
     passes: int = 3,
+    note_copy: Callable[[LSN], None] | None = None,
 ) -> TableResult:
-    """Compare one table (see the module docstring); ``con`` must not be inside a transaction."""
+    """Compare one table (see the module docstring); ``con`` must not be inside a transaction.
+
+    ``note_copy(lsn)`` is called inside a repair's transaction with the position its rows are bounded
+    by (:meth:`~pgbridge.cdc.sinks.base.Sink.note_copy`)."""
     result = TableResult(st.qualified)
     suspect: list[RangeDiff] | None = None
     for _ in range(passes):
         lsn = _stage(dsn, st, stt, con, target)
-        assert lsn is not None
         catch_up(lsn)
         if suspect is None:
             result.ranges = _bounds(con, stt, range_rows)
@@ -173,12 +178,14 @@ def validate_table(
             break
     result.differences = suspect or []
     if repair and result.differences:
-        _stage(dsn, st, stt, con, target, exact=False)
+        copied = _stage(dsn, st, stt, con, target, exact=False)
         where, params = _in_ranges(stt, result.differences)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM {target} WHERE {where}", params)
             con.execute(f"INSERT INTO {target} SELECT * FROM {STAGE} WHERE {where}", params)
+            if note_copy is not None:
+                note_copy(copied)
             con.execute("COMMIT")
         except duckdb.Error:
             con.execute("ROLLBACK")

@@ -58,7 +58,9 @@ class StagedChanges:
     ``unchanged``.
     No change moves a row to another key (those batches go through :class:`TableDelta`).
     ``truncated``: the table was emptied before these changes. ``inserts_only``: every change is an
-    insert of a key that is unique in the source, so no key occurs twice.
+    insert of a key that is unique in the source, so no key occurs twice. ``fresh``: besides, no
+    key inserted can be in the warehouse yet (no rows were copied from the source ahead of the
+    stream since these changes' transactions: see :meth:`Sink.copy_horizon`), so nothing needs clearing.
 
     For a :attr:`SinkTable.bag` table the form differs, as order does not matter there: ``rows`` has
     ``_sign`` (int8: +1 a copy of the row added, -1 a copy removed) and ``c<i>`` for every column (the
@@ -70,6 +72,7 @@ class StagedChanges:
     unchanged: tuple[int, ...] = ()
     truncated: bool = False
     inserts_only: bool = False
+    fresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,13 @@ class Sink(Protocol):
     def rename_table(self, table: SinkTable, name: str) -> None: ...
 
     def clear_rows(self, table: SinkTable) -> None: ...
+
+    # Rows copied from the source outside the stream (a re-copy, a repair) may include transactions
+    # the stream has not applied yet, up to ``lsn``: record it (inside the open transaction).
+    def note_copy(self, lsn: LSN) -> None: ...
+
+    # The highest position recorded by ``note_copy`` (None: none was), committed or not.
+    def copy_horizon(self) -> LSN | None: ...
 
     def save_definition(self, schema: str, name: str, definition: str | None) -> None: ...
 

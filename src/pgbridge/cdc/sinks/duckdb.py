@@ -69,14 +69,22 @@ class DuckDBSink:
             f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.tables (pipeline VARCHAR NOT NULL,"
             " schema_name VARCHAR NOT NULL, table_name VARCHAR NOT NULL, definition VARCHAR NOT NULL)"
         )
+        # The WAL position up to which rows copied outside the stream may reach (Sink.note_copy).
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.copy_horizon"
+            " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL)"
+        )
+        self._horizon = self._lsn_of("copy_horizon")
         self._in_tx = False
 
     # -- transactions ---------------------------------------------------------------------
-    def checkpoint(self) -> LSN | None:
-        row = self.con.execute(
-            f"SELECT lsn FROM {META_SCHEMA}.checkpoint WHERE pipeline = ?", [self.pipeline]
-        ).fetchone()
+    def _lsn_of(self, table: str) -> LSN | None:
+        """The pipeline's LSN in a meta table, if it has a row there."""
+        row = self.con.execute(f"SELECT lsn FROM {META_SCHEMA}.{table} WHERE pipeline = ?", [self.pipeline]).fetchone()
         return LSN(int(row[0])) if row else None
+
+    def checkpoint(self) -> LSN | None:
+        return self._lsn_of("checkpoint")
 
     def begin(self) -> None:
         self.con.execute("BEGIN TRANSACTION")
@@ -103,10 +111,15 @@ class DuckDBSink:
             self.con.execute(f"INSERT INTO {META_SCHEMA}.{table} VALUES ({values})", [self.pipeline, int(lsn)])
 
     def position(self) -> LSN | None:
-        row = self.con.execute(
-            f"SELECT lsn FROM {META_SCHEMA}.slot_position WHERE pipeline = ?", [self.pipeline]
-        ).fetchone()
-        return LSN(int(row[0])) if row else None
+        return self._lsn_of("slot_position")
+
+    def note_copy(self, lsn: LSN) -> None:
+        self._set_row("copy_horizon", "lsn = greatest(lsn, ?)", "?, ?", lsn)
+        # Taken at once: a rollback leaves it higher than the record, which only costs a DELETE.
+        self._horizon = max(lsn, self._horizon) if self._horizon is not None else lsn
+
+    def copy_horizon(self) -> LSN | None:
+        return self._horizon
 
     def commit_meta(self) -> None:
         """Commit without moving the checkpoint (bookkeeping, a re-copy outside the stream)."""
@@ -295,7 +308,7 @@ class DuckDBSink:
                 later = f"SELECT 1 FROM _pgb_stg l WHERE {same_key} AND l._seq > s._seq"
                 last = "" if ch.inserts_only else f" AND NOT EXISTS ({later})"
                 source = f"SELECT {casts} FROM _pgb_stg s WHERE s._op <> {ord('D')}{last}"
-            if not ch.truncated:  # after a TRUNCATE nothing from before the batch is left to clear
+            if not (ch.truncated or ch.fresh):  # after a TRUNCATE nothing from before the batch is left to clear
                 # A join, not EXISTS: DuckDB pushes the batch's key range into the scan of the target
                 # only for a join, and without it every batch reads the whole table.
                 touched = ", ".join(f"k{i}" for i in t.key)
