@@ -6,6 +6,7 @@ import random
 import struct
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pgbridge.cdc import columnar
@@ -117,6 +118,33 @@ def test_text_array_gathers_values_and_nulls() -> None:
     assert cols[1].to_pylist() == [None, "x" * 5000, "z"]
     cols[0].validate(full=True)
     cols[1].validate(full=True)
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_text_array_cuts_any_values_out_of_the_buffer(in_order: bool) -> None:
+    # In buffer order (a column of messages) Arrow cuts them out; in any other order, numpy gathers.
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(0, 40)
+        buf, starts, lengths, want = bytearray(), [], [], []
+        for _ in range(n):
+            buf += bytes(rng.randint(0, 6))  # the bytes between two values of the column
+            value = None if rng.random() < 0.3 else "".join(rng.choice("aé€ \\t") for _ in range(rng.randint(0, 9)))
+            raw = value.encode() if value is not None else b""
+            starts.append(len(buf) if value is not None else 0)
+            lengths.append(len(raw))
+            buf += raw
+            want.append(value)
+        order = list(range(n))
+        if not in_order:
+            rng.shuffle(order)
+        pick = np.array(order, np.int64)
+        valid = np.array([want[i] is not None for i in order], np.bool_)
+        got = columnar.text_array(
+            columnar.as_array(bytes(buf)), np.array(starts, np.int64)[pick], np.array(lengths, np.int64)[pick], valid
+        )
+        got.validate(full=True)
+        assert got.type == pa.large_string() and got.to_pylist() == [want[i] for i in order]
 
 
 def test_malformed_messages_are_left_to_the_message_decoder() -> None:
