@@ -75,8 +75,11 @@ class Catalog(Protocol):
 
     def sink_table(self, st: SourceTable) -> SinkTable: ...
 
-    def recopy(self, st: SourceTable, stt: SinkTable) -> None:
-        """Copy the table's current rows into the sink's open transaction (the table is empty)."""
+    def recopy(self, st: SourceTable, stt: SinkTable) -> LSN:
+        """Copy the table's current rows into the sink's open transaction (the table is empty).
+
+        Returns a WAL position past the commit of every transaction the copy saw (the stream may
+        replay those): :func:`~pgbridge.cdc.copytext.wal_insert_lsn` after the copy."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +135,21 @@ class _Staged:
         if batches:
             rows = pa.Table.from_batches(batches)
         else:
-            rows = pa.table({name: pa.array([], _STAGE_TYPES.get(name[0], pa.bool_())) for name in names})
-        inserts_only = self.inserts_only
-        return StagedChanges(rows, tuple(sorted(self.unchanged)), self.truncated, inserts_only, inserts_only and fresh)
+            rows = pa.table({name: pa.array([], _stage_type(name)) for name in names})
+        only = self.inserts_only
+        return StagedChanges(rows, tuple(sorted(self.unchanged)), self.truncated, only, only and fresh)
 
 
-_STAGE_TYPES: Final = {"_": pa.int64(), "c": pa.large_string(), "k": pa.large_string()}
+_STAGE_TYPES: Final = {"_seq": pa.int64(), "_op": pa.uint8(), "_sign": pa.int8()}
+
+
+def _stage_type(name: str) -> pa.DataType:
+    """The Arrow type of a staging column (see :class:`StagedChanges`)."""
+    if name in _STAGE_TYPES:
+        return _STAGE_TYPES[name]
+    return pa.large_string() if name[0] in "ck" else pa.bool_()
+
+
 _Segment = _Staged | TableDelta  # a table's changes in a batch: applied in order
 
 _NOT_ROW: Final = re.compile(rb"[^IUD]")
@@ -206,6 +218,8 @@ class Applier:
         self.tables = tables
         self.sources = dict(sources or {})
         self.broken: dict[str, str] = {}  # schema.table -> why its changes are not applied (needs resync)
+        # Tables without a unique key re-copied "as of now" (a rewrite): the caller resyncs them exactly.
+        self.resync_wanted: set[str] = set()
         self._rewritten: set[int] = set()  # oids PostgreSQL rewrote in the open source transaction
         self.limits = limits
         self.checkpoint: LSN | None = sink.checkpoint()  # commit LSN of the last applied transaction
@@ -500,12 +514,12 @@ class Applier:
         """Inside a source transaction: the warehouse may hold part of it in an open transaction."""
         return self._in_txn
 
-    def reset_table(self, st: SourceTable) -> None:
+    def reset_table(self, st: SourceTable, fill: Callable[[SinkTable], None]) -> None:
         """Re-create a table from its current source shape and rows (``pipeline resync TABLE``).
 
-        Call between source transactions, after :meth:`flush`. The rows are read now, later than
-        the warehouse's position, so the changes the stream replays afterwards only move them
-        forward; the checkpoint does not move.
+        Call between source transactions, after :meth:`flush`, with the stream applied exactly up
+        to the moment the rows were copied: ``fill(table)`` writes them into the re-created table
+        inside the sink's open transaction. The checkpoint does not move.
         """
         assert self.catalog is not None and not self._in_txn
         ident = (st.schema, st.name)
@@ -513,10 +527,10 @@ class Applier:
         try:
             self._forget(ident)
             table = self._adopt(st)
+            self.broken.pop(st.qualified, None)  # before the mapping, which leaves a broken table unmapped
             for msg in [m for m in self._relmsgs.values() if (m.namespace, m.name) == ident]:
                 self._relation(msg)  # no Relation message will come again: map the columns now
-            self.catalog.recopy(st, table)
-            self.broken.pop(st.qualified, None)
+            fill(table)
             if self.checkpoint is not None:
                 self.sink.commit(self.checkpoint)
             else:
@@ -643,9 +657,12 @@ class Applier:
         if recopy:
             self.sink.clear_rows(new)
             try:
-                self.catalog.recopy(st, new)
+                self.sink.note_copy(self.catalog.recopy(st, new))
             except PgbridgeError as e:
                 self.broken[qualified] = f"re-copying {qualified} after a rewrite failed ({e.message}); run resync"
+            else:
+                if new.bag:
+                    self.resync_wanted.add(qualified)
 
     def _open_sink(self) -> None:
         """Wait for the sink work in flight, then make sure a sink transaction is open (this thread)."""
@@ -786,8 +803,17 @@ class Applier:
         if rel is None:
             return
         if rel.table.bag:
+            try:
+                part = _bag_part(rel, msg)
+            except SchemaMismatch as e:  # its changes stop here, with the reason in status, until a resync
+                qualified = f"{rel.table.schema}.{rel.table.name}"
+                self.broken[qualified] = e.message
+                self._rels[msg.relation_oid] = None
+                self._staged.pop(msg.relation_oid, None)
+                return
             staging = self._staging(msg.relation_oid, rel)
-            staging.parts.append(_bag_part(rel, msg))
+            staging.parts.append(part)
+            staging.inserts_only = staging.inserts_only and isinstance(msg, Insert)
         elif isinstance(msg, Insert):
             self._delta(msg.relation_oid, rel).insert(self._values(rel, msg.new))
         elif isinstance(msg, Update):
@@ -832,12 +858,13 @@ def _bag_arrays(positions: tuple[int, ...], g: columnar.RowGroup, arr: Any) -> d
     """The staging columns of a bag table's group: its old rows as -1 copies, its new rows as +1.
 
     An update's unchanged TOAST values are taken from its old row. None (the Python fold then says
-    what is wrong) when an old row is not whole, which REPLICA IDENTITY FULL never sends.
+    what is wrong) when an update or delete does not carry its whole old row, which REPLICA
+    IDENTITY FULL always sends.
     """
     old, new, n = g.old, g.new, len(g)
     images: list[tuple[columnar.TupleColumns, int]] = []
-    if old is not None:
-        if g.old_kind != "O" or bool((old.kinds == columnar.KIND_UNCHANGED).any()):
+    if g.tag != columnar.TAG_INSERT:
+        if old is None or g.old_kind != "O" or bool((old.kinds == columnar.KIND_UNCHANGED).any()):
             return None
         images.append((old, -1))
     if new is not None:
@@ -853,11 +880,12 @@ def _bag_arrays(positions: tuple[int, ...], g: columnar.RowGroup, arr: Any) -> d
         images.append((new, 1))
     out: dict[str, pa.Array] = {"_sign": pa.array(np.repeat([s for _, s in images], n).astype(np.int8))}
     for i, p in enumerate(positions):
-        kinds = np.concatenate([t.kinds[:, p] for t, _ in images])
-        valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
-        starts = np.concatenate([t.starts[:, p] for t, _ in images])
-        lengths = np.concatenate([t.lengths[:, p] for t, _ in images])
-        out[f"c{i}"] = columnar.text_array(arr, starts, lengths, valid)
+        parts = []
+        for t, _ in images:  # each image's values lie in buffer order: cut out one image at a time
+            kinds = t.kinds[:, p]
+            valid = (kinds == columnar.KIND_TEXT) | (kinds == columnar.KIND_BINARY)
+            parts.append(columnar.text_array(arr, t.starts[:, p], t.lengths[:, p], valid))
+        out[f"c{i}"] = parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
     return out
 
 

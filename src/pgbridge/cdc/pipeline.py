@@ -47,7 +47,7 @@ from pgbridge.cdc.source import (
     slot_status,
 )
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
-from pgbridge.cdc.validate import validate_table
+from pgbridge.cdc.validate import stage_exact, validate_table
 from pgbridge.cdc.wire import sql_connect
 from pgbridge.errors import PgbridgeError, TransientError
 from pgbridge.types import LSN
@@ -56,6 +56,7 @@ QUERY_ROW_LIMIT = 10_000
 # Received and not read yet, after a read: the pipeline is behind the server. About half a
 # second of a fast stream: a shorter pause of the consumer does not count as a backlog.
 BEHIND_BYTES = 8 << 20
+RESYNC_STAGE = "_pgb_resync"  # the exact copy of a table being resynced (a DuckDB temporary table)
 
 
 @dataclass(frozen=True)
@@ -420,17 +421,7 @@ class Pipeline:
         wanted = job.args.get("tables") or []
         known = {f"{schema}.{name}": (schema, name) for schema, name in applier.sources}
         unknown = [t for t in wanted if t not in known]
-        if job.op == "resync":
-            results = []
-            for name in wanted:
-                schema, _, table = name.partition(".")
-                st = self.lookup(schema, table)
-                if st is None:
-                    return {"error": f"{name} is not a table this pipeline replicates"}
-                applier.reset_table(st)
-                results.append({"table": name, "rows": self._count(applier.tables[(st.schema, st.name)])})
-            return {"tables": results}
-        if unknown:
+        if unknown and job.op != "resync":
             return {"error": f"not replicated by this pipeline: {', '.join(unknown)}"}
 
         def catch_up(lsn: LSN) -> None:
@@ -451,6 +442,8 @@ class Pipeline:
                     stream.send_status(reply=True)  # ask for a keepalive carrying the server's WAL end
                 pump(stream, applier, held=self.held, until=lsn)
 
+        if job.op == "resync":
+            return {"tables": [self._resync(name, applier, catch_up) for name in wanted]}
         results = []
         for name in sorted(wanted or known):
             if name in applier.broken:
@@ -466,10 +459,32 @@ class Pipeline:
                 self.sink.target(stt),
                 catch_up,
                 repair=bool(job.args.get("repair")),
-                note_copy=self.sink.note_copy,
             )
             results.append(r.as_dict())
         return {"tables": results}
+
+    def _resync(self, name: str, applier: Applier, catch_up: Callable[[LSN], None]) -> dict[str, Any]:
+        """Re-create one table from an exact copy of the source, taken where the stream is then held.
+
+        Rows copied "as of now" would meet the changes the stream still has to replay: harmless for
+        a keyed table, where the last change of a key wins, but a table without a unique key would
+        get a replayed insert's row twice.
+        """
+        schema, _, table = name.partition(".")
+        st = self.lookup(schema, table)
+        if st is None:
+            raise PgbridgeError(f"{name} is not a table this pipeline replicates")
+        lsn = stage_exact(self.cfg.dsn, st, self.sink_table(st), self.sink.con, RESYNC_STAGE)
+        catch_up(lsn)
+
+        def fill(t: SinkTable) -> None:
+            self.sink.con.execute(f"INSERT INTO {self.sink.target(t)} SELECT * FROM {RESYNC_STAGE}")
+
+        try:
+            applier.reset_table(st, fill)
+        finally:
+            self.sink.con.execute(f"DROP TABLE IF EXISTS {RESYNC_STAGE}")
+        return {"table": name, "rows": self._count(applier.tables[(st.schema, st.name)])}
 
     def _count(self, t: SinkTable) -> int:
         row = self.sink.con.execute(f"SELECT count(*) FROM {self.sink.target(t)}").fetchone()
@@ -639,10 +654,10 @@ class Pipeline:
     def sink_table(self, st: SourceTable) -> SinkTable:
         return sink_table(st)
 
-    def recopy(self, st: SourceTable, stt: SinkTable) -> None:
+    def recopy(self, st: SourceTable, stt: SinkTable) -> LSN:
         with psycopg.connect(self.cfg.dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as c:
             copy_rows(c, st, stt, self.sink.con, self.sink.target(stt))
-            self.sink.note_copy(wal_insert_lsn(c))
+            return wal_insert_lsn(c)
 
     def _check_slot_is_ours(self) -> None:
         """Refuse a slot confirmed beyond anything this pipeline ever confirmed: it was recreated.
@@ -697,6 +712,11 @@ class Pipeline:
                         st.changes_per_s = (st.changes - window_changes) / (now - window_start)
                         window_start, window_changes = now, st.changes
                     self.status_file.write()
+                    if applier.resync_wanted and not applier.in_transaction:
+                        # Re-copied "as of now" after a rewrite: a table without a unique key gets an
+                        # exact copy as well, before replayed changes could double its rows.
+                        self.jobs.put(_Job("resync", {"tables": sorted(applier.resync_wanted)}))
+                        applier.resync_wanted.clear()
                     if not self.jobs.empty() and not applier.in_transaction:
                         self._run_jobs(stream, applier)
                 # Stopped inside a source transaction, what it folded cannot be told apart from

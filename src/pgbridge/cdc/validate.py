@@ -16,14 +16,15 @@ write the warehouse and only it knows how far the warehouse has applied. For eac
 4. A range that differs is compared again under a new snapshot, and only ranges that differ every
    time are reported, so a difference is never reported on the strength of one reading.
 
-``repair`` replaces the rows of the differing ranges with the source's rows read *after* the
-warehouse's position, so changes the stream still has to replay only move them forward: the
-warehouse converges to the source without moving its checkpoint.
+``repair`` replaces the rows of the differing ranges with the last pass's copy, while the stream is
+still held at that copy's position: the ranges are then exactly the source's as of the warehouse's
+checkpoint, for a table without a unique key (a multiset, where replaying a change twice would
+double it) as for any other. ``pipeline resync TABLE`` uses the same exact copy
+(:func:`stage_exact`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -35,7 +36,7 @@ import psycopg
 from psycopg import sql
 
 from pgbridge.cdc.catalog import SourceTable
-from pgbridge.cdc.copytext import copy_rows, wal_insert_lsn
+from pgbridge.cdc.copytext import copy_rows
 from pgbridge.cdc.sinks.base import SinkTable
 from pgbridge.cdc.sinks.duckdb import qi
 from pgbridge.cdc.source import create_slot
@@ -73,27 +74,22 @@ class TableResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def _stage(
-    dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyConnection, target: str, *, exact: bool = True
-) -> LSN:
-    """The source table in ``STAGE``: as of an exact WAL position, or as of now; returns that position.
+def stage_exact(dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyConnection, name: str) -> LSN:
+    """Copy the source table into a new DuckDB temporary table ``name``, exactly as of the returned position.
 
-    "Now" (``exact=False``) is later than anything the warehouse holds, which is what a repair needs;
-    the position returned then bounds it (:func:`~pgbridge.cdc.copytext.wal_insert_lsn`).
+    The copy reads under the snapshot a temporary logical slot exports, which sees exactly the
+    transactions that commit before the slot's consistent point: once the stream has applied those
+    (and no more), the copy and the warehouse describe the same moment.
     """
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT * FROM {target} LIMIT 0")
-    with contextlib.ExitStack() as stack:
-        slot = None
-        if exact:
-            slot = stack.enter_context(create_slot(dsn, f"pgb_validate_{os.getpid()}_{next(_SLOTS)}", temporary=True))
-        pg = stack.enter_context(psycopg.connect(dsn, connect_timeout=10, options=PG_SESSION_OPTIONS))
-        pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        if slot is not None:
+    cols = ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in stt.columns)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} ({cols})")
+    with create_slot(dsn, f"pgb_stage_{os.getpid()}_{next(_SLOTS)}", temporary=True) as slot:
+        with psycopg.connect(dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as pg:
+            pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             pg.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(slot.snapshot_name)))
-        copy_rows(pg, st, stt, con, STAGE)
-        lsn = slot.consistent_lsn if slot is not None else wal_insert_lsn(pg)
-        pg.rollback()
-        return lsn
+            copy_rows(pg, st, stt, con, name)
+            pg.rollback()
+        return slot.consistent_lsn
 
 
 def _hash(stt: SinkTable) -> str:
@@ -127,8 +123,11 @@ def _bounds(con: duckdb.DuckDBPyConnection, stt: SinkTable, range_rows: int) -> 
     n = con.execute(f"SELECT count(*) FROM {STAGE}").fetchone()
     buckets = max(1, -(-(n[0] if n else 0) // range_rows))
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {BOUNDS} AS SELECT min({k0}) AS lo"
+        # Distinct and never NULL: a column with few values (a table without a unique key) gives
+        # several buckets the same lower bound, and a range from a bound to itself holds nothing.
+        f"CREATE OR REPLACE TEMP TABLE {BOUNDS} AS SELECT DISTINCT min({k0}) AS lo"
         f" FROM (SELECT {k0}, ntile({buckets}) OVER (ORDER BY {k0}) AS t FROM {STAGE}) GROUP BY t"
+        f" HAVING min({k0}) IS NOT NULL"
     )
     got = con.execute(f"SELECT count(*) FROM {BOUNDS}").fetchone()
     return int(got[0]) if got else 0
@@ -138,9 +137,9 @@ def _in_ranges(stt: SinkTable, diffs: list[RangeDiff]) -> tuple[str, list[Any]]:
     k0 = qi(stt.columns[stt.key[0]].name)
     parts, params = [], []
     for d in diffs:
-        if d.low is None:  # below the first bound (only warehouse rows can be there), or NULL
-            # (a table without a unique key may hold NULL in any column: those rows rank here too)
-            parts.append(f"({k0} < (SELECT min(lo) FROM {BOUNDS}) OR {k0} IS NULL)")
+        if d.low is None:  # below the first bound (only warehouse rows can be there: every row when the
+            # source is empty), or NULL (a table without a unique key may hold NULL in any column)
+            parts.append(f"NOT EXISTS (SELECT 1 FROM {BOUNDS} WHERE lo <= {k0})")
             continue
         parts.append(f"({k0} >= ?" + (f" AND {k0} < ?)" if d.high is not None else ")"))
         params += [d.low] + ([d.high] if d.high is not None else [])
@@ -158,16 +157,12 @@ def validate_table(
     repair: bool = False,
     range_rows: int = 50_000,
     passes: int = 3,
-    note_copy: Callable[[LSN], None] | None = None,
 ) -> TableResult:
-    """Compare one table (see the module docstring); ``con`` must not be inside a transaction.
-
-    ``note_copy(lsn)`` is called inside a repair's transaction with the position its rows are bounded
-    by (:meth:`~pgbridge.cdc.sinks.base.Sink.note_copy`)."""
+    """Compare one table (see the module docstring); ``con`` must not be inside a transaction."""
     result = TableResult(st.qualified)
     suspect: list[RangeDiff] | None = None
     for _ in range(passes):
-        lsn = _stage(dsn, st, stt, con, target)
+        lsn = stage_exact(dsn, st, stt, con, STAGE)
         catch_up(lsn)
         if suspect is None:
             result.ranges = _bounds(con, stt, range_rows)
@@ -178,14 +173,12 @@ def validate_table(
             break
     result.differences = suspect or []
     if repair and result.differences:
-        copied = _stage(dsn, st, stt, con, target, exact=False)
+        # The stream is still held where the last pass's copy was taken: that copy is exact.
         where, params = _in_ranges(stt, result.differences)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM {target} WHERE {where}", params)
             con.execute(f"INSERT INTO {target} SELECT * FROM {STAGE} WHERE {where}", params)
-            if note_copy is not None:
-                note_copy(copied)
             con.execute("COMMIT")
         except duckdb.Error:
             con.execute("ROLLBACK")
