@@ -225,11 +225,14 @@ def test_a_rewrite_of_a_table_without_a_key_is_resynced_exactly(pg: Server, tmp_
     try:
         converge_rows(pg, sock, sql)
         with psycopg.connect(pg.dsn, autocommit=True) as c:
-            for round_ in range(20):  # identical rows come and go around the rewrite
+            deadline, altered = time.monotonic() + 1.5, False
+            while time.monotonic() < deadline:  # identical rows come and go before and after the rewrite
                 c.execute(f"INSERT INTO {t} VALUES ('k1', 1), ('k1', 1)".encode())
-                c.execute(f"DELETE FROM {t} WHERE ctid = (SELECT ctid FROM {t} WHERE kind = 'k0' LIMIT 1)".encode())
-                if round_ == 5:
+                c.execute(f"DELETE FROM {t} WHERE ctid = (SELECT ctid FROM {t} WHERE kind = 'k1' LIMIT 1)".encode())
+                if not altered and time.monotonic() > deadline - 1.2:
                     c.execute(f"ALTER TABLE {t} ALTER COLUMN qty TYPE bigint".encode())
+                    altered = True
+                time.sleep(0.005)
         converge_rows(pg, sock, sql)
         assert d.pipeline is not None and not d.pipeline.status.needs_resync
     finally:

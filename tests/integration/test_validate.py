@@ -159,7 +159,7 @@ def test_validate_counts_copies_of_identical_rows_and_repair_restores_them(
     # stream would meet those changes again when it replays them, and be doubled or removed twice.
     churn = [
         f"INSERT INTO {events} VALUES ('k1', 1), ('k1', 1)",
-        f"DELETE FROM {events} WHERE ctid = (SELECT ctid FROM {events} WHERE kind = 'k0' LIMIT 1)",
+        f"DELETE FROM {events} WHERE ctid = (SELECT ctid FROM {events} WHERE kind = 'k1' AND qty = 1 LIMIT 1)",
     ]
     with writing(pg, churn):
         assert validate(d, tables=[events], repair=True)[events]["repaired"]
@@ -176,14 +176,17 @@ def test_validate_counts_copies_of_identical_rows_and_repair_restores_them(
 @contextlib.contextmanager
 def writing(pg: Server, statements: list[str]) -> Iterator[None]:
     """Run ``statements`` over and over, each in its own transaction, while the block runs."""
-    stop = threading.Event()
+    stop, failed = threading.Event(), []
 
     def run() -> None:
-        with psycopg.connect(pg.dsn, autocommit=True) as c:
-            while not stop.is_set():
-                for statement in statements:
-                    c.execute(statement.encode())
-                time.sleep(0.002)
+        try:
+            with psycopg.connect(pg.dsn, autocommit=True) as c:
+                while not stop.is_set():
+                    for statement in statements:
+                        c.execute(statement.encode())
+                    time.sleep(0.002)
+        except Exception as e:  # reported by the test, not lost with the thread
+            failed.append(e)
 
     writer = threading.Thread(target=run)
     writer.start()
@@ -193,6 +196,7 @@ def writing(pg: Server, statements: list[str]) -> Iterator[None]:
     finally:
         stop.set()
         writer.join()
+    assert not failed, failed
 
 
 def test_a_keyless_table_stopped_by_an_identity_change_streams_again_after_resync(

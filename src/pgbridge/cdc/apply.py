@@ -63,6 +63,11 @@ class SchemaMismatch(PgbridgeError):
     """The source table no longer has the shape the warehouse table was made for."""
 
 
+# Why a table without a unique key stops after a rewrite: its re-copy read the source "as of now",
+# which the changes the stream replays would be applied onto twice, so it waits for an exact one.
+AWAITING_RESYNC: Final = "re-copied after a rewrite; an exact resync of it follows (pgbridge pipeline resync)"
+
+
 class Catalog(Protocol):
     """What the applier asks the pipeline about tables it meets in the stream."""
 
@@ -217,9 +222,11 @@ class Applier:
         self.catalog = catalog
         self.tables = tables
         self.sources = dict(sources or {})
-        self.broken: dict[str, str] = {}  # schema.table -> why its changes are not applied (needs resync)
+        # schema.table -> why its changes are not applied (needs resync); committed with each batch
+        self.broken: dict[str, str] = sink.stopped_tables()
+        self._broken_saved = dict(self.broken)
         # Tables without a unique key re-copied "as of now" (a rewrite): the caller resyncs them exactly.
-        self.resync_wanted: set[str] = set()
+        self.resync_wanted = {q for q, why in self.broken.items() if why == AWAITING_RESYNC}
         self._rewritten: set[int] = set()  # oids PostgreSQL rewrote in the open source transaction
         self.limits = limits
         self.checkpoint: LSN | None = sink.checkpoint()  # commit LSN of the last applied transaction
@@ -476,10 +483,15 @@ class Applier:
             for seg in segs
         ]
         sink, durable = self.sink, self.durable
+        stopped = None
+        if commit is not None and self.broken != self._broken_saved:
+            stopped = self._broken_saved = dict(self.broken)
 
         def run() -> None:
             if begin:
                 sink.begin()
+            if stopped is not None:
+                sink.save_stopped(stopped)
             for table, change in changes:
                 if isinstance(change, TableDelta):
                     if not change.is_empty():
@@ -531,12 +543,19 @@ class Applier:
             for msg in [m for m in self._relmsgs.values() if (m.namespace, m.name) == ident]:
                 self._relation(msg)  # no Relation message will come again: map the columns now
             fill(table)
+            self.sink.save_stopped(self.broken)
+            self._broken_saved = dict(self.broken)
             if self.checkpoint is not None:
                 self.sink.commit(self.checkpoint)
             else:
                 self.sink.commit_meta()
-        except BaseException:
+        except BaseException as e:
             self.sink.rollback()
+            # What the warehouse holds of the table is unknown here: its changes wait for a resync.
+            self.broken[st.qualified] = f"resync failed ({type(e).__name__}); run it again"
+            for oid, rel in list(self._rels.items()):
+                if rel is not None and (rel.table.schema, rel.table.name) == ident:
+                    self._rels[oid] = None
             raise
         finally:
             self._sink_open = False
@@ -600,6 +619,7 @@ class Applier:
     def _forget(self, ident: tuple[str, str]) -> None:
         table = self.tables.pop(ident, None)
         self.sources.pop(ident, None)
+        self.broken.pop(f"{ident[0]}.{ident[1]}", None)  # a table gone has nothing to resync
         if table is not None:
             self.sink.drop_table(table)
             self.sink.save_definition(*ident, None)
@@ -662,6 +682,7 @@ class Applier:
                 self.broken[qualified] = f"re-copying {qualified} after a rewrite failed ({e.message}); run resync"
             else:
                 if new.bag:
+                    self.broken[qualified] = AWAITING_RESYNC  # its changes wait for the exact resync
                     self.resync_wanted.add(qualified)
 
     def _open_sink(self) -> None:

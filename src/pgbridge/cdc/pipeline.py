@@ -354,6 +354,21 @@ def held_begin(held: deque[bytes]) -> Begin | None:
     return None
 
 
+def _shape(t: SourceTable | None) -> Any:
+    """What a copy of ``t`` depends on: its columns, key and replica identity."""
+    if t is None:
+        return None
+    return (t.oid, t.key, t.replica_identity, [(c.name, c.attnum, c.type_oid, c.atttypmod) for c in t.columns])
+
+
+class _StreamFailed(Exception):
+    """The stream failed while a job was moving it (``catch_up``): the pipeline must restart."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass
 class _Job:
     """A request that needs the warehouse writer: run by the stream loop between transactions."""
@@ -407,6 +422,9 @@ class Pipeline:
                 return
             try:
                 job.result = self._job(job, stream, applier)
+            except _StreamFailed as e:  # the stream broke while the job moved it: start again from the checkpoint
+                job.result = {"error": f"the stream failed during {job.op}; the pipeline restarts"}
+                raise e.cause from None
             except PgbridgeError as e:
                 job.result = {"error": e.message}
             except (psycopg.Error, duckdb.Error) as e:
@@ -416,6 +434,8 @@ class Pipeline:
                 raise
             finally:
                 job.done.set()
+            if "error" in job.result:  # also for a job nobody waits for (a resync the pipeline runs itself)
+                print(f"pipeline {self.cfg.name}: {job.op} failed: {job.result['error']}", file=sys.stderr)
 
     def _job(self, job: _Job, stream: ReplicationStream, applier: Applier) -> dict[str, Any]:
         wanted = job.args.get("tables") or []
@@ -438,9 +458,12 @@ class Pipeline:
                     return
                 if time.monotonic() > deadline:
                     raise TransientError(f"the warehouse did not reach {lsn} within 10 minutes")
-                if applier.idle:
-                    stream.send_status(reply=True)  # ask for a keepalive carrying the server's WAL end
-                pump(stream, applier, held=self.held, until=lsn)
+                try:
+                    if applier.idle:
+                        stream.send_status(reply=True)  # ask for a keepalive carrying the server's WAL end
+                    pump(stream, applier, held=self.held, until=lsn)
+                except BaseException as e:  # a chunk may be half fed: only a restart is safe
+                    raise _StreamFailed(e) from e
 
         if job.op == "resync":
             return {"tables": [self._resync(name, applier, catch_up) for name in wanted]}
@@ -471,20 +494,24 @@ class Pipeline:
         get a replayed insert's row twice.
         """
         schema, _, table = name.partition(".")
-        st = self.lookup(schema, table)
-        if st is None:
-            raise PgbridgeError(f"{name} is not a table this pipeline replicates")
-        lsn = stage_exact(self.cfg.dsn, st, self.sink_table(st), self.sink.con, RESYNC_STAGE)
-        catch_up(lsn)
+        for _ in range(3):
+            st = self.lookup(schema, table)
+            if st is None:
+                raise PgbridgeError(f"{name} is not a table this pipeline replicates")
+            try:
+                lsn = stage_exact(self.cfg.dsn, st, self.sink_table(st), self.sink.con, RESYNC_STAGE)
+                if _shape(self.lookup(schema, table)) != _shape(st):
+                    continue  # its shape changed as the copy started: the copy may not match st
+                catch_up(lsn)
 
-        def fill(t: SinkTable) -> None:
-            self.sink.con.execute(f"INSERT INTO {self.sink.target(t)} SELECT * FROM {RESYNC_STAGE}")
+                def fill(t: SinkTable) -> None:
+                    self.sink.con.execute(f"INSERT INTO {self.sink.target(t)} SELECT * FROM {RESYNC_STAGE}")
 
-        try:
-            applier.reset_table(st, fill)
-        finally:
-            self.sink.con.execute(f"DROP TABLE IF EXISTS {RESYNC_STAGE}")
-        return {"table": name, "rows": self._count(applier.tables[(st.schema, st.name)])}
+                applier.reset_table(st, fill)
+            finally:
+                self.sink.con.execute(f"DROP TABLE IF EXISTS {RESYNC_STAGE}")
+            return {"table": name, "rows": self._count(applier.tables[(st.schema, st.name)])}
+        raise TransientError(f"{name} kept changing shape while it was being copied; run the resync again")
 
     def _count(self, t: SinkTable) -> int:
         row = self.sink.con.execute(f"SELECT count(*) FROM {self.sink.target(t)}").fetchone()
@@ -538,7 +565,7 @@ class Pipeline:
         con.execute("BEGIN TRANSACTION")
         for schema, name in self.sink.definitions():
             con.execute(f"DROP TABLE IF EXISTS {qi(schema)}.{qi(name)}")
-        for table in ("pipeline_state", "checkpoint", "slot_position", "tables"):
+        for table in ("pipeline_state", "checkpoint", "slot_position", "tables", "stopped_tables"):
             con.execute(f"DELETE FROM {META_SCHEMA}.{table} WHERE pipeline = ?", [self.cfg.name])
         schema, table = PROGRESS_TABLE.split(".")
         if con.execute(
@@ -620,13 +647,7 @@ class Pipeline:
                 fresh.execute(f"SET lock_timeout = '{LOAD_LOCK_TIMEOUT}'")  # may queue behind a waiting ALTER
                 now = self._discover(fresh, [t.qualified for t in tables]) if tables else []
 
-            def shape(ts: list[SourceTable]) -> list[Any]:
-                return [
-                    (t.oid, t.key, t.replica_identity, [(c.name, c.attnum, c.type_oid, c.atttypmod) for c in t.columns])
-                    for t in ts
-                ]
-
-            if shape(now) != shape(tables):
+            if [_shape(t) for t in now] != [_shape(t) for t in tables]:
                 raise _ShapeChanged
             yield tables
             guard.execute("COMMIT")

@@ -75,6 +75,12 @@ class DuckDBSink:
             " (pipeline VARCHAR PRIMARY KEY, lsn UBIGINT NOT NULL)"
         )
         self._horizon = self._lsn_of("copy_horizon")
+        # Tables whose changes are not applied until a resync, and why: kept with the data, so a
+        # restart past the change that stopped one does not stream onto it again.
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {META_SCHEMA}.stopped_tables"
+            " (pipeline VARCHAR NOT NULL, qualified VARCHAR NOT NULL, reason VARCHAR NOT NULL)"
+        )
         self._in_tx = False
 
     # -- transactions ---------------------------------------------------------------------
@@ -203,6 +209,20 @@ class DuckDBSink:
         if definition is not None:
             self.con.execute(
                 f"INSERT INTO {META_SCHEMA}.tables VALUES (?, ?, ?, ?)", [self.pipeline, schema, name, definition]
+            )
+
+    def stopped_tables(self) -> dict[str, str]:
+        rows = self.con.execute(
+            f"SELECT qualified, reason FROM {META_SCHEMA}.stopped_tables WHERE pipeline = ?", [self.pipeline]
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def save_stopped(self, stopped: dict[str, str]) -> None:
+        """Record the tables whose changes are not applied, and why (inside the open transaction)."""
+        self.con.execute(f"DELETE FROM {META_SCHEMA}.stopped_tables WHERE pipeline = ?", [self.pipeline])
+        for qualified, reason in stopped.items():
+            self.con.execute(
+                f"INSERT INTO {META_SCHEMA}.stopped_tables VALUES (?, ?, ?)", [self.pipeline, qualified, reason]
             )
 
     # -- apply ------------------------------------------------------------------------------
