@@ -234,7 +234,10 @@ def test_a_rewrite_of_a_table_without_a_key_is_resynced_exactly(pg: Server, tmp_
                     altered = True
                 time.sleep(0.005)
         converge_rows(pg, sock, sql)
-        assert d.pipeline is not None and not d.pipeline.status.needs_resync
+        deadline = time.monotonic() + 10  # the status is written once the loop is back from the resync
+        while d.pipeline is None or d.pipeline.status.needs_resync:
+            assert time.monotonic() < deadline, d.pipeline and d.pipeline.status.needs_resync
+            time.sleep(0.1)
     finally:
         d.stop()
         drop_inactive_slots(pg)
