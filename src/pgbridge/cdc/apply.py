@@ -553,9 +553,8 @@ class Applier:
             self.sink.rollback()
             # What the warehouse holds of the table is unknown here: its changes wait for a resync.
             self.broken[st.qualified] = f"resync failed ({type(e).__name__}); run it again"
-            for oid, rel in list(self._rels.items()):
-                if rel is not None and (rel.table.schema, rel.table.name) == ident:
-                    self._rels[oid] = None
+            for oid in self._mapped(ident):
+                self._rels[oid] = None
             raise
         finally:
             self._sink_open = False
@@ -612,9 +611,13 @@ class Applier:
         ident = (st.schema, st.name)
         self.tables[ident], self.sources[ident] = table, st
         self.sink.save_definition(st.schema, st.name, st.to_json())
-        for oid, rel in list(self._rels.items()):  # column positions come from the next Relation message
-            if rel is not None and (rel.table.schema, rel.table.name) == ident:
-                del self._rels[oid]
+        for oid in self._mapped(ident):  # column positions come from the next Relation message
+            del self._rels[oid]
+
+    def _mapped(self, ident: tuple[str, str]) -> list[int]:
+        """The relation oids whose columns are mapped to the table ``ident``."""
+        qualified = f"{ident[0]}.{ident[1]}"
+        return [oid for oid, rel in self._rels.items() if rel is not None and rel.table.qualified == qualified]
 
     def _forget(self, ident: tuple[str, str]) -> None:
         table = self.tables.pop(ident, None)
@@ -623,9 +626,8 @@ class Applier:
         if table is not None:
             self.sink.drop_table(table)
             self.sink.save_definition(*ident, None)
-        for oid, rel in list(self._rels.items()):
-            if rel is not None and (rel.table.schema, rel.table.name) == ident:
-                del self._rels[oid]
+        for oid in self._mapped(ident):
+            del self._rels[oid]
 
     def _by_oid(self, oid: int) -> tuple[str, str] | None:
         return next((ident for ident, st in self.sources.items() if st.oid == oid), None)
@@ -672,7 +674,7 @@ class Applier:
                 steps = ddl.plan_alter(old, new, {c.attnum: c.missing for c in st.columns})
                 recopy = self.sink.alter_table(old, steps) or recopy
         self._register(st, new)
-        qualified = f"{st.schema}.{st.name}"
+        qualified = st.qualified
         self.broken.pop(qualified, None)
         if recopy:
             self.sink.clear_rows(new)
@@ -695,7 +697,7 @@ class Applier:
 
     def _counted(self, rel: _Rel, n: int) -> None:
         self.stats.changes += n
-        name = f"{rel.table.schema}.{rel.table.name}"
+        name = rel.table.qualified
         self.stats.rows_by_table[name] = self.stats.rows_by_table.get(name, 0) + n
 
     def _segments(self, oid: int, rel: _Rel) -> list[_Segment]:
@@ -827,8 +829,7 @@ class Applier:
             try:
                 part = _bag_part(rel, msg)
             except SchemaMismatch as e:  # its changes stop here, with the reason in status, until a resync
-                qualified = f"{rel.table.schema}.{rel.table.name}"
-                self.broken[qualified] = e.message
+                self.broken[rel.table.qualified] = e.message
                 self._rels[msg.relation_oid] = None
                 self._staged.pop(msg.relation_oid, None)
                 return
@@ -918,20 +919,20 @@ def _bag_part(rel: _Rel, msg: Insert | Update | Delete) -> dict[str, pa.Array]:
     if not isinstance(msg, Insert):
         if msg.old is None or msg.old_kind != "O":
             raise SchemaMismatch(
-                f"{table.schema}.{table.name} has no unique key, so its changes must carry the whole old row"
+                f"{table.qualified} has no unique key, so its changes must carry the whole old row"
                 " (REPLICA IDENTITY FULL), and this one did not; run `pgbridge pipeline resync"
-                f" {table.schema}.{table.name}` after fixing its replica identity"
+                f" {table.qualified}` after fixing its replica identity"
             )
         old = Applier._values(rel, msg.old)
         if any(v is UNCHANGED for v in old):
-            raise SchemaMismatch(f"a change to {table.schema}.{table.name} did not carry its whole old row")
+            raise SchemaMismatch(f"a change to {table.qualified} did not carry its whole old row")
         images.append((old, -1))
     if not isinstance(msg, Delete):
         new = Applier._values(rel, msg.new)
         if old is not None:
             new = [o if v is UNCHANGED else v for v, o in zip(new, old, strict=True)]
         elif any(v is UNCHANGED for v in new):
-            raise SchemaMismatch(f"an insert into {table.schema}.{table.name} left a value out")
+            raise SchemaMismatch(f"an insert into {table.qualified} left a value out")
         images.append((new, 1))
     out: dict[str, pa.Array] = {"_sign": pa.array([s for _, s in images], pa.int8())}
     for i in range(len(table.columns)):

@@ -38,7 +38,7 @@ from psycopg import sql
 from pgbridge.cdc.catalog import SourceTable
 from pgbridge.cdc.copytext import copy_rows
 from pgbridge.cdc.sinks.base import SinkTable
-from pgbridge.cdc.sinks.duckdb import qi
+from pgbridge.cdc.sinks.duckdb import DuckDBSink, qi
 from pgbridge.cdc.source import create_slot
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS
 from pgbridge.types import LSN
@@ -81,8 +81,7 @@ def stage_exact(dsn: str, st: SourceTable, stt: SinkTable, con: duckdb.DuckDBPyC
     transactions that commit before the slot's consistent point: once the stream has applied those
     (and no more), the copy and the warehouse describe the same moment.
     """
-    cols = ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in stt.columns)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} ({cols})")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} ({DuckDBSink.column_defs(stt)})")
     with create_slot(dsn, f"pgb_stage_{os.getpid()}_{next(_SLOTS)}", temporary=True) as slot:
         with psycopg.connect(dsn, connect_timeout=10, options=PG_SESSION_OPTIONS) as pg:
             pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -38,6 +38,10 @@ class SinkTable:
     key_not_null: bool = False
 
     @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
     def bag(self) -> bool:
         """Rows have no identity of their own (REPLICA IDENTITY FULL without a unique key).
 

@@ -149,10 +149,14 @@ class DuckDBSink:
     def column_list(t: SinkTable) -> str:
         return ", ".join(qi(c.name) for c in t.columns)
 
+    @staticmethod
+    def column_defs(t: SinkTable) -> str:
+        """``t``'s columns as a CREATE TABLE lists them (name and warehouse type)."""
+        return ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in t.columns)
+
     def ensure_table(self, t: SinkTable) -> None:
-        cols = ", ".join(f"{qi(c.name)} {c.ctype.sql_type}" for c in t.columns)
         self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {qi(t.schema)}")
-        self.con.execute(f"CREATE TABLE IF NOT EXISTS {self.target(t)} ({cols})")
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS {self.target(t)} ({self.column_defs(t)})")
 
     def alter_table(self, old: SinkTable, steps: Sequence[Step]) -> bool:
         """Apply ``steps`` (from :func:`~pgbridge.cdc.ddl.plan_alter`) inside the open transaction.
@@ -241,7 +245,7 @@ class DuckDBSink:
         try:
             self._apply(t, delta)
         except duckdb.Error as e:
-            raise SinkError(f"applying changes to {t.schema}.{t.name} failed: {e}") from None
+            raise SinkError(f"applying changes to {t.qualified} failed: {e}") from None
 
     def _apply(self, t: SinkTable, delta: TableDelta) -> None:
         con, target = self.con, self.target(t)
@@ -281,7 +285,7 @@ class DuckDBSink:
         try:
             self._apply_staged(t, changes)
         except duckdb.Error as e:
-            raise SinkError(f"applying changes to {t.schema}.{t.name} failed: {e}") from None
+            raise SinkError(f"applying changes to {t.qualified} failed: {e}") from None
 
     def _apply_staged(self, t: SinkTable, ch: StagedChanges) -> None:
         con, target = self.con, self.target(t)
