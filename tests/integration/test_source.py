@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgbridge.cdc.pgoutput import Begin, Commit, Insert, Message, Relation, StreamCommit, StreamStart, StreamStop
 from pgbridge.cdc.source import (
@@ -23,6 +24,7 @@ from pgbridge.cdc.source import (
     slot_exists,
     slot_status,
 )
+from pgbridge.errors import PgbridgeError
 from pgbridge.types import LSN
 from tests.pgserver import Server, bare_server
 
@@ -388,3 +390,41 @@ def test_errors_never_show_the_password(pg: Server, tmp_path: Path) -> None:
             call()
         assert "hunter2secret" not in str(info.value)
         assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_replication_over_the_loopback_with_scram_and_a_password_file(tmp_path: Path) -> None:
+    """As a deployment's daemon connects: TCP on 127.0.0.1, SCRAM, the password from a pgpass file
+    (non-ASCII, with the characters pgpass escapes), read again at each connection."""
+    with bare_server("scram", "-c listen_addresses=127.0.0.1") as pg:
+        (pg.data / "pg_hba.conf").write_text("local all postgres trust\nhost postgres cdc 127.0.0.1/32 scram-sha-256\n")
+        password = "pä:ss\\wörd ✓"
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            c.execute("SELECT pg_reload_conf()")
+            c.execute(sql.SQL("CREATE ROLE cdc LOGIN REPLICATION PASSWORD {}").format(sql.Literal(password)))
+            c.execute("CREATE TABLE t (id integer PRIMARY KEY, note text)")
+            c.execute("GRANT SELECT ON t TO cdc")
+            c.execute("CREATE PUBLICATION pub FOR TABLE t")
+        passfile = tmp_path / "pgpass"
+        escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+        passfile.write_text(f"127.0.0.1:*:postgres:cdc:{escaped}\n")
+        passfile.chmod(0o600)
+        dsn = f"host=127.0.0.1 port={pg.port} dbname=postgres user=cdc passfile={passfile} sslmode=disable"
+        with create_slot(dsn, "s") as slot:
+            assert slot.snapshot_name
+        pg.sql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g")
+        with ReplicationStream.start(dsn, "s", StreamOptions(("pub",)), status_interval=1.0) as stream:
+            got = read_until(stream, lambda g: len(inserted_ids(g)) == 500)
+            assert inserted_ids(got) == list(range(1, 501))
+            rows = pg.sql("SELECT client_addr::text, usename FROM pg_stat_replication")
+            assert rows == [("127.0.0.1/32", "cdc")]
+        # A new password reaches the next connection through the file; a wrong one is refused
+        # with the server's reason and without the password.
+        pg.sql("ALTER ROLE cdc PASSWORD 'rotated-secret'")
+        with pytest.raises(PgbridgeError, match="password authentication failed") as info:
+            ReplicationStream.start(dsn, "s", StreamOptions(("pub",)))
+        assert "rotated" not in str(info.value) and "wörd" not in str(info.value)
+        passfile.write_text("127.0.0.1:*:postgres:cdc:rotated-secret\n")
+        with ReplicationStream.start(dsn, "s", StreamOptions(("pub",)), status_interval=1.0) as stream:
+            pg.sql("INSERT INTO t VALUES (501, 'after the rotation')")
+            assert inserted_ids(read_until(stream, lambda g: 501 in inserted_ids(g)))[-1] == 501
+        drop_slot(pg.dsn, "s", terminate_active=True)

@@ -43,7 +43,11 @@ def test_ident_map() -> None:
     assert render_ident("alice", "alice") == ["pgbridge alice postgres", "pgbridge alice pgbridge_admin"]
 
 
-def test_pipeline_daemon_gets_a_local_peer_rule_before_the_local_reject() -> None:
-    rules = render_hba(HbaInput(allowed_cidrs=(), tls_required=True, cdc_local=("shop", "shop_cdc")))
-    assert rules.index("local shop shop_cdc peer map=pgbridge") < rules.index("local all all reject")
-    assert render_ident("postgres", "root", "shop_cdc")[-1] == "pgbridge postgres shop_cdc"
+def test_pipeline_daemon_logs_in_on_the_loopback_only_and_before_the_tls_reject() -> None:
+    rules = render_hba(HbaInput(allowed_cidrs=("10.0.0.0/16",), tls_required=True, cdc_loopback=("shop", "shop_cdc")))
+    line = "host shop shop_cdc 127.0.0.1/32 scram-sha-256"
+    assert [r for r in rules if "shop_cdc" in r] == [line]  # no other address, no peer login
+    assert rules.index(line) < rules.index("hostnossl all all 0.0.0.0/0 reject")
+    assert rules.index("local all all reject") < rules.index(line)
+    assert not any("shop_cdc" in r for r in render_ident("postgres", "root"))
+    assert not any("shop_cdc" in r for r in render_hba(HbaInput(allowed_cidrs=(), tls_required=True)))

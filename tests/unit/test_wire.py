@@ -6,6 +6,9 @@ split across reads anywhere) and reads what the client sends back.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import random
 import socket
 import struct
@@ -88,11 +91,106 @@ def test_startup_sends_a_replication_startup_packet_and_reads_to_ready(
     assert conn.server_pid == 4242
 
 
-def test_a_password_request_is_refused_clearly(pair: tuple[WireConnection, socket.socket]) -> None:
+def test_a_password_request_without_a_password_is_refused_clearly(pair: tuple[WireConnection, socket.socket]) -> None:
     conn, server = pair
     server.sendall(msg(b"R", struct.pack(">I", 10) + b"SCRAM-SHA-256\0\0"))
-    with pytest.raises(UnsupportedAuthentication, match="peer"):
+    with pytest.raises(UnsupportedAuthentication, match=r"none was given.*passfile"):
         conn._startup()
+
+
+@pytest.mark.parametrize(("code", "body"), [(5, b"salt"), (3, b""), (10, b"SCRAM-SHA-256-PLUS\0\0")])
+def test_other_credentials_are_refused_clearly(
+    pair: tuple[WireConnection, socket.socket], code: int, body: bytes
+) -> None:
+    conn, server = pair
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, "secret")
+    server.sendall(msg(b"R", struct.pack(">I", code) + body))
+    with pytest.raises(UnsupportedAuthentication, match=r"does not give|no SASL mechanism") as info:
+        conn._startup()
+    assert "secret" not in str(info.value)
+
+
+def scram_server(server: socket.socket, password: str, *, lie: bool = False) -> Iterator[bytes]:
+    """The server's side of SCRAM-SHA-256, computed here from RFC 5802 (not with pgbridge's code).
+
+    Yields what the client sent at each step; a wrong proof is answered as PostgreSQL does
+    (ErrorResponse 28P01). With ``lie``, the server signature is wrong.
+    """
+    recv_exactly(server, struct.unpack(">I", recv_exactly(server, 4))[0] - 4)  # the startup packet
+    server.sendall(msg(b"R", struct.pack(">I", 10) + b"SCRAM-SHA-256\0\0"))
+    kind, body = recv_message(server)
+    mechanism, rest = body.split(b"\0", 1)
+    assert kind == b"p" and mechanism == b"SCRAM-SHA-256"
+    first = rest[4 : 4 + struct.unpack(">I", rest[:4])[0]]
+    yield first
+    assert first.startswith(b"n,,")
+    first_bare = first[3:].decode()
+    nonce = dict(p.split("=", 1) for p in first_bare.split(","))["r"] + "serverpart"
+    salt, iterations = b"0123456789abcdef", 4096
+    server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={iterations}"
+    server.sendall(msg(b"R", struct.pack(">I", 11) + server_first.encode()))
+    kind, final = recv_message(server)
+    yield final
+    without_proof, proof_b64 = final.decode().rsplit(",p=", 1)
+    assert kind == b"p" and without_proof == f"c=biws,r={nonce}"
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    auth = f"{first_bare},{server_first},{without_proof}".encode()
+    signature = hmac.digest(stored_key, auth, "sha256")
+    recovered = bytes(a ^ b for a, b in zip(base64.b64decode(proof_b64), signature, strict=True))
+    if hashlib.sha256(recovered).digest() != stored_key:
+        server.sendall(error("28P01", 'password authentication failed for user "cdc"'))
+        return
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    verifier = hmac.digest(server_key, auth + (b"x" if lie else b""), "sha256")
+    server.sendall(msg(b"R", struct.pack(">I", 12) + b"v=" + base64.b64encode(verifier)))
+    server.sendall(AUTH_OK + msg(b"K", struct.pack(">II", 777, 1)) + READY)
+
+
+def run_scram(
+    pair: tuple[WireConnection, socket.socket], client_password: str, server_password: str, *, lie: bool = False
+) -> list[bytes]:
+    conn, server = pair
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, client_password)
+    seen: list[bytes] = []
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            seen.extend(scram_server(server, server_password, lie=lie))
+        except BaseException as exc:  # reported by the test below
+            failed.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        conn._startup()
+    finally:
+        thread.join(10)
+        assert not failed, failed
+    return seen
+
+
+def test_scram_logs_in_and_checks_the_server(pair: tuple[WireConnection, socket.socket]) -> None:
+    seen = run_scram(pair, "pässwörd:1", "pässwörd:1")
+    assert pair[0].server_pid == 777
+    assert all(b"p\xc3\xa4ssw" not in part for part in seen)  # the password itself never crosses
+
+
+def test_scram_with_a_wrong_password_reports_the_server_error(pair: tuple[WireConnection, socket.socket]) -> None:
+    with pytest.raises(ServerError, match="password authentication failed") as info:
+        run_scram(pair, "wrong", "right")
+    assert info.value.sqlstate == "28P01"
+
+
+def test_scram_refuses_a_server_that_cannot_prove_the_password(pair: tuple[WireConnection, socket.socket]) -> None:
+    with pytest.raises(UnsupportedAuthentication, match=r"SCRAM authentication .* failed.*signature"):
+        run_scram(pair, "right", "right", lie=True)
+
+
+def test_a_target_never_shows_its_password() -> None:
+    assert "hunter2" not in repr(Target("127.0.0.1", 5432, {"user": "cdc"}, "hunter2"))
 
 
 def test_a_startup_error_carries_its_sqlstate(pair: tuple[WireConnection, socket.socket]) -> None:

@@ -62,7 +62,7 @@ RESYNC_STAGE = "_pgb_resync"  # the exact copy of a table being resynced (a Duck
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
-    dsn: str  # no password: the daemon authenticates over the local socket by OS identity
+    dsn: str  # no password: a deployment's daemon names a password file (passfile=)
     slot: str
     publication: str
     warehouse: str

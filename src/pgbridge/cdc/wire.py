@@ -12,10 +12,12 @@ pgbridge speaks it itself instead of through psycopg2's replication connection f
   (the GIL is released while it waits) into a bounded inbox, and the consumer splits frames out of
   those blocks, with no library call and no object per message beyond the payload itself.
 
-Scope: protocol 3.0 without TLS, with ``trust`` or ``peer`` authentication — what the pipeline
-uses over the deployment's local socket. The connection parameters are resolved by libpq first (an
-ordinary psycopg connection: multiple hosts, ``target_session_attrs``, environment defaults), and
-the replication connection goes to the server that connection reached.
+Scope: protocol 3.0 without TLS, with ``trust``, ``peer`` or SCRAM-SHA-256 authentication
+(``pgbridge.cdc.scram``). The connection parameters are resolved by libpq first (an ordinary
+psycopg connection: multiple hosts, ``target_session_attrs``, a password file, environment
+defaults), and the replication connection goes to the server that connection reached, with the
+password libpq used. A deployment's pipeline comes over TCP on the loopback with SCRAM, not over
+the local socket: see :meth:`WireConnection._read_loop` for why.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import psycopg
+
+from pgbridge.cdc.scram import MECHANISM, ScramClient, ScramError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -69,7 +73,8 @@ class WireError(Exception):
 
 
 class UnsupportedAuthentication(WireError):
-    """The server asks for a credential (a password, SCRAM, GSS): retrying will not help."""
+    """The server asks for a credential this client cannot give (no password, MD5, GSS, a failed
+    SCRAM exchange): retrying will not help."""
 
 
 class ServerError(Exception):
@@ -110,6 +115,7 @@ class Target:
     host: str
     port: int
     params: dict[str, str]  # startup parameters (user, database, application_name, options)
+    password: str | None = field(default=None, repr=False)  # what libpq used (the DSN, a password file)
 
     @classmethod
     def resolve(cls, dsn: str) -> Target:
@@ -119,13 +125,13 @@ class Target:
             if not info.host.startswith("/") and given.get("sslmode") in _TLS_REQUIRED:
                 raise UnsupportedAuthentication(
                     f"the DSN asks for TLS (sslmode={given['sslmode']}), which pgbridge's replication"
-                    " connection does not speak; it connects over the deployment's local socket"
+                    " connection does not speak; it connects over the local socket or the loopback"
                 )
             params = {"user": info.user, "database": info.dbname}
             for key in ("application_name", "options"):
                 if given.get(key):
                     params[key] = given[key]
-            return cls(info.hostaddr or info.host, int(info.port), params)
+            return cls(info.hostaddr or info.host, int(info.port), params, info.password or None)
 
 
 def sql_connect(dsn: str) -> psycopg.Connection[Any]:
@@ -197,11 +203,13 @@ class WireConnection:
             kind, payload = self._next_message()
             if kind == b"R":
                 (code,) = _LENGTH.unpack_from(payload)
-                if code != 0:
+                if code == 10:  # AuthenticationSASL: the mechanisms the server offers
+                    self._sasl(payload[4:].split(b"\0"))
+                elif code != 0:
                     raise UnsupportedAuthentication(
-                        f"the server at {self.where} asks for a password or another credential (authentication"
-                        f" request {code}); pgbridge's replication connection logs in over the local socket by"
-                        " OS identity (peer) or trust"
+                        f"the server at {self.where} asks for a credential pgbridge's replication connection"
+                        f" does not give (authentication request {code}); it logs in by OS identity (peer)"
+                        " over the local socket, or with SCRAM-SHA-256"
                     )
             elif kind == b"K":
                 (self.server_pid,) = _LENGTH.unpack_from(payload)
@@ -210,6 +218,41 @@ class WireConnection:
             elif kind == b"Z":
                 return
             # ParameterStatus, NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    def _sasl(self, mechanisms: list[bytes]) -> None:
+        """The SCRAM-SHA-256 exchange, up to (not including) AuthenticationOk."""
+        if MECHANISM.encode() not in mechanisms:
+            offered = ", ".join(m.decode("utf-8", "replace") for m in mechanisms if m) or "none"
+            raise UnsupportedAuthentication(
+                f"the server at {self.where} offers no SASL mechanism pgbridge speaks ({offered})"
+            )
+        if not self.target.password:
+            raise UnsupportedAuthentication(
+                f"the server at {self.where} asks for a password and none was given: put the role's password"
+                " in a password file (the DSN's passfile) or connect over the local socket"
+            )
+        scram = ScramClient(self.target.password)
+        first = scram.first()
+        self._send_message(b"p", MECHANISM.encode() + b"\0" + _LENGTH.pack(len(first)) + first)
+        try:
+            self._send_message(b"p", scram.final(self._auth_step(11)))
+            scram.verify(self._auth_step(12))
+        except ScramError as exc:
+            raise UnsupportedAuthentication(
+                f"SCRAM authentication with the server at {self.where} failed: {exc}"
+            ) from None
+
+    def _auth_step(self, want: int) -> bytes:
+        """The data of the next authentication request, which must be ``want`` (SASLContinue, SASLFinal)."""
+        kind, payload = self._next_message()
+        if kind == b"E":
+            raise _parse_error(payload)
+        if kind != b"R" or _LENGTH.unpack_from(payload)[0] != want:
+            raise WireError(f"the server at {self.where} broke off the SCRAM exchange (message {kind!r})")
+        return payload[4:]
+
+    def _send_message(self, kind: bytes, body: bytes) -> None:
+        self.send(kind + _LENGTH.pack(4 + len(body)) + body)
 
     @property
     def where(self) -> str:
@@ -236,8 +279,7 @@ class WireConnection:
         An ErrorResponse is raised once the server is ready again, or when it closes the connection
         after it (a FATAL error): the server's message, not the lost connection, is what tells.
         """
-        data = sql.encode()
-        self.send(b"Q" + _LENGTH.pack(4 + len(data) + 1) + data + b"\0")
+        self._send_message(b"Q", sql.encode() + b"\0")
         error: ServerError | None = None
         while True:
             try:

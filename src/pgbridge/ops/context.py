@@ -45,8 +45,10 @@ def listen_addresses(addresses: Sequence[str], *, loopback: bool = False) -> tup
 
 
 def member_listen_addresses(spec: Spec) -> tuple[str, ...]:
-    """Where each member's PostgreSQL listens: behind endpoints HAProxy reaches them on 127.0.0.1."""
-    return listen_addresses(spec.network.listen_addresses, loopback=spec.effective_endpoints() is not None)
+    """Where each member's PostgreSQL listens: behind endpoints HAProxy reaches them on 127.0.0.1,
+    and the pipeline daemon does."""
+    loopback = spec.effective_endpoints() is not None or spec.pipeline is not None
+    return listen_addresses(spec.network.listen_addresses, loopback=loopback)
 
 
 def pooler_listen_addresses(spec: Spec) -> tuple[str, ...]:

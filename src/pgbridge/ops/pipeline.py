@@ -1,9 +1,10 @@
 """Services behind `pgbridge pipeline ...` and `pgbridge query`, and the pipeline's part of `up`.
 
 `up` creates the publication (as admin: FOR TABLES IN SCHEMA needs a superuser on PostgreSQL 15),
-writes the daemon's config and starts it under supervisord as the service user, who logs in as the
-CDC role by OS identity. The daemon creates the slot itself, because the initial load must read
-under the snapshot the slot exports.
+writes the daemon's config and password file and starts it under supervisord as the service user.
+The daemon logs in as the CDC role over TCP on the loopback with SCRAM (see plan/hba.py for why
+not over the local socket). It creates the slot itself, because the initial load must read under
+the snapshot the slot exports.
 """
 
 from __future__ import annotations
@@ -22,17 +23,33 @@ from pgbridge.cdc.pipeline import request as socket_request
 from pgbridge.cdc.source import slot_status
 from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
 from pgbridge.home import write_if_changed
-from pgbridge.ops.context import Deployment
+from pgbridge.ops.context import Deployment, secret_name_for_role
 from pgbridge.ops.tasks import Action, Report
 from pgbridge.platform import system
 from pgbridge.platform.patroni import RUNNING_STATES, leader_of
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
 
+LOOPBACK = "127.0.0.1"  # where the daemon reaches the members (plan/hba.py allows it there only)
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def passfile_text(dep: Deployment) -> str:
+    """One pgpass line: the CDC role's password on the loopback, for the pipeline's database."""
+    spec = dep.spec
+    role = spec.database.users.cdc
+    password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    fields = (LOOPBACK, "*", spec.database.name, role, password)
+    return ":".join(f if f == "*" else _pgpass_field(f) for f in fields) + "\n"
+
 
 @dataclass(frozen=True)
 class PipelinePaths:
     config: Path
+    passfile: Path  # the CDC role's password for libpq (and the replication connection), 0600
     warehouse: Path
     status: Path
     socket: Path
@@ -51,6 +68,7 @@ def paths(dep: Deployment) -> PipelinePaths:
     h = dep.home
     return PipelinePaths(
         config=h.etc / f"pipeline-{p.name}.json",
+        passfile=h.etc / f"pipeline-{p.name}.pgpass",
         warehouse=h.root / "warehouse" / f"{p.name}.duckdb",
         status=h.run / f"pipeline-{p.name}.status.json",
         socket=h.run / f"pipeline-{p.name}.sock",
@@ -74,13 +92,15 @@ def config(dep: Deployment) -> PipelineConfig:
     spec, p, pp = dep.spec, dep.spec.pipeline, paths(dep)
     assert p is not None
     # Every member that may become primary, and libpq picks the one that is: after a failover
-    # the daemon reconnects to the new primary by itself.
+    # the daemon reconnects to the new primary by itself. libpq reads the password file at each
+    # connection, so a new password applies from the next one.
     able = [m.name for m in dep.members if not m.nofailover]
-    hosts = ",".join(str(dep.home.socket_dir) for _ in able)
+    hosts = ",".join(LOOPBACK for _ in able)
     ports = ",".join(str(dep.member_port(m)) for m in able)
     dsn = (
         f"host={hosts} port={ports} dbname={spec.database.name}"
-        f" user={spec.database.users.cdc} application_name=pgbridge-{pp.program}"
+        f" user={spec.database.users.cdc} passfile={pp.passfile} sslmode=disable"
+        f" application_name=pgbridge-{pp.program}"
     )
     if len(able) > 1:
         dsn += " target_session_attrs=primary"
@@ -178,6 +198,8 @@ def ensure(dep: Deployment, report: Report) -> None:
     report.add("ddl capture", _ensure_ddl_capture(dep))
     report.add("standby probe", _ensure_standby_probe(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
+    write_if_changed(pp.passfile, passfile_text(dep), mode=0o600)
+    system.chown(pp.passfile, user)
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)
     sup = dep.supervisor

@@ -200,7 +200,7 @@ def hba_input(spec: Spec) -> HbaInput:
     return HbaInput(
         allowed_cidrs=tuple(spec.network.allowed_cidrs),
         tls_required=spec.tls.mode == "required",
-        cdc_local=(spec.database.name, spec.database.users.cdc) if spec.pipeline else None,
+        cdc_loopback=(spec.database.name, spec.database.users.cdc) if spec.pipeline else None,
         endpoint_cidrs=("127.0.0.1/32",) if spec.effective_endpoints() else (),
     )
 
@@ -253,7 +253,7 @@ def _dcs(spec: Spec, params: dict[str, ParamValue], settings: Settings, sync_on:
             "use_slots": True,
             "parameters": {k: v.value for k, v in sorted(params.items())},
             "pg_hba": render_hba(hba_input(spec)),
-            "pg_ident": render_ident(settings.user.name, operator, spec.database.users.cdc if spec.pipeline else None),
+            "pg_ident": render_ident(settings.user.name, operator),
         },
     }
 

@@ -1,0 +1,78 @@
+"""SCRAM-SHA-256's client side against RFC 7677's worked example and RFC 4013's SASLprep examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgbridge.cdc.scram import ScramClient, ScramError, saslprep
+
+# RFC 7677, section 3: user "user", password "pencil".
+CLIENT_NONCE = "rOprNGfwEbeRWgbNEkqO"
+SERVER_FIRST = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+CLIENT_FINAL = (
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+)
+SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+
+def rfc_client() -> ScramClient:
+    return ScramClient("pencil", user="user", nonce=CLIENT_NONCE)
+
+
+def test_the_rfc_7677_exchange() -> None:
+    client = rfc_client()
+    assert client.first() == b"n,,n=user,r=" + CLIENT_NONCE.encode()
+    assert client.final(SERVER_FIRST) == CLIENT_FINAL
+    client.verify(SERVER_FINAL)
+
+
+def test_a_wrong_server_signature_is_refused() -> None:
+    client = rfc_client()
+    client.final(SERVER_FIRST)
+    with pytest.raises(ScramError, match="does not know this password"):
+        client.verify(b"v=" + b"A" * 43 + b"=")
+    with pytest.raises(ScramError, match="refused"):
+        client.verify(b"e=invalid-proof")
+
+
+def test_a_server_final_before_the_proof_is_refused() -> None:
+    with pytest.raises(ScramError, match="before the client sent its proof"):
+        rfc_client().verify(SERVER_FINAL)
+
+
+@pytest.mark.parametrize(
+    ("server_first", "match"),
+    [
+        (b"r=someone-elses-nonce,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "does not extend"),
+        (b"r=" + CLIENT_NONCE.encode() + b",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "does not extend"),
+        (b"r=" + CLIENT_NONCE.encode() + b"x,s=not base64!,i=4096", "salt or iteration"),
+        (b"r=" + CLIENT_NONCE.encode() + b"x,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0", "salt or iteration"),
+        (b"r=" + CLIENT_NONCE.encode() + b"x,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=many", "salt or iteration"),
+        (b"garbage", "malformed"),
+        (b"e=other-error", "ended the SCRAM exchange"),
+    ],
+)
+def test_a_malformed_server_first_message_is_refused(server_first: bytes, match: str) -> None:
+    with pytest.raises(ScramError, match=match):
+        rfc_client().final(server_first)
+
+
+def test_nonces_are_fresh() -> None:
+    assert ScramClient("x").first() != ScramClient("x").first()
+
+
+@pytest.mark.parametrize(
+    ("given", "prepared"),
+    [
+        ("user", b"user"),  # RFC 4013 section 3's examples, then PostgreSQL's fallback
+        ("I\u00adX", b"IX"),  # soft hyphen: mapped to nothing
+        ("\u00aa", b"a"),  # NFKC
+        ("\u2168", b"IX"),  # NFKC
+        ("a\u00a0b", b"a b"),  # non-ASCII space: mapped to a space
+        ("\u0007", b"\x07"),  # prohibited: PostgreSQL uses the bytes as they are
+        ("\u0627\u0031", "\u0627\u0031".encode()),  # breaks the bidirectional rule: as they are
+        ("p\u00e4ssw\u00f6rd", "p\u00e4ssw\u00f6rd".encode()),
+    ],
+)
+def test_saslprep(given: str, prepared: bytes) -> None:
+    assert saslprep(given) == prepared
