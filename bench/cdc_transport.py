@@ -3,7 +3,7 @@
 Not a test. Run from the repository root (as root or as a user that can run PostgreSQL):
 
     PYTHONPATH=src python bench/cdc_transport.py [--inserts 1000000] [--updates 200000]
-        [--deletes 100000] [--rounds 2]
+        [--deletes 100000] [--rounds 2] [--gathers-ms 0.1]
 
 It starts a throwaway PostgreSQL 15 listening on its unix socket and on 127.0.0.1 (``trust``: the
 server lives only as long as the run), creates bench/cdc.py's order_items-like table, one slot per
@@ -12,12 +12,13 @@ over the table). Each slot is then drained, interleaved:
 
   a      ``pg_recvlogical`` over the unix socket into /dev/null: the server's decode ceiling;
   unix   ``pump`` + ``Applier`` + a fresh DuckDB warehouse, in this process, over the unix socket;
-  tcp    the same over TCP on 127.0.0.1.
+  tcp    the same over TCP on 127.0.0.1, once for each of ``--gathers-ms`` (the reader's pause
+         between the first byte and a gulp, ``wire.GATHER_S``; the unix socket keeps the default).
 
-The pipeline daemon connects over the unix socket (it logs in by OS identity); this measures what
-the transport costs it. A unix socket carries one socket buffer per message and holds about 280 of
-them (see docs/cdc.md, "The reader's gather"); TCP coalesces them and its buffers grow to
-megabytes.
+This is the measurement that moved the pipeline daemon from the unix socket (where it logged in by
+OS identity) to TCP on the loopback (SCRAM) in 2026-11. A unix socket carries one socket buffer per
+message and holds about 280 of them (see docs/cdc.md, "The reader's gather"); TCP coalesces them
+and its buffers grow to megabytes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for bench/cd
 from tests.pgserver import PG_BIN, bare_server
 
 from cdc import COLUMNS, ROW_EXPR
+from pgbridge.cdc import wire
 from pgbridge.cdc.apply import Applier, BatchLimits
 from pgbridge.cdc.catalog import SourceTable, discover_tables, sink_table
 from pgbridge.cdc.pipeline import pump
@@ -98,9 +100,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=200_000)
     parser.add_argument("--deletes", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gathers-ms", default=f"{wire.GATHER_S * 1000:g}", help="comma-separated, for tcp")
     args = parser.parse_args()
-    order = ["a", "unix", "tcp", "a", "tcp", "unix"] * ((args.rounds + 1) // 2)
-    order = order[: 3 * args.rounds]
+    gathers = {f"tcp/{g.strip()}": float(g) / 1000 for g in args.gathers_ms.split(",")}
+    variants = ["unix", *gathers]
+    order = [h for r in range(args.rounds) for h in ["a", *(variants if r % 2 == 0 else variants[::-1])]]
+    default_gather = wire.GATHER_S
     settings = "-c max_wal_size=4GB -c logical_decoding_work_mem=64MB -c listen_addresses=127.0.0.1"
     with bare_server("transport", settings=settings) as srv:
         tcp = f"host=127.0.0.1 port={srv.port} dbname=postgres user=postgres"
@@ -118,18 +123,20 @@ def main() -> None:
         best: dict[str, float] = {}
         for i, how in enumerate(order):
             slot = f"bench_transport_{i}"
+            wire.GATHER_S = gathers.get(how, default_gather)
             if how == "a":
                 took = recvlogical(srv.dsn, slot, end)
             else:
                 took = pipeline(srv.dsn if how == "unix" else tcp, slot, starts[i], table, transactions)
             best[how] = min(took, best.get(how, took))
-            print(f"  {how:<5} {took:6.2f}s  {changes / took:10,.0f} changes/s", flush=True)
+            print(f"  {how:<8} {took:6.2f}s  {changes / took:10,.0f} changes/s", flush=True)
     a = changes / best["a"]
     print(f"best of {args.rounds}, {changes:,} changes:")
-    labels = {"a": "pg_recvlogical, unix socket", "unix": "pipeline, unix socket", "tcp": "pipeline, TCP"}
+    labels = {"a": "pg_recvlogical, unix socket", "unix": "pipeline, unix socket"}
+    labels |= {how: f"pipeline, TCP, gather {g * 1000:g} ms" for how, g in gathers.items()}
     for how, label in labels.items():
         rate = changes / best[how]
-        print(f"  {label:<30} {rate:10,.0f} changes/s   /a = {rate / a:4.2f}")
+        print(f"  {label:<34} {rate:10,.0f} changes/s   /a = {rate / a:4.2f}")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,35 @@ def test_kill_9_of_the_daemon_loses_nothing(dep: Env) -> None:
     assert json.loads(dep.run("pipeline", "status", "--json").stdout)["process"]["pid"] != pid
 
 
+def test_the_daemon_streams_over_the_loopback_and_up_mends_its_password_file(dep: Env) -> None:
+    """The daemon logs in as the CDC role on 127.0.0.1 with the password in its 0600 file. A wrong
+    password there is reported (never shown) and retried; `up` writes the right one back."""
+    with psycopg.connect(dep.dsn("shop_cdc"), autocommit=True) as c:
+        rows = c.execute("SELECT client_addr::text FROM pg_stat_replication WHERE application_name LIKE 'pgbridge-%'")
+        assert [r[0] for r in rows.fetchall()] == ["127.0.0.1/32"]
+    passfile = dep.home / "etc" / "pipeline-analytics.pgpass"
+    assert passfile.stat().st_mode & 0o777 == 0o600
+    good = passfile.read_text()
+    assert good.rsplit(":", 1)[1].strip() == dep.secret("shop_cdc")
+    assert dep.secret("shop_cdc") not in (dep.home / "etc" / "pipeline-analytics.json").read_text()
+    passfile.write_text(good.rsplit(":", 1)[0] + ":wrong-password\n")
+    pid = json.loads(dep.run("pipeline", "status", "--json").stdout)["process"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        s = json.loads(dep.run("pipeline", "status", "--json").stdout)
+        if "password authentication failed" in str(s.get("last_error")):
+            break
+        assert time.monotonic() < deadline, f"{s}\nlog:\n{log_tail(dep)}"
+        time.sleep(0.5)
+    assert "wrong-password" not in str(s) and "wrong-password" not in log_tail(dep)
+    dep.run("up")
+    assert passfile.read_text() == good and passfile.stat().st_mode & 0o777 == 0o600
+    with app(dep) as c:
+        c.execute("INSERT INTO customers (email, total) VALUES ('after-the-password-file', 3)")
+    wait_same(dep, CHECK_SRC, CHECK_WH, timeout=90)
+
+
 def test_stop_start_and_up_keeps_it_stopped(dep: Env) -> None:
     dep.run("pipeline", "stop")
     with app(dep) as c:

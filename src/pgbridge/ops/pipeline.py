@@ -198,7 +198,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     report.add("ddl capture", _ensure_ddl_capture(dep))
     report.add("standby probe", _ensure_standby_probe(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
-    write_if_changed(pp.passfile, passfile_text(dep), mode=0o600)
+    mended = write_if_changed(pp.passfile, passfile_text(dep), mode=0o600)
     system.chown(pp.passfile, user)
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)
@@ -207,7 +207,9 @@ def ensure(dep: Deployment, report: Report) -> None:
     if dep.state.get("pipeline_stopped"):
         report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged", "stopped by `pipeline stop`")
         return
-    if state == "RUNNING" and changed:
+    # A running daemon reads a new password file at its next connection; one that supervisord
+    # is waiting to start again (it failed to log in) is started at once rather than after the wait.
+    if (state == "RUNNING" and changed) or (state == "BACKOFF" and mended):
         sup.stop_program(pp.program)
         state = "STOPPED"
     if state != "RUNNING":
