@@ -328,6 +328,8 @@ class WireConnection:
         socket holds about 280 messages of 140 bytes, 0.45 ms of a walsender decoding 600k changes a
         second. With 0.5 ms the walsender stalled on the full socket and reading alone ran at 0.68
         of ``pg_recvlogical`` on such a host; with 0.1 ms, 0.94 (``bench/source_read.py`` (d)).
+        Over TCP the socket holds megabytes, but longer gathers were no better there either: 0.5
+        and 1 ms gave 0.86 and 0.82 end to end against 0.88 with 0.1 ms (``bench/cdc_transport.py``).
         """
         sock, cond = self._sock, self._cond
         fd = sock.fileno()
