@@ -24,7 +24,8 @@ the CDC role can read them. In one run, in this order, it measures:
   (b) ``pgbridge pipeline start``, timed until the pipeline slot's confirmed_flush_lsn (confirmed
       only after the DuckDB commit) reaches the same end LSN, from its walsender starting (and from
       the start command, daemon start-up included), with the rate of each phase (to the batch);
-      the warehouse is checked against the source;
+      the warehouse is checked against the source. The daemon streams over TCP on 127.0.0.1 (as
+      a deployment's daemon does, with SCRAM), while (a) reads over the unix socket, its fastest;
   (c) a writer thread committing ``--txn-per-s`` transactions a second, together inserting
       order_items-like rows at half of (b)'s rate (each transaction also sets a one-row tick table
       to its number), while a prober asks the pipeline's query socket for the tick every

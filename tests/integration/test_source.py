@@ -393,11 +393,14 @@ def test_errors_never_show_the_password(pg: Server, tmp_path: Path) -> None:
 
 
 def test_replication_over_the_loopback_with_scram_and_a_password_file(tmp_path: Path) -> None:
-    """As a deployment's daemon connects: TCP on 127.0.0.1, SCRAM, the password from a pgpass file
-    (non-ASCII, with the characters pgpass escapes), read again at each connection."""
+    """As a deployment's daemon connects: TCP on 127.0.0.1, SCRAM required, the password from a
+    pgpass file, read again at each connection. The password holds what pgpass escapes and what
+    SASLprep changes (a soft hyphen, a non-ASCII space, a character NFKC rewrites), so the server's
+    own hashing decides whether the client prepared it the same way."""
     with bare_server("scram", "-c listen_addresses=127.0.0.1") as pg:
-        (pg.data / "pg_hba.conf").write_text("local all postgres trust\nhost postgres cdc 127.0.0.1/32 scram-sha-256\n")
-        password = "pä:ss\\wörd ✓"
+        hba = pg.data / "pg_hba.conf"
+        hba.write_text("local all postgres trust\nhost postgres cdc 127.0.0.1/32 scram-sha-256\n")
+        password = "pä:ss\\wörd ✓ I\u00adX\u00a0\u2168"
         with psycopg.connect(pg.dsn, autocommit=True) as c:
             c.execute("SELECT pg_reload_conf()")
             c.execute(sql.SQL("CREATE ROLE cdc LOGIN REPLICATION PASSWORD {}").format(sql.Literal(password)))
@@ -408,7 +411,10 @@ def test_replication_over_the_loopback_with_scram_and_a_password_file(tmp_path: 
         escaped = password.replace("\\", "\\\\").replace(":", "\\:")
         passfile.write_text(f"127.0.0.1:*:postgres:cdc:{escaped}\n")
         passfile.chmod(0o600)
-        dsn = f"host=127.0.0.1 port={pg.port} dbname=postgres user=cdc passfile={passfile} sslmode=disable"
+        dsn = (
+            f"host=127.0.0.1 port={pg.port} dbname=postgres user=cdc passfile={passfile} sslmode=disable"
+            " require_auth=scram-sha-256"
+        )
         with create_slot(dsn, "s") as slot:
             assert slot.snapshot_name
         pg.sql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g")
@@ -427,4 +433,9 @@ def test_replication_over_the_loopback_with_scram_and_a_password_file(tmp_path: 
         with ReplicationStream.start(dsn, "s", StreamOptions(("pub",)), status_interval=1.0) as stream:
             pg.sql("INSERT INTO t VALUES (501, 'after the rotation')")
             assert inserted_ids(read_until(stream, lambda g: 501 in inserted_ids(g)))[-1] == 501
+        # Whatever lets the client in without SCRAM (here: trust) is refused, as libpq refuses it.
+        hba.write_text("local all postgres trust\nhost postgres cdc 127.0.0.1/32 trust\n")
+        pg.sql("SELECT pg_reload_conf()")
+        with pytest.raises(PgbridgeError, match=r'requirement "scram-sha-256" failed'):
+            ReplicationStream.start(dsn, "s", StreamOptions(("pub",)))
         drop_slot(pg.dsn, "s", terminate_active=True)

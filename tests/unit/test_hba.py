@@ -46,7 +46,13 @@ def test_ident_map() -> None:
 def test_pipeline_daemon_logs_in_on_the_loopback_only_and_before_the_tls_reject() -> None:
     rules = render_hba(HbaInput(allowed_cidrs=("10.0.0.0/16",), tls_required=True, cdc_loopback=("shop", "shop_cdc")))
     line = "host shop shop_cdc 127.0.0.1/32 scram-sha-256"
-    assert [r for r in rules if "shop_cdc" in r] == [line]  # no other address, no peer login
+    assert [r for r in rules if "shop_cdc" in r] == [
+        line,
+        "host all shop_cdc 0.0.0.0/0 reject",
+        "host all shop_cdc ::/0 reject",
+    ]
+    # ...and all of it before any rule that lets other roles in from the client networks
+    assert rules.index("host all shop_cdc ::/0 reject") < rules.index("hostssl all all 10.0.0.0/16 scram-sha-256")
     assert rules.index(line) < rules.index("hostnossl all all 0.0.0.0/0 reject")
     assert rules.index("local all all reject") < rules.index(line)
     assert not any("shop_cdc" in r for r in render_ident("postgres", "root"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgbridge.cdc.scram import ScramClient, ScramError, saslprep
+from pgbridge.platform.postgres import scram_verifier, verifier_matches
+from pgbridge.scram import MAX_ITERATIONS, ScramClient, ScramError, keys, saslprep
 
 # RFC 7677, section 3: user "user", password "pencil".
 CLIENT_NONCE = "rOprNGfwEbeRWgbNEkqO"
@@ -47,6 +48,10 @@ def test_a_server_final_before_the_proof_is_refused() -> None:
         (b"r=" + CLIENT_NONCE.encode() + b",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "does not extend"),
         (b"r=" + CLIENT_NONCE.encode() + b"x,s=not base64!,i=4096", "salt or iteration"),
         (b"r=" + CLIENT_NONCE.encode() + b"x,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0", "salt or iteration"),
+        (
+            b"r=" + CLIENT_NONCE.encode() + b"x,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=" + str(MAX_ITERATIONS + 1).encode(),
+            "iteration",
+        ),
         (b"r=" + CLIENT_NONCE.encode() + b"x,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=many", "salt or iteration"),
         (b"garbage", "malformed"),
         (b"e=other-error", "ended the SCRAM exchange"),
@@ -72,7 +77,22 @@ def test_nonces_are_fresh() -> None:
         ("\u0007", b"\x07"),  # prohibited: PostgreSQL uses the bytes as they are
         ("\u0627\u0031", "\u0627\u0031".encode()),  # breaks the bidirectional rule: as they are
         ("p\u00e4ssw\u00f6rd", "p\u00e4ssw\u00f6rd".encode()),
+        # Where PostgreSQL's pg_saslprep differs from a naive reading: a character in both the
+        # space and the "mapped to nothing" tables becomes a space; the checks look at the string
+        # before NFKC (U+0340 is prohibited, U+2150 unassigned in Unicode 3.2, both vanish or
+        # change under NFKC).
+        ("a\u200bb", b"a b"),
+        ("A\u0340", "A\u0340".encode()),
+        ("a\u2150", "a\u2150".encode()),
+        ("\u00ad", "\u00ad".encode()),  # nothing left: as it is
     ],
 )
 def test_saslprep(given: str, prepared: bytes) -> None:
     assert saslprep(given) == prepared
+
+
+def test_stored_verifiers_hash_the_prepared_password() -> None:
+    """What pgbridge stores for a role must be what PostgreSQL checks a login against."""
+    assert keys("I\u00adX", b"salt", 4096) == keys("IX", b"salt", 4096)
+    verifier = scram_verifier("\u2168", salt=b"0123456789abcdef")
+    assert verifier_matches(verifier, "IX") and not verifier_matches(verifier, "\u2168x")

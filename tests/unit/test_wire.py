@@ -152,7 +152,7 @@ def run_scram(
     pair: tuple[WireConnection, socket.socket], client_password: str, server_password: str, *, lie: bool = False
 ) -> list[bytes]:
     conn, server = pair
-    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, client_password)
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, client_password, "scram-sha-256")
     seen: list[bytes] = []
     failed: list[BaseException] = []
 
@@ -187,6 +187,25 @@ def test_scram_with_a_wrong_password_reports_the_server_error(pair: tuple[WireCo
 def test_scram_refuses_a_server_that_cannot_prove_the_password(pair: tuple[WireConnection, socket.socket]) -> None:
     with pytest.raises(UnsupportedAuthentication, match=r"SCRAM authentication .* failed.*signature"):
         run_scram(pair, "right", "right", lie=True)
+
+
+def test_a_server_skipping_scram_is_refused_when_the_dsn_requires_it(
+    pair: tuple[WireConnection, socket.socket],
+) -> None:
+    """Something else on the port (a squatter saying "trust") must not get to feed the stream."""
+    conn, server = pair
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, "secret", "scram-sha-256")
+    server.sendall(AUTH_OK + READY)
+    with pytest.raises(UnsupportedAuthentication, match="without SCRAM"):
+        conn._startup()
+
+
+def test_require_auth_none_refuses_a_password_request(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, "secret", "none")
+    server.sendall(msg(b"R", struct.pack(">I", 10) + b"SCRAM-SHA-256\0\0"))
+    with pytest.raises(UnsupportedAuthentication, match="does not give"):
+        conn._startup()
 
 
 def test_a_target_never_shows_its_password() -> None:

@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any, Final
 import duckdb
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from pgbridge.cdc import ddl
 from pgbridge.cdc.apply import Applier, BatchLimits, SchemaMismatch
@@ -541,6 +543,7 @@ class Pipeline:
 
     def run(self) -> None:
         serve_queries(self.sink.con, Path(self.cfg.socket), self.stop, self.control)
+        check_passfile(self.cfg.dsn)
         self.status.state = "running"
         if self.cfg.resync_file and Path(self.cfg.resync_file).exists():
             self._reset()
@@ -764,6 +767,26 @@ class Pipeline:
         with contextlib.suppress(OSError):
             self.status_file.write(force=True)
         self.sink.close()
+
+
+def check_passfile(dsn: str) -> None:
+    """libpq passes over a password file it cannot use without a word ("no password supplied"):
+    say which file and why instead."""
+    path = conninfo_to_dict(dsn).get("passfile")
+    if not path:
+        return
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+    except OSError as exc:
+        raise PgbridgeError(
+            f"cannot read the pipeline's password file {path}: {exc.strerror}; `pgbridge up` writes it"
+        ) from None
+    if mode & 0o077:
+        raise PgbridgeError(
+            f"the pipeline's password file {path} is open to other users (mode {stat.S_IMODE(mode):o}),"
+            " so libpq will not use it; `pgbridge up` writes it again with mode 600"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

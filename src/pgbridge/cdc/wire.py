@@ -6,18 +6,18 @@ pgbridge speaks it itself instead of through psycopg2's replication connection f
   server's WAL end on its own, on a keepalive, once everything it handed out was confirmed. A
   pipeline that records that position in the warehouse before confirming it could find its slot
   beyond its record after a restart. Here a status message carries only what the caller confirmed.
-* **A drained socket.** A unix socket holds about 280 small messages, under half a millisecond of a
+* **A drained socket.** A unix socket holds about 280 small messages (TCP far more), under half a millisecond of a
   fast stream (see :meth:`WireConnection._read_loop`); the walsender stops decoding as soon as it
   is full. A reader thread keeps ``recv``-ing large blocks
   (the GIL is released while it waits) into a bounded inbox, and the consumer splits frames out of
   those blocks, with no library call and no object per message beyond the payload itself.
 
 Scope: protocol 3.0 without TLS, with ``trust``, ``peer`` or SCRAM-SHA-256 authentication
-(``pgbridge.cdc.scram``). The connection parameters are resolved by libpq first (an ordinary
+(``pgbridge.scram``). The connection parameters are resolved by libpq first (an ordinary
 psycopg connection: multiple hosts, ``target_session_attrs``, a password file, environment
 defaults), and the replication connection goes to the server that connection reached, with the
 password libpq used. A deployment's pipeline comes over TCP on the loopback with SCRAM, not over
-the local socket: see :meth:`WireConnection._read_loop` for why.
+the local socket, where the stream is about a third slower (docs/cdc.md, "The transport").
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import psycopg
 
-from pgbridge.cdc.scram import MECHANISM, ScramClient, ScramError
+from pgbridge.scram import MECHANISM, ScramClient, ScramError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -116,6 +116,7 @@ class Target:
     port: int
     params: dict[str, str]  # startup parameters (user, database, application_name, options)
     password: str | None = field(default=None, repr=False)  # what libpq used (the DSN, a password file)
+    require_auth: str = ""  # the DSN's require_auth, kept here as libpq keeps it (scram-sha-256 or none)
 
     @classmethod
     def resolve(cls, dsn: str) -> Target:
@@ -131,7 +132,13 @@ class Target:
             for key in ("application_name", "options"):
                 if given.get(key):
                     params[key] = given[key]
-            return cls(info.hostaddr or info.host, int(info.port), params, info.password or None)
+            require = given.get("require_auth", "")
+            if require not in ("", "none", MECHANISM.lower()):
+                raise UnsupportedAuthentication(
+                    f"the DSN asks for require_auth={require}; pgbridge's replication connection logs in"
+                    f" with {MECHANISM.lower()} or without a credential (none)"
+                )
+            return cls(info.hostaddr or info.host, int(info.port), params, info.password or None, require)
 
 
 def sql_connect(dsn: str) -> psycopg.Connection[Any]:
@@ -199,13 +206,23 @@ class WireConnection:
         params = {**self.target.params, "replication": "database", "client_encoding": "UTF8"}
         body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
         self._sock.sendall(struct.pack(">II", 8 + len(body), _PROTOCOL_3_0) + body)
+        scram_done = False
         while True:
             kind, payload = self._next_message()
             if kind == b"R":
                 (code,) = _LENGTH.unpack_from(payload)
-                if code == 10:  # AuthenticationSASL: the mechanisms the server offers
+                if code == 10 and self.target.require_auth != "none":  # AuthenticationSASL: its mechanisms
                     self._sasl(payload[4:].split(b"\0"))
-                elif code != 0:
+                    scram_done = True
+                elif code == 0:
+                    # As libpq with require_auth: a server that lets the client in without the
+                    # exchange has not shown it knows the password (something else may hold the port).
+                    if self.target.require_auth == MECHANISM.lower() and not scram_done:
+                        raise UnsupportedAuthentication(
+                            f"the server at {self.where} let the replication connection in without SCRAM"
+                            f" authentication, which the DSN requires (require_auth={self.target.require_auth})"
+                        )
+                else:
                     raise UnsupportedAuthentication(
                         f"the server at {self.where} asks for a credential pgbridge's replication connection"
                         f" does not give (authentication request {code}); it logs in by OS identity (peer)"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgbridge.cdc import ddl
 from pgbridge.cdc.pipeline import PipelineConfig
@@ -30,20 +31,21 @@ from pgbridge.platform.patroni import RUNNING_STATES, leader_of
 from pgbridge.platform.postgres import admin_connection
 from pgbridge.platform.supervisor import Program
 
-LOOPBACK = "127.0.0.1"  # where the daemon reaches the members (plan/hba.py allows it there only)
+LOOPBACK = "127.0.0.1"  # where the daemon reaches the members (plan/hba.py lets the CDC role in there only)
 
 
 def _pgpass_field(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def passfile_text(dep: Deployment) -> str:
+def passfile_text(database: str, role: str, password: str) -> str:
     """One pgpass line: the CDC role's password on the loopback, for the pipeline's database."""
-    spec = dep.spec
-    role = spec.database.users.cdc
-    password = dep.secrets.get(secret_name_for_role(role)).reveal()
-    fields = (LOOPBACK, "*", spec.database.name, role, password)
-    return ":".join(f if f == "*" else _pgpass_field(f) for f in fields) + "\n"
+    if any(ch in password for ch in "\r\n\0"):
+        raise DeploymentError(
+            f"the password of role {role} holds a line break or NUL, which a password file cannot carry",
+            hint=f"set another password for {role} in the secret store, then run `pgbridge up`",
+        )
+    return ":".join([LOOPBACK, "*", _pgpass_field(database), _pgpass_field(role), _pgpass_field(password)]) + "\n"
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,18 @@ def config(dep: Deployment) -> PipelineConfig:
     # the daemon reconnects to the new primary by itself. libpq reads the password file at each
     # connection, so a new password applies from the next one.
     able = [m.name for m in dep.members if not m.nofailover]
-    hosts = ",".join(LOOPBACK for _ in able)
-    ports = ",".join(str(dep.member_port(m)) for m in able)
-    dsn = (
-        f"host={hosts} port={ports} dbname={spec.database.name}"
-        f" user={spec.database.users.cdc} passfile={pp.passfile} sslmode=disable"
-        f" application_name=pgbridge-{pp.program}"
+    dsn = make_conninfo(
+        "",
+        host=",".join(LOOPBACK for _ in able),
+        port=",".join(str(dep.member_port(m)) for m in able),
+        dbname=spec.database.name,
+        user=spec.database.users.cdc,
+        passfile=str(pp.passfile),
+        # Only SCRAM: whatever else answers on a member's port (it is free while that member is
+        # down) gets neither the password nor the chance to feed the pipeline.
+        require_auth="scram-sha-256",
+        sslmode="disable",
+        application_name=f"pgbridge-{pp.program}",
     )
     if len(able) > 1:
         dsn += " target_session_attrs=primary"
@@ -198,8 +206,12 @@ def ensure(dep: Deployment, report: Report) -> None:
     report.add("ddl capture", _ensure_ddl_capture(dep))
     report.add("standby probe", _ensure_standby_probe(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
-    mended = write_if_changed(pp.passfile, passfile_text(dep), mode=0o600)
+    role = dep.spec.database.users.cdc
+    password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    mended = write_if_changed(pp.passfile, passfile_text(dep.spec.database.name, role, password), mode=0o600)
     system.chown(pp.passfile, user)
+    if mended:
+        report.add("pipeline password file", "changed", str(pp.passfile))
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)
     sup = dep.supervisor

@@ -417,7 +417,11 @@ def wait_dynamic_applied(dep: Deployment, params: dict[str, ParamValue], names: 
 
 
 def pending_reboot(dep: Deployment, params: dict[str, ParamValue], cat: Catalogue) -> list[str]:
-    """Static parameters whose running value differs from the desired one."""
+    """Static parameters whose running value differs from the desired one.
+
+    ``listen_addresses`` is not among ``params`` (Patroni's member files carry it), but a change
+    to it, such as the 127.0.0.1 a new pipeline needs, also waits for a restart.
+    """
     out = []
     with admin_connection(dep.admin) as c:
         rows = c.execute("SELECT name, reset_val, pending_restart FROM pg_settings").fetchall()
@@ -428,6 +432,8 @@ def pending_reboot(dep: Deployment, params: dict[str, ParamValue], cat: Catalogu
         value, flagged = running[name]
         if flagged or not cat.same_value(name, value, pv.value):
             out.append(name)
+    if running.get("listen_addresses", ("", False))[1]:
+        out.append("listen_addresses")
     return sorted(out)
 
 

@@ -51,8 +51,10 @@ def render_hba(inp: HbaInput) -> list[str]:
         # third faster over TCP than over the local socket (docs/cdc.md), its own TLS would cost
         # that back, and loopback traffic never leaves the host's kernel. A logical replication
         # connection matches the database's name, not `replication`.
+        # The role is the daemon's alone: it has REPLICATION, so it logs in nowhere else.
         db, role = inp.cdc_loopback
         rules.append(f"host {db} {role} 127.0.0.1/32 scram-sha-256")
+        rules += [f"host all {role} 0.0.0.0/0 reject", f"host all {role} ::/0 reject"]
     if inp.tls_required:
         rules.append("hostnossl all all 0.0.0.0/0 reject")
         rules.append("hostnossl all all ::/0 reject")

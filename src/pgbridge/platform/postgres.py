@@ -8,7 +8,6 @@ verifiers computed here, so the clear text never reaches the server's logs.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import time
@@ -22,18 +21,16 @@ from psycopg import sql
 
 from pgbridge.errors import DeploymentError, TransientError
 from pgbridge.plan.hba import ADMIN_ROLE
+from pgbridge.scram import keys
 
 SCRAM_ITERATIONS = 4096
 
 
 def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
     salt = salt if salt is not None else os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    k = keys(password, salt, iterations)
     b64 = base64.b64encode
-    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
+    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(k.stored).decode()}:{b64(k.server).decode()}"
 
 
 def verifier_matches(verifier: str | None, password: str) -> bool:

@@ -1,9 +1,10 @@
-"""SCRAM-SHA-256 (RFC 5802, RFC 7677), the client's side, as PostgreSQL's SASL exchange uses it.
+"""SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL uses it: the client's side, and the keys.
 
 Why this exists: the pipeline's replication connection (``pgbridge.cdc.wire``) speaks the
 protocol itself, and it reaches the server over TCP on the loopback, where PostgreSQL asks for
 a password (the local socket's OS identity is not available there). Sans-I/O: messages in,
-messages out; ``wire`` frames and sends them.
+messages out; ``wire`` frames and sends them. The same keys make the verifiers pgbridge stores
+for its roles (``platform.postgres.scram_verifier``), so the clear text never reaches the server.
 
 Channel binding (``SCRAM-SHA-256-PLUS``) needs TLS, which this connection does not use: the
 client says so (``n,,``), and the server accepts that only when the connection has no TLS.
@@ -17,11 +18,15 @@ import hmac
 import secrets
 import stringprep
 import unicodedata
+from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["MECHANISM", "ScramClient", "ScramError", "saslprep"]
+__all__ = ["MAX_ITERATIONS", "MECHANISM", "Keys", "ScramClient", "ScramError", "keys", "saslprep"]
 
 MECHANISM: Final = "SCRAM-SHA-256"
+# PostgreSQL's default is 4096 (scram_iterations); a server asking for more than this is refused
+# rather than let it keep a CPU busy for minutes.
+MAX_ITERATIONS: Final = 1 << 22
 _GS2_HEADER: Final = "n,,"  # no channel binding, no authorization identity
 _NONCE_BYTES: Final = 18
 
@@ -33,16 +38,21 @@ class ScramError(Exception):
 def saslprep(password: str) -> bytes:
     """The password as PostgreSQL hashes it: SASLprep (RFC 4013), or its UTF-8 bytes as they are.
 
-    PostgreSQL falls back to the raw bytes when a password is not a valid SASLprep string (it
-    contains a prohibited or unassigned character, or breaks the bidirectional rule), both when it
-    stores a password and when it checks one; a client must do the same to match.
+    Follows PostgreSQL's ``pg_saslprep`` (src/common/saslprep.c) step by step, since a client must
+    hash exactly what the server hashed: non-ASCII spaces become a space, and only the characters
+    left are dropped if "commonly mapped to nothing"; the prohibited, unassigned and bidirectional
+    checks look at that mapped string, before NFKC. Where a check fails (or nothing is left),
+    PostgreSQL uses the raw bytes, both when it stores a password and when it checks one.
     """
     raw = password.encode()
-    if password.isascii() and password.isprintable():
-        return raw  # the common case: SASLprep changes nothing
-    mapped = "".join(" " if stringprep.in_table_c12(ch) else ch for ch in password if not stringprep.in_table_b1(ch))
-    text = unicodedata.normalize("NFKC", mapped)
-    if not text:
+    if password.isascii():
+        return raw  # SASLprep of ASCII (controls included, which then fail) changes nothing
+    mapped = "".join(
+        " " if stringprep.in_table_c12(ch) else ch
+        for ch in password
+        if stringprep.in_table_c12(ch) or not stringprep.in_table_b1(ch)
+    )
+    if not mapped:
         return raw
     prohibited = (
         stringprep.in_table_a1,
@@ -56,14 +66,30 @@ def saslprep(password: str) -> bytes:
         stringprep.in_table_c8,
         stringprep.in_table_c9,
     )
-    if any(test(ch) for ch in text for test in prohibited):
+    if any(test(ch) for ch in mapped for test in prohibited):
         return raw
-    if any(stringprep.in_table_d1(ch) for ch in text) and (
-        any(stringprep.in_table_d2(ch) for ch in text)
-        or not (stringprep.in_table_d1(text[0]) and stringprep.in_table_d1(text[-1]))
+    if any(stringprep.in_table_d1(ch) for ch in mapped) and (
+        any(stringprep.in_table_d2(ch) for ch in mapped)
+        or not (stringprep.in_table_d1(mapped[0]) and stringprep.in_table_d1(mapped[-1]))
     ):
         return raw
-    return text.encode()
+    return unicodedata.normalize("NFKC", mapped).encode()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What a password, a salt and an iteration count derive (RFC 5802, section 3)."""
+
+    salted: bytes = field(repr=False)
+    client: bytes = field(repr=False)
+    stored: bytes
+    server: bytes
+
+
+def keys(password: str, salt: bytes, iterations: int) -> Keys:
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+    client = _hmac(salted, b"Client Key")
+    return Keys(salted, client, hashlib.sha256(client).digest(), _hmac(salted, b"Server Key"))
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -87,7 +113,7 @@ class ScramClient:
     """
 
     def __init__(self, password: str, *, user: str = "", nonce: str | None = None) -> None:
-        self._password = saslprep(password)
+        self._password = password
         self._nonce = nonce if nonce is not None else base64.b64encode(secrets.token_bytes(_NONCE_BYTES)).decode()
         user = user.replace("=", "=3D").replace(",", "=2C")
         self._first_bare = f"n={user},r={self._nonce}"
@@ -111,15 +137,14 @@ class ScramClient:
             iterations = int(count)
         except ValueError:
             raise ScramError(f"malformed SCRAM salt or iteration count from the server: {text[:80]!r}") from None
-        if not salt or iterations < 1:
-            raise ScramError(f"malformed SCRAM salt or iteration count from the server: {text[:80]!r}")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, iterations)
-        client_key = _hmac(salted, b"Client Key")
+        if not salt or not 1 <= iterations <= MAX_ITERATIONS:
+            raise ScramError(f"unusable SCRAM salt or iteration count from the server: {text[:80]!r}")
+        k = keys(self._password, salt, iterations)
         without_proof = f"c={base64.b64encode(_GS2_HEADER.encode()).decode()},r={nonce}"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()
-        signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        signature = _hmac(k.stored, auth_message)
+        proof = bytes(a ^ b for a, b in zip(k.client, signature, strict=True))
+        self._server_signature = _hmac(k.server, auth_message)
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 
     def verify(self, server_final: bytes) -> None:
