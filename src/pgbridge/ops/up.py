@@ -671,8 +671,9 @@ def up(
 
             step("parameters and network rules")
             changed = _reconcile_dcs(dep, api, dcs, cat, report)
-            if changed or fresh:
-                wait_dynamic_applied(dep, params, changed or list(params), cat)
+            # Also with no parameter changed: a new pg_hba must be in force before the steps
+            # below (the pipeline daemon, restarted with a new config, logs in under it).
+            wait_dynamic_applied(dep, params, changed or (list(params) if fresh else []), cat)
 
             step("database, schema and users")
             _bootstrap_sql(dep, report)
