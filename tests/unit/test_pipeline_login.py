@@ -37,6 +37,10 @@ def test_the_daemon_names_a_password_file_libpq_would_pass_over(tmp_path: Path) 
         check_passfile(dsn)
     path.chmod(0o600)
     check_passfile(dsn)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(PgbridgeError, match="not a plain file"):
+        check_passfile(dsn)
 
 
 def test_members_listen_on_the_loopback_when_there_is_a_pipeline() -> None:

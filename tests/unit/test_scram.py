@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import random
+import stringprep
+
 import pytest
+from psycopg import pq
 
 from pgbridge.platform.postgres import scram_verifier, verifier_matches
 from pgbridge.scram import MAX_ITERATIONS, ScramClient, ScramError, keys, saslprep
@@ -96,3 +101,32 @@ def test_stored_verifiers_hash_the_prepared_password() -> None:
     assert keys("I\u00adX", b"salt", 4096) == keys("IX", b"salt", 4096)
     verifier = scram_verifier("\u2168", salt=b"0123456789abcdef")
     assert verifier_matches(verifier, "IX") and not verifier_matches(verifier, "\u2168x")
+
+
+def _differential_cases() -> list[str]:
+    """Every character SASLprep maps or refuses in a few tables, a random sample, and mixtures."""
+    tables = (stringprep.in_table_b1, stringprep.in_table_c12, stringprep.in_table_c8)
+    special = [c for c in range(0x80, 0x3000) if any(t(chr(c)) for t in tables)]
+    rng = random.Random(5)
+    sample = [c for c in rng.sample(range(0x80, 0x30000), 80) if not 0xD800 <= c <= 0xDFFF]
+    cases = [f"a{chr(c)}b" for c in special + sample]
+    cases += ["\u00ad", "\u0627\u0628", "\u0627 \u0628", "a\u0627", "\u0627\u0661", "x\u0007\u00e9", "A\u030a"]
+    cases += ["\u3000\u3000", "\ufb01\u200d", "\u0627\u0628\u00ad", "a\u2150", "A\u0340", "I\u00adX\u2168"]
+    return cases
+
+
+def test_verifiers_match_libpqs_own_for_what_saslprep_changes_or_refuses() -> None:
+    """libpq's PQencryptPasswordConn runs PostgreSQL's own pg_saslprep (the same code the server
+    runs): from its salt and iteration count, pgbridge must derive the very same verifier."""
+    conn = pq.PGconn.connect_start(b"host=/nonexistent port=1")  # only the object: nothing connects
+    try:
+        wrong = []
+        for password in _differential_cases():
+            theirs = conn.encrypt_password(password.encode(), b"u", b"scram-sha-256").decode()
+            iterations, salt = theirs.split("$")[1].split(":")
+            ours = scram_verifier(password, salt=base64.b64decode(salt), iterations=int(iterations))
+            if ours != theirs:
+                wrong.append([hex(ord(ch)) for ch in password])
+        assert not wrong
+    finally:
+        conn.finish()

@@ -200,6 +200,21 @@ def test_a_server_skipping_scram_is_refused_when_the_dsn_requires_it(
         conn._startup()
 
 
+@pytest.mark.parametrize("require", ["scram-sha-256", ""])
+@pytest.mark.parametrize(
+    "answer", [READY, msg(b"S", b"server_version\x0015.8\0") + msg(b"K", struct.pack(">II", 1, 2)) + READY]
+)
+def test_a_server_skipping_authentication_altogether_is_refused(
+    pair: tuple[WireConnection, socket.socket], require: str, answer: bytes
+) -> None:
+    conn, server = pair
+    conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, "secret", require)
+    server.sendall(answer)
+    with pytest.raises(UnsupportedAuthentication, match="did not authenticate"):
+        conn._startup()
+    assert conn.server_pid == 0
+
+
 def test_require_auth_none_refuses_a_password_request(pair: tuple[WireConnection, socket.socket]) -> None:
     conn, server = pair
     conn.target = Target("127.0.0.1", 5432, {"user": "cdc", "database": "shop"}, "secret", "none")

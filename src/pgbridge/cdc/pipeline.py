@@ -776,8 +776,11 @@ def check_passfile(dsn: str) -> None:
     if not path:
         return
     try:
-        with open(path, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise PgbridgeError(f"the pipeline's password file {path} is not a plain file; `pgbridge up` writes it")
+        with open(path, "rb"):
+            pass
     except OSError as exc:
         raise PgbridgeError(
             f"cannot read the pipeline's password file {path}: {exc.strerror}; `pgbridge up` writes it"

@@ -206,10 +206,21 @@ class WireConnection:
         params = {**self.target.params, "replication": "database", "client_encoding": "UTF8"}
         body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
         self._sock.sendall(struct.pack(">II", 8 + len(body), _PROTOCOL_3_0) + body)
-        scram_done = False
+        scram_done = authenticated = False
         while True:
             kind, payload = self._next_message()
-            if kind == b"R":
+            if kind == b"E":
+                raise _parse_error(payload)
+            if not authenticated:
+                # As libpq: until AuthenticationOk only authentication requests (and a protocol
+                # version answer) may come; a server skipping ahead has not authenticated anyone.
+                if kind == b"v":
+                    continue
+                if kind != b"R":
+                    raise UnsupportedAuthentication(
+                        f"the server at {self.where} did not authenticate the replication connection"
+                        f" (message {kind!r} before AuthenticationOk)"
+                    )
                 (code,) = _LENGTH.unpack_from(payload)
                 if code == 10 and self.target.require_auth != "none":  # AuthenticationSASL: its mechanisms
                     self._sasl(payload[4:].split(b"\0"))
@@ -222,6 +233,7 @@ class WireConnection:
                             f"the server at {self.where} let the replication connection in without SCRAM"
                             f" authentication, which the DSN requires (require_auth={self.target.require_auth})"
                         )
+                    authenticated = True
                 else:
                     raise UnsupportedAuthentication(
                         f"the server at {self.where} asks for a credential pgbridge's replication connection"
@@ -230,11 +242,9 @@ class WireConnection:
                     )
             elif kind == b"K":
                 (self.server_pid,) = _LENGTH.unpack_from(payload)
-            elif kind == b"E":
-                raise _parse_error(payload)
             elif kind == b"Z":
                 return
-            # ParameterStatus, NoticeResponse, NegotiateProtocolVersion: nothing to do
+            # ParameterStatus, NoticeResponse: nothing to do
 
     def _sasl(self, mechanisms: list[bytes]) -> None:
         """The SCRAM-SHA-256 exchange, up to (not including) AuthenticationOk."""

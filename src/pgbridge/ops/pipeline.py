@@ -43,7 +43,7 @@ def passfile_text(database: str, role: str, password: str) -> str:
     if any(ch in password for ch in "\r\n\0"):
         raise DeploymentError(
             f"the password of role {role} holds a line break or NUL, which a password file cannot carry",
-            hint=f"set another password for {role} in the secret store, then run `pgbridge up`",
+            hint=f"replace the password of {role} in the secret store (pgbridge generates only letters and digits)",
         )
     return ":".join([LOOPBACK, "*", _pgpass_field(database), _pgpass_field(role), _pgpass_field(password)]) + "\n"
 
@@ -208,8 +208,14 @@ def ensure(dep: Deployment, report: Report) -> None:
     system.make_dir(pp.warehouse.parent, 0o750, user)
     role = dep.spec.database.users.cdc
     password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    try:  # a file libpq skips (open to others, someone else's) is mended like a wrong one
+        st = pp.passfile.stat()
+        unusable = st.st_mode & 0o777 != 0o600 or (user.switch and st.st_uid != user.uid)
+    except FileNotFoundError:
+        unusable = False
     mended = write_if_changed(pp.passfile, passfile_text(dep.spec.database.name, role, password), mode=0o600)
     system.chown(pp.passfile, user)
+    mended = mended or unusable
     if mended:
         report.add("pipeline password file", "changed", str(pp.passfile))
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)

@@ -345,7 +345,8 @@ def _config_when_ready(api: PatroniAPI, timeout: float = 60) -> dict[str, Any]:
 
 
 def _reconcile_dcs(dep: Deployment, api: PatroniAPI, dcs: dict[str, Any], cat: Catalogue, report: Report) -> list[str]:
-    """PATCH Patroni's dynamic config where it differs; returns names of changed parameters."""
+    """Patch Patroni's dynamic configuration to ``dcs``; the parameters changed, and "pg_hba" when
+    the network rules did (:func:`wait_dynamic_applied` waits for both)."""
     current = _config_when_ready(api)
     cur_pg = current.get("postgresql", {})
     want_pg = dcs["postgresql"]
@@ -380,8 +381,9 @@ def _reconcile_dcs(dep: Deployment, api: PatroniAPI, dcs: dict[str, Any], cat: C
         return []
     api.patch_config(patch)
     report.add("parameters", "changed" if changed_params else "unchanged", ", ".join(sorted(changed_params)))
-    report.add("network rules (pg_hba)", "changed" if "pg_hba" in patch_pg or "pg_ident" in patch_pg else "unchanged")
-    return changed_params
+    hba_changed = "pg_hba" in patch_pg or "pg_ident" in patch_pg
+    report.add("network rules (pg_hba)", "changed" if hba_changed else "unchanged")
+    return changed_params + (["pg_hba"] if hba_changed else [])
 
 
 def wait_dynamic_applied(dep: Deployment, params: dict[str, ParamValue], names: list[str], cat: Catalogue) -> None:
@@ -671,9 +673,8 @@ def up(
 
             step("parameters and network rules")
             changed = _reconcile_dcs(dep, api, dcs, cat, report)
-            # Also with no parameter changed: a new pg_hba must be in force before the steps
-            # below (the pipeline daemon, restarted with a new config, logs in under it).
-            wait_dynamic_applied(dep, params, changed or (list(params) if fresh else []), cat)
+            if changed or fresh:  # a new pg_hba too: the pipeline daemon, restarted below, logs in under it
+                wait_dynamic_applied(dep, params, changed or list(params), cat)
 
             step("database, schema and users")
             _bootstrap_sql(dep, report)
