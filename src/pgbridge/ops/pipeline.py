@@ -208,6 +208,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     system.make_dir(pp.warehouse.parent, 0o750, user)
     role = dep.spec.database.users.cdc
     password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    existed = pp.passfile.exists()
     try:  # a file libpq skips (open to others, someone else's) is mended like a wrong one
         st = pp.passfile.stat()
         unusable = st.st_mode & 0o777 != 0o600 or (user.switch and st.st_uid != user.uid)
@@ -217,7 +218,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     system.chown(pp.passfile, user)
     mended = mended or unusable
     if mended:
-        report.add("pipeline password file", "changed", str(pp.passfile))
+        report.add("pipeline password file", "changed" if existed else "created", str(pp.passfile))
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)
     sup = dep.supervisor
