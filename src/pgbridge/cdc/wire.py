@@ -6,11 +6,11 @@ pgbridge speaks it itself instead of through psycopg2's replication connection f
   server's WAL end on its own, on a keepalive, once everything it handed out was confirmed. A
   pipeline that records that position in the warehouse before confirming it could find its slot
   beyond its record after a restart. Here a status message carries only what the caller confirmed.
-* **A drained socket.** A unix socket holds about 280 small messages (TCP far more), under half a millisecond of a
-  fast stream (see :meth:`WireConnection._read_loop`); the walsender stops decoding as soon as it
-  is full. A reader thread keeps ``recv``-ing large blocks
-  (the GIL is released while it waits) into a bounded inbox, and the consumer splits frames out of
-  those blocks, with no library call and no object per message beyond the payload itself.
+* **A drained socket.** A unix socket holds about 280 small messages, under half a millisecond of
+  a fast stream (see :meth:`WireConnection._read_loop`; TCP holds far more); the walsender stops
+  decoding as soon as it is full. A reader thread keeps ``recv``-ing large blocks (the GIL is
+  released while it waits) into a bounded inbox, and the consumer splits frames out of those
+  blocks, with no library call and no object per message beyond the payload itself.
 
 Scope: protocol 3.0 without TLS, with ``trust``, ``peer`` or SCRAM-SHA-256 authentication
 (``pgbridge.scram``). The connection parameters are resolved by libpq first (an ordinary
