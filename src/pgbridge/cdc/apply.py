@@ -653,6 +653,8 @@ class Applier:
             self.broken[st.qualified] = f"{st.problem}; then run `pgbridge pipeline resync {st.qualified}`"
             return
         ident, new = (st.schema, st.name), self.catalog.sink_table(st)
+        was = f"{(before or ident)[0]}.{(before or ident)[1]}"
+        stopped = self.broken.pop(was, None)  # its changes were dropped while it was stopped
         recopy = event.oid in self._rewritten or event.tag in ("CREATE TABLE AS", "SELECT INTO")
         self._rewritten.discard(event.oid)
         old = self.tables.get(before or ident)
@@ -676,6 +678,19 @@ class Applier:
         self._register(st, new)
         qualified = st.qualified
         self.broken.pop(qualified, None)
+        if stopped is not None and not recopy:
+            # A new shape does not bring back the changes it missed: it stays stopped (under its
+            # new name after a rename) until it is resynced or re-copied whole.
+            if was != qualified:
+                if stopped != AWAITING_RESYNC:
+                    stopped = (
+                        f"{qualified} was renamed from {was} while stopped ({stopped});"
+                        f" run `pgbridge pipeline resync {qualified}`"
+                    )
+                if was in self.resync_wanted:
+                    self.resync_wanted.discard(was)
+                    self.resync_wanted.add(qualified)
+            self.broken[qualified] = stopped
         if recopy:
             self.sink.clear_rows(new)
             try:
