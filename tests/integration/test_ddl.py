@@ -234,13 +234,18 @@ def test_a_rewrite_of_a_table_without_a_key_is_resynced_exactly(pg: Server, tmp_
                     altered = True
                 time.sleep(0.005)
         converge_rows(pg, sock, sql)
-        deadline = time.monotonic() + 10  # the status is written once the loop is back from the resync
-        while d.pipeline is None or d.pipeline.status.needs_resync:
-            assert time.monotonic() < deadline, d.pipeline and d.pipeline.status.needs_resync
-            time.sleep(0.1)
+        wait_resynced(d)
     finally:
         d.stop()
         drop_inactive_slots(pg)
+
+
+def wait_resynced(d: Daemon, timeout: float = 10) -> None:
+    """Wait until no table waits for a resync: the status is written once the loop is back from it."""
+    deadline = time.monotonic() + timeout
+    while d.pipeline is None or d.pipeline.status.needs_resync:
+        assert time.monotonic() < deadline, d.pipeline and d.pipeline.status.needs_resync
+        time.sleep(0.1)
 
 
 def converge_rows(pg: Server, sock: Path, sql: str, timeout: float = 60) -> None:
@@ -288,10 +293,7 @@ def test_a_stopped_table_stays_stopped_through_later_ddl_and_a_rename(pg: Server
         answer = request(sock, {"op": "resync", "tables": [f"{s}.t2"]}, timeout=120)
         assert "error" not in answer, answer
         converge(pg, sock, f"{s}.t2")
-        deadline = time.monotonic() + 10
-        while d.pipeline is None or d.pipeline.status.needs_resync:
-            assert time.monotonic() < deadline, d.pipeline and d.pipeline.status.needs_resync
-            time.sleep(0.1)
+        wait_resynced(d)
     finally:
         d.stop()
         drop_inactive_slots(pg)

@@ -582,7 +582,7 @@ class Applier:
             st = self.catalog.lookup(*ident)
             if st is not None:
                 table = self._adopt(st)
-        qualified = f"{ident[0]}.{ident[1]}"
+        qualified = _qualified(ident)
         if table is None or qualified in self.broken:
             self._rels[msg.oid] = None
             return
@@ -616,13 +616,13 @@ class Applier:
 
     def _mapped(self, ident: tuple[str, str]) -> list[int]:
         """The relation oids whose columns are mapped to the table ``ident``."""
-        qualified = f"{ident[0]}.{ident[1]}"
+        qualified = _qualified(ident)
         return [oid for oid, rel in self._rels.items() if rel is not None and rel.table.qualified == qualified]
 
     def _forget(self, ident: tuple[str, str]) -> None:
         table = self.tables.pop(ident, None)
         self.sources.pop(ident, None)
-        self.broken.pop(f"{ident[0]}.{ident[1]}", None)  # a table gone has nothing to resync
+        self.broken.pop(_qualified(ident), None)  # a table gone has nothing to resync
         if table is not None:
             self.sink.drop_table(table)
             self.sink.save_definition(*ident, None)
@@ -653,7 +653,7 @@ class Applier:
             self.broken[st.qualified] = f"{st.problem}; then run `pgbridge pipeline resync {st.qualified}`"
             return
         ident, new = (st.schema, st.name), self.catalog.sink_table(st)
-        was = f"{(before or ident)[0]}.{(before or ident)[1]}"
+        was = _qualified(before or ident)
         stopped = self.broken.pop(was, None)  # its changes were dropped while it was stopped
         recopy = event.oid in self._rewritten or event.tag in ("CREATE TABLE AS", "SELECT INTO")
         self._rewritten.discard(event.oid)
@@ -886,6 +886,10 @@ class Applier:
         work = self._take_staged()
         if work:
             self._dispatch(work, None, None, None)
+
+
+def _qualified(ident: tuple[str, str]) -> str:
+    return f"{ident[0]}.{ident[1]}"
 
 
 # -- tables kept as multisets (SinkTable.bag) ---------------------------------------------------------

@@ -10,6 +10,7 @@ the snapshot the slot exports.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,25 @@ def _ensure_standby_probe(dep: Deployment) -> Action:
     return "unchanged" if have else "created"
 
 
+def _write_passfile(dep: Deployment, path: Path) -> Action | None:
+    """Write the daemon's password file; what was done to it ("created", "changed"), if anything.
+
+    A file libpq would skip (open to others, someone else's) counts as changed, like a wrong one.
+    """
+    user, role = dep.settings.user, dep.spec.database.users.cdc
+    try:
+        before: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        before = None
+    password = dep.secrets.get(secret_name_for_role(role)).reveal()
+    rewritten = write_if_changed(path, passfile_text(dep.spec.database.name, role, password), mode=0o600)
+    system.chown(path, user)
+    if before is None:
+        return "created"
+    unusable = before.st_mode & 0o777 != 0o600 or (user.switch and before.st_uid != user.uid)
+    return "changed" if rewritten or unusable else None
+
+
 def ensure(dep: Deployment, report: Report) -> None:
     """The pipeline's part of `up`: publication, folders, config, and the daemon running."""
     if dep.spec.pipeline is None:
@@ -206,19 +226,9 @@ def ensure(dep: Deployment, report: Report) -> None:
     report.add("ddl capture", _ensure_ddl_capture(dep))
     report.add("standby probe", _ensure_standby_probe(dep))
     system.make_dir(pp.warehouse.parent, 0o750, user)
-    role = dep.spec.database.users.cdc
-    password = dep.secrets.get(secret_name_for_role(role)).reveal()
-    existed = pp.passfile.exists()
-    try:  # a file libpq skips (open to others, someone else's) is mended like a wrong one
-        st = pp.passfile.stat()
-        unusable = st.st_mode & 0o777 != 0o600 or (user.switch and st.st_uid != user.uid)
-    except FileNotFoundError:
-        unusable = False
-    mended = write_if_changed(pp.passfile, passfile_text(dep.spec.database.name, role, password), mode=0o600)
-    system.chown(pp.passfile, user)
-    mended = mended or unusable
+    mended = _write_passfile(dep, pp.passfile)
     if mended:
-        report.add("pipeline password file", "changed" if existed else "created", str(pp.passfile))
+        report.add("pipeline password file", mended, str(pp.passfile))
     changed = write_if_changed(pp.config, config(dep).dump(), mode=0o640)
     system.chown(pp.config, user)
     sup = dep.supervisor
