@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from pgbridge.cdc.pipeline import PipelineConfig
 from pgbridge.cdc.pipeline import request as socket_request
 from pgbridge.cdc.source import slot_status
 from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
-from pgbridge.home import write_if_changed
+from pgbridge.home import Home, write_if_changed
 from pgbridge.ops.context import Deployment, secret_name_for_role
 from pgbridge.ops.tasks import Action, Report
 from pgbridge.platform import system
@@ -68,18 +68,43 @@ def paths(dep: Deployment) -> PipelinePaths:
         raise NotFoundError(
             f"deployment {dep.spec.name} has no pipeline", hint="add a `pipeline:` section to the spec and run up"
         )
-    h = dep.home
+    return _paths(dep.home, p.name)
+
+
+def _paths(h: Home, name: str) -> PipelinePaths:
     return PipelinePaths(
-        config=h.etc / f"pipeline-{p.name}.json",
-        passfile=h.etc / f"pipeline-{p.name}.pgpass",
-        warehouse=h.root / "warehouse" / f"{p.name}.duckdb",
-        status=h.run / f"pipeline-{p.name}.status.json",
-        socket=h.run / f"pipeline-{p.name}.sock",
-        resync=h.run / f"pipeline-{p.name}.resync",
-        program=f"pipeline-{p.name}",
-        slot=f"pgbridge_{p.name}",
-        publication=f"pgbridge_{p.name}",
+        config=h.etc / f"pipeline-{name}.json",
+        passfile=h.etc / f"pipeline-{name}.pgpass",
+        warehouse=h.root / "warehouse" / f"{name}.duckdb",
+        status=h.run / f"pipeline-{name}.status.json",
+        socket=h.run / f"pipeline-{name}.sock",
+        resync=h.run / f"pipeline-{name}.resync",
+        program=f"pipeline-{name}",
+        slot=f"pgbridge_{name}",
+        publication=f"pgbridge_{name}",
     )
+
+
+_ETC_FILES = ("pipeline-*.json", "pipeline-*.pgpass")
+_RUN_FILES = ("pipeline-*.status.json", "pipeline-*.sock", "pipeline-*.resync")
+
+
+def prune(h: Home, name: str | None) -> list[Path]:
+    """Remove the files of pipelines other than ``name`` (one taken out of the spec, or renamed).
+
+    Their config, their password file (the CDC role's password), status, socket and resync request
+    go; their warehouses stay (they are the user's data). Call it once supervisord has stopped their
+    daemons. Returns what was removed.
+    """
+    keep = set() if name is None else {f for f in asdict(_paths(h, name)).values() if isinstance(f, Path)}
+    gone = []
+    for folder, patterns in ((h.etc, _ETC_FILES), (h.run, _RUN_FILES)):
+        for pattern in patterns:
+            for f in sorted(folder.glob(pattern)):
+                if f not in keep:
+                    f.unlink(missing_ok=True)
+                    gone.append(f)
+    return gone
 
 
 def program(dep: Deployment) -> Program | None:
@@ -217,8 +242,17 @@ def _write_passfile(dep: Deployment, path: Path) -> Action | None:
 
 
 def ensure(dep: Deployment, report: Report) -> None:
-    """The pipeline's part of `up`: publication, folders, config, and the daemon running."""
-    if dep.spec.pipeline is None:
+    """The pipeline's part of `up`: publication, folders, config, and the daemon running.
+
+    Files a pipeline no longer in the spec left behind are removed (:func:`prune`).
+    """
+    p = dep.spec.pipeline
+    for f in prune(dep.home, p.name if p is not None else None):
+        report.add(f"old pipeline file {f.name}", "removed")
+    if p is None:
+        recorded = dep.state
+        if recorded.pop("pipeline_stopped", None) is not None:  # a pipeline added later starts
+            dep.home.write_state(recorded)
         return
     pp, user = paths(dep), dep.settings.user
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
@@ -234,7 +268,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     sup = dep.supervisor
     state = sup.processes().get(pp.program, {}).get("statename")
     if dep.state.get("pipeline_stopped"):
-        report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged", "stopped by `pipeline stop`")
+        report.add(f"pipeline {p.name}", "unchanged", "stopped by `pipeline stop`")
         return
     # A running daemon reads a new password file at its next connection; one that supervisord
     # is waiting to start again (it failed to log in) is started at once rather than after the wait.
@@ -243,9 +277,9 @@ def ensure(dep: Deployment, report: Report) -> None:
         state = "STOPPED"
     if state != "RUNNING":
         sup.start_program(pp.program)
-        report.add(f"pipeline {dep.spec.pipeline.name}", "started")
+        report.add(f"pipeline {p.name}", "started")
     else:
-        report.add(f"pipeline {dep.spec.pipeline.name}", "unchanged")
+        report.add(f"pipeline {p.name}", "unchanged")
     if not wait_slot_copies(dep):
         report.add("pipeline slot copies", "pending", "a member that may be promoted has no copy of the slot yet")
 

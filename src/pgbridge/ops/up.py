@@ -708,7 +708,7 @@ def up(
 
             if spec.pipeline is not None:
                 step("pipeline")
-                pipeline_ops.ensure(dep, report)
+            pipeline_ops.ensure(dep, report)  # without a pipeline: removes what an earlier one left
 
             if spec.backup.enabled:
                 step("backups (WAL archiving, stanza, scheduler)")
