@@ -242,3 +242,30 @@ def test_an_idle_pipeline_lets_its_slot_advance(dep: Env) -> None:
             break
         assert time.monotonic() < deadline, f"slot stuck at {slot} below {row[0]}"
         time.sleep(1)
+
+
+SLOT = "pgbridge_analytics"
+
+
+def test_a_pipeline_taken_out_of_the_spec_leaves_only_its_warehouse(dep: Env) -> None:
+    """Runs last: the deployment has no pipeline afterwards."""
+    dep.run("pipeline", "stop")  # a stop that must not outlive its pipeline
+    dep.write_spec()  # the same deployment, without the pipeline section
+    out = dep.run("up").stdout
+    assert "old pipeline analytics" in out and "removed" in out, out
+    left = sorted(p.name for d in ("etc", "run") for p in (dep.home / d).glob("pipeline-*"))
+    assert left == [], left
+    assert (dep.home / "warehouse" / "analytics.duckdb").exists()
+    assert "pipeline_stopped" not in json.loads((dep.home / "state.json").read_text())
+    r = dep.run("pipeline", "status", check=False)
+    assert r.returncode != 0 and "has no pipeline" in r.stderr + r.stdout
+    deadline = time.monotonic() + 60
+    while True:  # the slot, which Patroni keeps no longer, goes: it would hold WAL back for good
+        with app(dep) as c:
+            row = c.execute(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgbridge_analytics'"
+            ).fetchone()
+        if row == (0,):
+            break
+        assert time.monotonic() < deadline, "the slot of the removed pipeline is still there"
+        time.sleep(1)

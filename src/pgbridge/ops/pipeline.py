@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 from pgbridge.cdc import ddl
 from pgbridge.cdc.pipeline import PipelineConfig
 from pgbridge.cdc.pipeline import request as socket_request
-from pgbridge.cdc.source import slot_status
+from pgbridge.cdc.source import drop_slot, slot_status
 from pgbridge.errors import DeploymentError, NotFoundError, PgbridgeError, UsageError
 from pgbridge.home import Home, write_if_changed
 from pgbridge.ops.context import Deployment, secret_name_for_role
@@ -86,25 +87,68 @@ def _paths(h: Home, name: str) -> PipelinePaths:
 
 
 _ETC_FILES = ("pipeline-*.json", "pipeline-*.pgpass")
-_RUN_FILES = ("pipeline-*.status.json", "pipeline-*.sock", "pipeline-*.resync")
+_RUN_FILES = ("pipeline-*.status.json", "pipeline-*.status.tmp", "pipeline-*.sock", "pipeline-*.resync")
 
 
-def prune(h: Home, name: str | None) -> list[Path]:
-    """Remove the files of pipelines other than ``name`` (one taken out of the spec, or renamed).
+def stop_holds(recorded: object, name: str | None) -> bool:
+    """Whether a recorded `pipeline stop` (the state's ``pipeline_stopped``) holds for pipeline ``name``.
 
-    Their config, their password file (the CDC role's password), status, socket and resync request
-    go; their warehouses stay (they are the user's data). Call it once supervisord has stopped their
-    daemons. Returns what was removed.
+    It names the pipeline it stopped (True: recorded before it did), so it neither outlives that
+    pipeline nor keeps a renamed one from starting.
     """
-    keep = set() if name is None else {f for f in asdict(_paths(h, name)).values() if isinstance(f, Path)}
+    return name is not None and recorded in (True, name)
+
+
+def former(h: Home, name: str | None) -> list[str]:
+    """The pipelines other than ``name`` whose config is still in ``h`` (taken out of the spec, or renamed)."""
+    names = (f.name.removeprefix("pipeline-").removesuffix(".json") for f in h.etc.glob("pipeline-*.json"))
+    return sorted(n for n in names if n != name)
+
+
+def prune(h: Home, keep: Collection[str]) -> list[Path]:
+    """Remove the files of every pipeline not in ``keep``; returns what was removed.
+
+    Their config, their password file (the CDC role's password), status (and a status write that
+    was cut short), socket and resync request go; their warehouses stay (they are the user's data).
+    Call it once supervisord has stopped their daemons.
+    """
+    kept: set[Path] = set()
+    for name in keep:
+        pp = _paths(h, name)
+        kept |= {f for f in asdict(pp).values() if isinstance(f, Path)} | {pp.status.with_suffix(".tmp")}
     gone = []
     for folder, patterns in ((h.etc, _ETC_FILES), (h.run, _RUN_FILES)):
         for pattern in patterns:
             for f in sorted(folder.glob(pattern)):
-                if f not in keep:
+                if f not in kept:
                     f.unlink(missing_ok=True)
                     gone.append(f)
     return gone
+
+
+def _retire(dep: Deployment, name: str | None, report: Report) -> None:
+    """Take down the pipelines other than ``name`` that `up` left behind: slot, publication, files.
+
+    The slot matters most: left in place it holds WAL back for good (Patroni drops slots it does not
+    manage only when it starts). It is dropped on every member, as members that may be promoted hold
+    copies. A pipeline whose slot cannot be dropped now (a member is down) keeps its config file, so
+    the next `up` tries again. Warehouses stay.
+    """
+    keep = {name} if name is not None else set()
+    db = dep.spec.database.name
+    for old in former(dep.home, name):
+        ident = f"pgbridge_{old}"
+        try:
+            for m in dep.members:
+                drop_slot(dep.member_admin(m.name).conninfo(db), ident)
+            with admin_connection(dep.admin, db) as c:
+                c.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(ident)))
+        except PgbridgeError as e:
+            keep.add(old)
+            report.add(f"old pipeline {old}", "pending", f"its slot {ident} stays until the next `up`: {e.message}")
+            continue
+        report.add(f"old pipeline {old}", "removed", f"slot and publication {ident}, config; its warehouse stays")
+    prune(dep.home, keep)
 
 
 def program(dep: Deployment) -> Program | None:
@@ -244,15 +288,11 @@ def _write_passfile(dep: Deployment, path: Path) -> Action | None:
 def ensure(dep: Deployment, report: Report) -> None:
     """The pipeline's part of `up`: publication, folders, config, and the daemon running.
 
-    Files a pipeline no longer in the spec left behind are removed (:func:`prune`).
+    A pipeline no longer in the spec is taken down (:func:`_retire`).
     """
     p = dep.spec.pipeline
-    for f in prune(dep.home, p.name if p is not None else None):
-        report.add(f"old pipeline file {f.name}", "removed")
+    _retire(dep, p.name if p is not None else None, report)
     if p is None:
-        recorded = dep.state
-        if recorded.pop("pipeline_stopped", None) is not None:  # a pipeline added later starts
-            dep.home.write_state(recorded)
         return
     pp, user = paths(dep), dep.settings.user
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
@@ -267,7 +307,7 @@ def ensure(dep: Deployment, report: Report) -> None:
     system.chown(pp.config, user)
     sup = dep.supervisor
     state = sup.processes().get(pp.program, {}).get("statename")
-    if dep.state.get("pipeline_stopped"):
+    if stop_holds(dep.state.get("pipeline_stopped"), p.name):
         report.add(f"pipeline {p.name}", "unchanged", "stopped by `pipeline stop`")
         return
     # A running daemon reads a new password file at its next connection; one that supervisord
@@ -358,7 +398,7 @@ def stop(dep: Deployment) -> Report:
     pp, report = paths(dep), Report()
     dep.supervisor.stop_program(pp.program)
     state = dep.state
-    state["pipeline_stopped"] = True
+    state["pipeline_stopped"] = dep.spec.pipeline.name if dep.spec.pipeline else True
     dep.home.write_state(state)
     report.add(pp.program, "stopped")
     return report

@@ -613,6 +613,10 @@ def up(
                 undo.push("remove home", lambda: shutil.rmtree(home.root, ignore_errors=True))
             _make_dirs(dep)
             state = {**state, "name": spec.name, "ports": ports}
+            if "pipeline_stopped" in state and not pipeline_ops.stop_holds(
+                state["pipeline_stopped"], spec.pipeline.name if spec.pipeline else None
+            ):
+                del state["pipeline_stopped"]  # `pipeline stop` of a pipeline the spec no longer has
             state.setdefault("phase", "creating")
             state.setdefault("created_at", time.time())
             home.write_state(state)
