@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything pgbridge needs on a Debian 12 machine, idempotently.
-#   - Debian packages: PostgreSQL 15 (+contrib), etcd 3.4, HAProxy, PgBouncer, pgBackRest, the system Python's venv module
+#   - Debian packages: PostgreSQL 15 (+contrib), etcd 3.4, HAProxy, PgBouncer, pgBackRest, the system Python's venv module,
+#     and a C compiler with Python's headers (pgbridge builds one small extension: cdc/_copybin.c)
 #   - a virtual environment (default /opt/pgbridge/venv) made from the *system* Python, so the
 #     unprivileged OS user that runs the servers can execute it (a pyenv Python under /root cannot)
 #   - pgbridge itself with its pinned dependencies (Patroni 4.1.5, psycopg, DuckDB, ...)
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${PGBRIDGE_VENV:-/opt/pgbridge/venv}"
-PACKAGES=(postgresql-15 postgresql-contrib postgresql-client-15 etcd-server haproxy pgbouncer pgbackrest python3 python3-venv ca-certificates)
+PACKAGES=(postgresql-15 postgresql-contrib postgresql-client-15 etcd-server haproxy pgbouncer pgbackrest python3 python3-venv python3-dev gcc ca-certificates)
 
 log() { echo "[setup] $*" >&2; }
 

@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
-from pgbridge.cdc import copytext, snapshot
+from pgbridge.cdc import copybinary, copytext, snapshot
 from pgbridge.cdc.catalog import SnapshotError, SourceTable, sink_table
+from pgbridge.cdc.columnar import Unsupported
+from pgbridge.cdc.copybinary import BinaryPlan, binary_plan
 from pgbridge.cdc.sinks.duckdb import DuckDBSink, SinkError
 from pgbridge.cdc.snapshot import LoadProgress, load_snapshot, plan_ranges
 from pgbridge.cdc.source import SnapshotSlot, drop_slot
-from pgbridge.cdc.typemap import duckdb_type
+from pgbridge.cdc.typemap import MappingPolicy, duckdb_type
 from tests.pgserver import Server, bare_server
 
 pytestmark = pytest.mark.integration
@@ -484,14 +487,14 @@ def test_a_wide_table_after_a_narrow_one_starts_with_small_spans(
     pg.sql(f"VACUUM ANALYZE {s}.a_narrow, {s}.b_wide")
     tables = pg.tables([f"{s}.*"])
     assert {t.name: t.pages < 100 for t in tables} == {"a_narrow": False, "b_wide": True}
-    spans: list[tuple[bool, int]] = []  # (a span of the wide table, its COPY text's size)
-    cut = snapshot.pieces
+    spans: list[tuple[bool, int]] = []  # (a span of the wide table, its COPY output's size)
+    decode = snapshot.decode_binary
 
-    def recorded(text: bytes) -> list[tuple[int, int]]:
-        spans.append((len(text.split(b"\t", 1)[0]) == 7, len(text)))  # wide ids: 7 digits
-        return cut(text)
+    def recorded(buf: bytes, plan: BinaryPlan) -> tuple[pa.Table, bool]:
+        spans.append(("b_wide" in plan.select_text, len(buf)))
+        return decode(buf, plan)
 
-    monkeypatch.setattr(snapshot, "pieces", recorded)
+    monkeypatch.setattr(snapshot, "decode_binary", recorded)
     with SnapshotSlot.create(pg.dsn, slot) as snap:
         report = load_snapshot(pg.dsn, snap.snapshot_name, tables, sink, workers=1, pages_per_range=100_000)
     assert {t.table: t.rows for t in report.tables} == {f"{s}.a_narrow": 200000, f"{s}.b_wide": 160}
@@ -500,3 +503,144 @@ def test_a_wide_table_after_a_narrow_one_starts_with_small_spans(
     assert len(wide) >= 3 and max(wide) <= snapshot.CHUNK_BYTES * 3 // 2, wide
     digest = "SELECT id, md5(pad), md5(doc) FROM {}b_wide ORDER BY id"
     assert sink.con.execute(digest.format(f'"{s}".')).fetchall() == pg.sql(digest.format(f"{s}."))
+
+
+# --------------------------------------------------------------------------------------------
+# Binary COPY: the same warehouse as the text path
+# --------------------------------------------------------------------------------------------
+
+_EVERY_TYPE = """(
+    id int8 PRIMARY KEY, a int2, b int4, c oid, d float4, e float8, f bool, g date, h timestamp,
+    i timestamptz, j numeric(12,2), k numeric(18,6), l numeric(5,-2), m numeric(3,5), n text,
+    o varchar(20), p char(5), q name, r uuid, s jsonb, t int4[], u interval, v time, w bytea
+)"""
+_EVERY_VALUE = """SELECT g,
+    CASE g % 7 WHEN 0 THEN NULL WHEN 1 THEN -32768 WHEN 2 THEN 32767 ELSE (g * 37 % 65536 - 32768) END,
+    CASE WHEN g % 11 = 0 THEN NULL ELSE (g * 7919 % 4294967296 - 2147483648)::int4 END,
+    CASE WHEN g % 13 = 0 THEN NULL ELSE (g * 104729 % 4294967296)::oid END,
+    CASE g % 9 WHEN 0 THEN NULL WHEN 1 THEN 'NaN'::float4 WHEN 2 THEN '-Infinity'::float4 WHEN 3 THEN '-0'::float4
+        ELSE (g / 7.0)::float4 END,
+    CASE g % 9 WHEN 0 THEN NULL WHEN 1 THEN 'Infinity'::float8 WHEN 2 THEN '-0'::float8 WHEN 3 THEN 1e308::float8
+        ELSE (-g / 3.0)::float8 END,
+    CASE g % 3 WHEN 0 THEN NULL ELSE g % 3 = 1 END,
+    CASE g % 6 WHEN 0 THEN NULL WHEN 1 THEN date '0001-01-01' WHEN 2 THEN date '9999-12-31'
+        ELSE date '1970-01-01' + (g * 97 % 40000 - 20000) END,
+    CASE g % 6 WHEN 0 THEN NULL WHEN 1 THEN timestamp '0001-01-01 00:00:00'
+        WHEN 2 THEN timestamp '9999-12-31 23:59:59.999999' ELSE timestamp '2000-01-01' + g * interval '1.000001 s' END,
+    CASE g % 5 WHEN 0 THEN NULL ELSE timestamptz '1999-12-31 23:00:00+00' + g * interval '17 min 0.5 s' END,
+    CASE g % 8 WHEN 0 THEN NULL WHEN 1 THEN 9999999999.99 WHEN 2 THEN -9999999999.99 WHEN 3 THEN 0
+        ELSE ((g * 7919) % 10000000 - 5000000) / 100.0 END,
+    CASE g % 8 WHEN 0 THEN NULL WHEN 1 THEN 999999999999.999999 WHEN 2 THEN -0.000001
+        ELSE (g * 104729 % 1000000007 - 500000000) / 1000.0 * (10::numeric ^ (g % 7)) END,
+    CASE WHEN g % 4 = 0 THEN NULL ELSE (g * 31 % 2000 - 1000) * 1234.5 END,
+    CASE WHEN g % 4 = 0 THEN NULL ELSE (g % 199 - 99) / 100000.0 END,
+    CASE g % 6 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN E'tab\\there\\nline\\\\back' WHEN 3 THEN 'é ✓ 😀'
+        ELSE repeat('x', g % 50) END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE 'v' || g END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE left(g::text, 3) END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE ('n' || g)::name END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text)::uuid END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE jsonb_build_object('g', g, 's', E'a\\tb') END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY[g::int4, NULL, -1] END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE make_interval(months => g % 30, days => g % 40, secs => g / 3.0) END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE time '00:00' + g * interval '1.5 s' END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') END
+FROM generate_series(1, %s) g"""
+
+
+def _load_both_ways(
+    pg: Server,
+    tables: list[SourceTable],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    policy: MappingPolicy | None = None,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[str, int]]:
+    """The table loaded by the binary path and by the text path; and how the binary spans went."""
+    spans = {"decoded": 0, "as text": 0}
+    decode = snapshot.decode_binary
+
+    def counted(buf: bytes, plan: BinaryPlan) -> tuple[pa.Table, bool]:
+        try:
+            out = decode(buf, plan)
+        except Unsupported:
+            spans["as text"] += 1
+            raise
+        spans["decoded"] += 1
+        return out
+
+    monkeypatch.setattr(snapshot, "decode_binary", counted)
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 64_000)  # many spans
+    loaded = []
+    for way in ("binary", "text"):
+        if way == "text":
+            monkeypatch.setattr(snapshot, "binary_plan", lambda *args: None)
+        sink = DuckDBSink(tmp_path / f"{way}.duckdb", "test")
+        try:
+            slot = f"snap_{uuid.uuid4().hex[:8]}"
+            with SnapshotSlot.create(pg.dsn, slot, temporary=True) as snap:
+                load_snapshot(pg.dsn, snap.snapshot_name, tables, sink, workers=2, pages_per_range=50, policy=policy)
+            rows = sink.con.execute(f"SELECT * FROM {name} ORDER BY id").fetchall()
+            # floats by their repr: NaN equals NaN, and -0.0 does not equal 0.0
+            loaded.append([tuple(repr(v) if isinstance(v, float) else v for v in r) for r in rows])
+        finally:
+            sink.close()
+    return loaded[0], loaded[1], spans
+
+
+def test_the_binary_copy_loads_what_the_text_copy_loads(
+    pg: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.every {_EVERY_TYPE}")
+    pg.sql(f"INSERT INTO {s}.every " + _EVERY_VALUE.replace("%s", "20000"))
+    pg.sql(f"VACUUM ANALYZE {s}.every")
+    tables = pg.tables([f"{s}.every"])
+    binary, text, spans = _load_both_ways(pg, tables, tmp_path, monkeypatch, f'"{s}".every')
+    assert len(binary) == 20000 and binary == text
+    assert spans["decoded"] >= 10 and spans["as text"] == 0, spans  # every span went the binary way
+    assert {r[4] for r in binary if r[0] % 9 in (1, 2, 3)} == {"nan", "-inf", "-0.0"}
+
+
+def test_a_span_the_binary_decoder_refuses_is_copied_as_text(
+    pg: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values the typed parse refuses too (infinity, BC, NaN in a numeric) take the text path, span by span."""
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.odd (id int8 PRIMARY KEY, ts timestamptz, d date, n numeric(10,3), pad text)")
+    pg.sql(  # three rows far apart, in three spans
+        f"INSERT INTO {s}.odd SELECT g,"
+        " CASE g WHEN 3000 THEN 'infinity' ELSE timestamptz '2024-01-01' + g * interval '1 s' END,"
+        " CASE g WHEN 9000 THEN '0044-03-15 BC' ELSE date '2024-01-01' + g % 1000 END,"
+        " CASE g WHEN 15000 THEN 'NaN' ELSE g / 7.0 END, repeat('p', 100) FROM generate_series(1, 20000) g"
+    )
+    pg.sql(f"VACUUM ANALYZE {s}.odd")
+    tables = pg.tables([f"{s}.odd"])
+    nan_is_null = MappingPolicy(numeric_nan="null")
+    binary, text, spans = _load_both_ways(pg, tables, tmp_path, monkeypatch, f'"{s}".odd', nan_is_null)
+    assert len(binary) == 20000 and binary == text
+    assert spans["as text"] == 3 and spans["decoded"] >= 10, spans
+    assert [r[3] for r in binary if r[0] == 15000] == [None]  # NaN, as the policy says
+
+
+def test_a_table_with_a_wide_numeric_is_copied_as_text(pg: Server) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.wide (id int8 PRIMARY KEY, n numeric(30,4))")
+    pg.sql(f"CREATE TABLE {s}.narrow (id int8 PRIMARY KEY, n numeric(18,4), u numeric, i interval)")
+    for st in pg.tables([f"{s}.*"]):
+        stt = sink_table(st)
+        plan = binary_plan(st, stt, copytext.copy_plan(st, stt, "x"))
+        assert (plan is None) == (st.name == "wide"), st.name
+        if plan is not None:  # the columns without a decoder are selected as text
+            assert plan.kinds == b"lnTT" and '"u"::text' in plan.select_text and '"i"::text' in plan.select_text
+
+
+def test_without_the_extension_every_table_is_copied_as_text(pg: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.t (id int8 PRIMARY KEY, v text)")
+    [st] = pg.tables([f"{s}.t"])
+    stt = sink_table(st)
+    plan = copytext.copy_plan(st, stt, "x")
+    assert binary_plan(st, stt, plan) is not None
+    monkeypatch.setattr(copybinary, "_copybin", None)  # as when no compiler built it
+    assert binary_plan(st, stt, plan) is None

@@ -4,12 +4,16 @@ The stream starts at the slot's consistent point, so the tables must be copied e
 snapshot the slot exported, or rows are lost or doubled where load and stream meet. Reading is
 parallel across tables and across CTID ranges of a table (PostgreSQL 15 scans TID ranges), each
 reader on its own connection that imports the snapshot. A reader copies its range as a series of
-``COPY ... TO STDOUT`` statements over page spans of about 4 MB of text each, which psycopg2's
-``copy_expert`` gathers in C (a Python loop over libpq's row messages costs the client nearly twice
-the CPU, and on a small host the client and the server share the cores), Arrow's C++ CSV reader
-parses each span outside the GIL, and each reader's writer inserts the chunks on its own DuckDB
-cursor, casting the string columns set-based (:mod:`pgbridge.cdc.copytext`). The tables and their
-keys come from :mod:`pgbridge.cdc.catalog`.
+``COPY ... TO STDOUT (FORMAT binary)`` statements over page spans of about 4 MB each, which
+psycopg2's ``copy_expert`` gathers in C (a Python loop over libpq's row messages costs the client
+nearly twice the CPU, and on a small host the client and the server share the cores). A parser
+thread decodes each span in C, outside the GIL (:mod:`pgbridge.cdc.copybinary`), and each reader's
+writer inserts the chunks on its own DuckDB cursor, casting the columns without a decoder set-based.
+A span the binary decoder refuses (a value the warehouse types need the SQL casts for, such as an
+``infinity`` timestamp) is copied again as text and parsed by Arrow's C++ CSV reader
+(:mod:`pgbridge.cdc.copytext`); a table with a column neither can type (``numeric`` beyond 18
+digits) is copied as text throughout. The tables and their keys come from
+:mod:`pgbridge.cdc.catalog`.
 
 Resuming. Each range is written in its own DuckDB transaction together with its row in
 ``_pgbridge.load_progress``, which names the snapshot (and its consistent LSN) the rows are as of:
@@ -39,7 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -48,6 +52,8 @@ import psycopg2
 import pyarrow as pa
 
 from pgbridge.cdc.catalog import SnapshotError, SourceTable, sink_table, source_error
+from pgbridge.cdc.columnar import Unsupported
+from pgbridge.cdc.copybinary import BinaryPlan, binary_plan, decode_binary
 from pgbridge.cdc.copytext import CHUNK_BYTES, CopyPlan, copy_plan, parse_copy_text, pieces
 from pgbridge.cdc.sinks.duckdb import META_SCHEMA, DuckDBSink, SinkError
 from pgbridge.cdc.typemap import PG_SESSION_OPTIONS, MappingPolicy
@@ -138,6 +144,7 @@ class LoadReport:
 class _State:
     st: SourceTable
     plan: CopyPlan
+    binary: BinaryPlan | None  # how to copy it in binary (None: only as text)
     ranges_total: int = 0
     ranges_done: int = 0
     ranges_skipped: int = 0
@@ -174,6 +181,8 @@ class _Job:
 
 _Parsed = tuple[pa.Table, bool]  # a parsed chunk, and whether its columns are typed
 _Chunk = tuple["_Job", "Future[_Parsed] | None"]  # a chunk of the job's range being parsed; None: range read
+_Lane = queue.Queue[_Chunk | None]
+_Held = tuple["_Job", "Future[_Parsed]", int, int | None]  # a binary span being decoded, and its pages
 
 
 class _Stopped(Exception):
@@ -288,7 +297,8 @@ class _Loader:
         stt, con, where = sink_table(st, policy), self.sink.con, [self.sink.pipeline, st.qualified]
         self.sink.ensure_table(stt)
         target = self.sink.target(stt)
-        state = _State(st, copy_plan(st, stt, target))
+        plan = copy_plan(st, stt, target)
+        state = _State(st, plan, binary_plan(st, stt, plan))
         self.states.append(state)
         query = (
             f"SELECT range_start, range_end, rows, snapshot, consistent_lsn FROM {PROGRESS_TABLE} WHERE pipeline = ?"
@@ -309,14 +319,17 @@ class _Loader:
         state.ranges_total = state.ranges_skipped + len(ranges)
         return [_Job(state, a, b) for a, b in ranges]
 
-    def read(self, lane: queue.Queue[_Chunk | None]) -> None:
+    def read(self, lane: _Lane) -> None:
         """A reader thread: imports the snapshot, then copies ranges until none are left.
 
         A range is read as a series of ``COPY`` statements over consecutive page spans, each sized
-        to about :data:`CHUNK_BYTES` of text and taken whole by psycopg2's ``copy_expert`` into a
+        to about :data:`CHUNK_BYTES` of output and taken whole by psycopg2's ``copy_expert`` into a
         ``BytesIO``: libpq's row messages are then gathered in C, at about 0.4 instead of 0.6 client
         CPU-microseconds a row for a Python loop over ``get_copy_data``, and each statement's output is
-        one parse chunk. Every statement runs in the same transaction, under the imported snapshot.
+        one chunk to decode. A binary span is handed on once the next one has been read (its
+        decoding runs meanwhile), so that one it cannot decode is copied again as text first: a
+        reader holds at most one more span. Every statement runs in the same transaction, under the
+        imported snapshot.
         """
         conn: Any = None
         try:
@@ -337,24 +350,23 @@ class _Loader:
                 except queue.Empty:
                     self._put(lane, None)
                     return
-                plan, start = job.state.plan, job.start
+                binary = job.state.binary if not check_utf8 else None
+                start, held = job.start, None
                 while True:
                     end = _span_end(start, job.state.span, job.end, job.state.st.pages)
-                    text = b""  # the last span's text goes before the next is read
-                    out = io.BytesIO()
-                    cur.copy_expert(f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT", out)
-                    if self.stop.is_set():
-                        raise _Stopped
-                    size = out.tell()
-                    text = out.getvalue()  # BytesIO's own buffer: no copy
-                    for piece in pieces(text) if size else ():
-                        self._put(
-                            lane, (job, self.parsers.submit(parse_copy_text, text, plan.types, check_utf8, piece))
-                        )
+                    if binary is None:
+                        size = self._copy_text(lane, cur, job, start, end, check_utf8)
+                    else:
+                        size, decoding = self._copy_binary(cur, binary, start, end)
+                        if held is not None:  # the last span is settled while this one decodes
+                            self._settle(lane, cur, held, check_utf8)
+                        held = (job, decoding, start, end)
                     if end is None or end == job.end:
                         break
                     job.state.span = _next_span(end - start, size)
                     start = end
+                if held is not None:
+                    self._settle(lane, cur, held, check_utf8)
                 self._put(lane, (job, None))
         except _Stopped:
             pass
@@ -368,7 +380,43 @@ class _Loader:
                     self._conns.remove(conn)
                 conn.close()  # a COPY in flight was cancelled by run() on a stop
 
-    def _put(self, lane: queue.Queue[_Chunk | None], item: _Chunk | None) -> None:
+    def _copy_text(self, lane: _Lane, cur: Any, job: _Job, start: int, end: int | None, check_utf8: bool) -> int:
+        """Copy pages [start, end) of ``job``'s table as text; hand its pieces to the parsers. Returns its size."""
+        plan = job.state.plan
+        out = io.BytesIO()
+        cur.copy_expert(f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT", out)
+        if self.stop.is_set():
+            raise _Stopped
+        size = out.tell()
+        text = out.getvalue()  # BytesIO's own buffer: no copy
+        for piece in pieces(text) if size else ():
+            self._put(lane, (job, self.parsers.submit(parse_copy_text, text, plan.types, check_utf8, piece)))
+        return size
+
+    def _copy_binary(self, cur: Any, binary: BinaryPlan, start: int, end: int | None) -> tuple[int, Future[_Parsed]]:
+        """Copy pages [start, end) in binary; returns its size and its decoding (by a parser)."""
+        out = io.BytesIO()
+        cur.copy_expert(f"COPY ({binary.select_text}{_where(start, end)}) TO STDOUT (FORMAT binary)", out)
+        if self.stop.is_set():
+            raise _Stopped
+        return out.tell(), self.parsers.submit(decode_binary, out.getvalue(), binary)
+
+    def _settle(self, lane: _Lane, cur: Any, held: _Held, check_utf8: bool) -> None:
+        """Hand a binary span's decoding to the writer, or copy the span again as text if it cannot be decoded.
+
+        Waits for the decoding: a span is settled while the next one is read, so the wait is short.
+        """
+        job, decoding, start, end = held
+        try:
+            unsupported = isinstance(decoding.exception(), Unsupported)
+        except CancelledError:  # the parsers were shut down: the load is being abandoned
+            raise _Stopped from None
+        if unsupported:
+            self._copy_text(lane, cur, job, start, end, check_utf8)
+        else:
+            self._put(lane, (job, decoding))
+
+    def _put(self, lane: _Lane, item: _Chunk | None) -> None:
         """Hand ``item`` to the reader's writer; a stop ends the wait (nothing is dropped behind its back)."""
         while True:
             if self.stop.is_set():
@@ -434,7 +482,7 @@ class _Loader:
                     cursor.close()
             self.parsers.shutdown(cancel_futures=True)
 
-    def write(self, lane: queue.Queue[_Chunk | None], cursor: duckdb.DuckDBPyConnection) -> None:
+    def write(self, lane: _Lane, cursor: duckdb.DuckDBPyConnection) -> None:
         """A writer thread: one DuckDB transaction per range, committed with its progress record."""
         job: _Job | None = None
         try:

@@ -1,0 +1,16 @@
+"""The one C extension; everything else about the package is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        # The initial load's binary COPY decoder (cdc/copybinary.py). Optional: without a compiler
+        # pgbridge still installs, and the load reads COPY text instead.
+        Extension(
+            "pgbridge.cdc._copybin",
+            ["src/pgbridge/cdc/_copybin.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            optional=True,
+        )
+    ]
+)
