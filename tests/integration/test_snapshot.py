@@ -512,8 +512,16 @@ def test_a_wide_table_after_a_narrow_one_starts_with_small_spans(
 _EVERY_TYPE = """(
     id int8 PRIMARY KEY, a int2, b int4, c oid, d float4, e float8, f bool, g date, h timestamp,
     i timestamptz, j numeric(12,2), k numeric(18,6), l numeric(5,-2), m numeric(3,5), n text,
-    o varchar(20), p char(5), q name, r uuid, s jsonb, t int4[], u interval, v time, w bytea
+    o varchar(20), p char(5), q name, r uuid, s jsonb, t int4[], u interval, v time, w bytea,
+    x inet, y cidr, z xml, aa "char", ab {s}.mood, ac json, ad timetz, ae text[], af {s}.pair,
+    ag {s}.code, ah {s}.host
 )"""
+_EVERY_TYPE_SETUP = (
+    "CREATE TYPE {s}.mood AS ENUM ('sad', 'ok', 'happy')",
+    "CREATE TYPE {s}.pair AS (a int, b text)",
+    "CREATE DOMAIN {s}.code AS char(4)",
+    "CREATE DOMAIN {s}.host AS inet",
+)
 _EVERY_VALUE = """SELECT g,
     CASE g % 7 WHEN 0 THEN NULL WHEN 1 THEN -32768 WHEN 2 THEN 32767 ELSE (g * 37 % 65536 - 32768) END,
     CASE WHEN g % 11 = 0 THEN NULL ELSE (g * 7919 % 4294967296 - 2147483648)::int4 END,
@@ -544,7 +552,18 @@ _EVERY_VALUE = """SELECT g,
     CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY[g::int4, NULL, -1] END,
     CASE WHEN g % 5 = 0 THEN NULL ELSE make_interval(months => g % 30, days => g % 40, secs => g / 3.0) END,
     CASE WHEN g % 5 = 0 THEN NULL ELSE time '00:00' + g * interval '1.5 s' END,
-    CASE WHEN g % 5 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') END
+    CASE WHEN g % 5 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') END,
+    CASE g % 4 WHEN 0 THEN NULL WHEN 1 THEN inet '10.0.0.1' WHEN 2 THEN inet '10.1.0.0/16' ELSE inet '::1' END,
+    CASE g % 3 WHEN 0 THEN NULL ELSE cidr '10.0.0.0/8' END,
+    CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN xml '<?xml version="1.0"?><a>1</a>' ELSE xml '<b/>' END,
+    CASE g % 4 WHEN 0 THEN NULL WHEN 1 THEN 'a'::"char" ELSE chr(128 + g % 100)::"char" END,
+    (ARRAY[NULL, 'sad', 'ok', 'happy']::{s}.mood[])[1 + g % 4],
+    CASE WHEN g % 5 = 0 THEN NULL ELSE json_build_object('g', g) END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE timetz '12:00:00+02' + g * interval '1 s' END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY[E'a\tb', 'c"d', NULL, E'back\\slash', '', 'x,y'] END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE ROW(g, E'q\t"')::{s}.pair END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE 'ab' END,
+    CASE WHEN g % 5 = 0 THEN NULL ELSE inet '192.168.0.1' END
 FROM generate_series(1, %s) g"""
 
 
@@ -592,14 +611,19 @@ def test_the_binary_copy_loads_what_the_text_copy_loads(
     pg: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = _schema(pg)
-    pg.sql(f"CREATE TABLE {s}.every {_EVERY_TYPE}")
-    pg.sql(f"INSERT INTO {s}.every " + _EVERY_VALUE.replace("%s", "20000"))
+    for statement in _EVERY_TYPE_SETUP:
+        pg.sql(statement.format(s=s))
+    pg.sql(f"CREATE TABLE {s}.every " + _EVERY_TYPE.replace("{s}", s))
+    pg.sql(f"INSERT INTO {s}.every " + _EVERY_VALUE.replace("%s", "20000").replace("{s}", s))
     pg.sql(f"VACUUM ANALYZE {s}.every")
     tables = pg.tables([f"{s}.every"])
     binary, text, spans = _load_both_ways(pg, tables, tmp_path, monkeypatch, f'"{s}".every')
     assert len(binary) == 20000 and binary == text
     assert spans["decoded"] >= 10 and spans["as text"] == 0, spans  # every span went the binary way
     assert {r[4] for r in binary if r[0] % 9 in (1, 2, 3)} == {"nan", "-inf", "-0.0"}
+    assert {r[24] for r in binary} == {None, "10.0.0.1", "10.1.0.0/16", "::1"}  # inet as COPY writes it
+    assert {r[26] for r in binary} == {None, "<a>1</a>", "<b/>"}  # xml too (its ::text keeps the declaration)
+    assert {r[33] for r in binary} == {None, "ab  "} and {r[34] for r in binary} == {None, "192.168.0.1"}
 
 
 def test_a_span_the_binary_decoder_refuses_is_copied_as_text(
@@ -621,6 +645,19 @@ def test_a_span_the_binary_decoder_refuses_is_copied_as_text(
     assert len(binary) == 20000 and binary == text
     assert spans["as text"] == 3 and spans["decoded"] >= 10, spans
     assert [r[3] for r in binary if r[0] == 15000] == [None]  # NaN, as the policy says
+
+
+def test_a_table_with_such_values_throughout_goes_over_to_text(
+    pg: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not every span read twice: after a few refusals the rest of the table is read as text."""
+    s = _schema(pg)
+    pg.sql(f"CREATE TABLE {s}.open (id int8 PRIMARY KEY, valid_to timestamptz, pad text)")
+    pg.sql(f"INSERT INTO {s}.open SELECT g, 'infinity', repeat('p', 100) FROM generate_series(1, 20000) g")
+    pg.sql(f"VACUUM ANALYZE {s}.open")
+    binary, text, spans = _load_both_ways(pg, pg.tables([f"{s}.open"]), tmp_path, monkeypatch, f'"{s}".open')
+    assert len(binary) == 20000 and binary == text
+    assert spans["decoded"] == 0 and 3 <= spans["as text"] <= 4, spans  # two readers may both be in flight
 
 
 def test_a_table_with_a_wide_numeric_is_copied_as_text(pg: Server) -> None:

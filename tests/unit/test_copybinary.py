@@ -16,9 +16,10 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from pgbridge.cdc import _copybin
 from pgbridge.cdc.columnar import Unsupported
 from pgbridge.cdc.copybinary import BinaryPlan, decode_binary
+
+_copybin = pytest.importorskip("pgbridge.cdc._copybin", reason="the C extension was not built (no compiler)")
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 PG_EPOCH = dt.datetime(2000, 1, 1)
@@ -137,6 +138,8 @@ def test_numerics_at_their_scale(value: str, precision: int, scale: int) -> None
         ("t", struct.pack(">q", (dt.datetime(9999, 12, 31) - PG_EPOCH).days * 86400 * 10**6 + 86400 * 10**6), 0),
         ("n", struct.pack(">hhHh", 0, 0, 0xC000, 2), 2),  # NaN
         ("n", struct.pack(">hhHh", 0, 0, 0xD000, 2), 2),  # Infinity
+        ("n", struct.pack(">hhHh", 0, 0, 0xF000, 2), 2),  # -Infinity
+        ("t", struct.pack(">q", (dt.datetime(1, 1, 1) - PG_EPOCH) // dt.timedelta(microseconds=1) - 1), 0),
         ("n", pg_numeric(Decimal("1.234"), 3), 2),  # more decimals than the scale
         ("n", pg_numeric(Decimal("1" + "0" * 18), 0), 0),  # 19 digits
         ("n", pg_numeric(Decimal("9" * 17 + ".9"), 1), 2),  # 19 digits at scale 2
@@ -170,9 +173,13 @@ def test_malformed_output_is_refused() -> None:
     assert decode_binary(copy_out([]), p)[0].num_rows == 0
 
 
-def test_unknown_kinds_are_a_bug_not_a_fallback() -> None:
+def test_a_wrong_plan_is_a_bug_not_a_fallback() -> None:
     with pytest.raises(ValueError, match="unknown field kind"):
         _copybin.decode(copy_out([[b"x"]]), b"?", b"\x00")
+    with pytest.raises(ValueError, match="alike"):
+        _copybin.decode(copy_out([[b"x"]]), b"T", b"")
+    with pytest.raises(TypeError):  # only bytes: its second pass trusts the first, so it must not change
+        _copybin.decode(bytearray(copy_out([[b"x"]])), b"T", b"\x00")
 
 
 def test_damaged_output_never_crashes_the_decoder() -> None:
@@ -194,3 +201,5 @@ def test_damaged_output_never_crashes_the_decoder() -> None:
         if result is not None:
             n, fields = result
             assert len(fields) == 3 and len(fields[0][0]) == 8 * n and len(fields[2][0]) == 16 * n
+            offsets = struct.unpack(f"<{n + 1}q", fields[1][0])
+            assert offsets[0] == 0 and offsets[-1] == len(fields[1][1]) and list(offsets) == sorted(offsets)

@@ -6,7 +6,8 @@
  * the speed the server sends rows; cdc/copybinary.py wraps this module and builds the Arrow arrays.
  *
  * decode(buf, kinds, scales) -> (rows, columns) or None
- *   buf     the whole COPY output (header, rows, trailer)
+ *   buf     the whole COPY output (header, rows, trailer), as bytes (immutable: the second pass
+ *           trusts the first pass's checks)
  *   kinds   one byte per field: 'h' int2, 'i' int4, 'l' int8, 'o' oid, 'f' float4, 'd' float8,
  *           'b' bool, 'D' date, 't' timestamp(tz), 'n' numeric, 'T' text (anything sent as text)
  *   scales  one byte per field: a numeric's scale (0-38) and, in the high bits, nothing else
@@ -174,7 +175,14 @@ static int fill(const uint8_t *buf, int ncols, const char *kinds, const uint8_t 
 
 static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer in, kinds_in, scales_in;
-    if (!PyArg_ParseTuple(args, "y*y*y*", &in, &kinds_in, &scales_in)) return NULL;
+    PyObject *source;
+    /* bytes only: the second pass trusts the first one's checks, so the buffer must not change */
+    if (!PyArg_ParseTuple(args, "O!y*y*", &PyBytes_Type, &source, &kinds_in, &scales_in)) return NULL;
+    if (PyObject_GetBuffer(source, &in, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&kinds_in);
+        PyBuffer_Release(&scales_in);
+        return NULL;
+    }
     PyObject *result = NULL, *columns = NULL;
     PyObject **vals = NULL, **offs = NULL, **valid = NULL;
     uint8_t **vp = NULL, **validp = NULL;
@@ -184,7 +192,11 @@ static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *args) {
     const char *kinds = kinds_in.buf;
     Py_ssize_t n = in.len, rows = 0;
     int ncols = (int)kinds_in.len, ok;
-    if (ncols < 1 || ncols > MAX_FIELDS || scales_in.len != ncols || n < HEADER + 2 ||
+    if (ncols < 1 || ncols > MAX_FIELDS || scales_in.len != ncols) {
+        PyErr_SetString(PyExc_ValueError, "kinds and scales must name 1 to 1664 fields alike");
+        goto done;
+    }
+    if (n < HEADER + 2 ||
         memcmp(buf, SIGNATURE, 11) != 0 || be32(buf + 11) != 0 || be32(buf + 15) != 0) {
         result = Py_None;
         Py_INCREF(result);

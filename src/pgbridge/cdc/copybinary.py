@@ -9,8 +9,8 @@ buffers, and this module wraps those as Arrow arrays, the same types the text pa
 gives (:attr:`~pgbridge.cdc.copytext.CopyPlan.types`), so the loader inserts both alike.
 
 Decoded natively: integers, oids, floats, booleans, dates, timestamps, ``numeric(p,s)`` up to 18
-digits and the text types. Every other column is selected as ``col::text`` (what its output function
-gives a text COPY, without COPY's escaping) and cast in SQL as the text path casts it. A value the
+digits and the text types. Every other column is selected as the text its output function writes
+(what a text COPY sends, without COPY's escaping) and cast in SQL as the text path casts it. A value the
 text path would not parse typed either (a date or timestamp outside years 1-9999, ``infinity``, NaN
 in a numeric) makes :func:`decode_binary` raise :class:`~pgbridge.cdc.columnar.Unsupported`: the
 loader then copies that span again as text (:mod:`pgbridge.cdc.copytext`), so both paths load
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from psycopg import sql
 
-from pgbridge.cdc.catalog import SourceTable
+from pgbridge.cdc.catalog import SourceColumn, SourceTable
 from pgbridge.cdc.columnar import Unsupported
 from pgbridge.cdc.copytext import CopyPlan
 from pgbridge.cdc.sinks.base import SinkTable
@@ -57,6 +57,11 @@ _NATIVE: Final[dict[str, tuple[str, pa.DataType]]] = {
     "timestamptz": ("t", pa.timestamp("us", "UTC")),
 }
 _TEXT_TYPES: Final = frozenset({"text", "varchar", "bpchar", "name"})  # sent as their text, unescaped
+# Built-in types whose cast to text is their output function (no pg_cast entry: CoerceViaIO), as
+# are arrays'. Others may have a cast of their own that writes other text than a COPY does: inet's
+# adds "/32" (network_show), xml's keeps the declaration, and a user's type may have any. Those are
+# selected through format('%s'), which calls the output function.
+_TEXT_BY_CAST: Final = frozenset({"bytea", "uuid", "json", "jsonb", "interval", "time", "timetz", "numeric", "money"})
 
 
 @dataclass(frozen=True)
@@ -100,11 +105,18 @@ def binary_plan(st: SourceTable, stt: SinkTable, plan: CopyPlan) -> BinaryPlan |
             return None
         kinds.append(field[0])
         scales.append(field[1])
-        ident = sql.Identifier(col.name)
-        as_text = field[0] == "T" and type_name not in _TEXT_TYPES
-        exprs.append(sql.SQL("{}::text").format(ident) if as_text else ident)
+        exprs.append(_select(sql.Identifier(col.name), field[0], source[col.name]))
     select = sql.SQL("SELECT {} FROM ONLY {}").format(sql.SQL(", ").join(exprs), sql.Identifier(st.schema, st.name))
     return BinaryPlan(select.as_string(), "".join(kinds).encode(), bytes(scales), plan.types)
+
+
+def _select(ident: sql.Identifier, kind: str, column: SourceColumn) -> sql.Composable:
+    """How a column is selected: itself, or its COPY text (what its output function writes)."""
+    if kind != "T" or column.type_name in _TEXT_TYPES:
+        return ident
+    if column.element_oid is not None or column.type_name in _TEXT_BY_CAST:  # arrays: array_out
+        return sql.SQL("{}::text").format(ident)
+    return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE format('%s', {0}) END").format(ident)
 
 
 def _validity(valid: bytes | None) -> pa.Buffer | None:

@@ -145,6 +145,7 @@ class _State:
     st: SourceTable
     plan: CopyPlan
     binary: BinaryPlan | None  # how to copy it in binary (None: only as text)
+    refused: int = 0  # binary spans the decoder refused (each then copied as text)
     ranges_total: int = 0
     ranges_done: int = 0
     ranges_skipped: int = 0
@@ -189,6 +190,7 @@ class _Stopped(Exception):
     """The load is being abandoned: a reader just returns."""
 
 
+_REFUSED_SPANS: Final = 3  # a table whose binary spans were refused this often is read as text from then on
 _MAX_SPAN: Final = 2048  # pages: a span may grow over empty pages, but not past this
 
 
@@ -350,11 +352,14 @@ class _Loader:
                 except queue.Empty:
                     self._put(lane, None)
                     return
-                binary = job.state.binary if not check_utf8 else None
                 start, held = job.start, None
                 while True:
                     end = _span_end(start, job.state.span, job.end, job.state.st.pages)
+                    binary = job.state.binary if not check_utf8 else None
                     if binary is None:
+                        if held is not None:  # the table just went over to text: the binary span first
+                            self._settle(lane, cur, held, check_utf8)
+                            held = None
                         size = self._copy_text(lane, cur, job, start, end, check_utf8)
                     else:
                         size, decoding = self._copy_binary(cur, binary, start, end)
@@ -405,15 +410,21 @@ class _Loader:
         """Hand a binary span's decoding to the writer, or copy the span again as text if it cannot be decoded.
 
         Waits for the decoding: a span is settled while the next one is read, so the wait is short.
+        After :data:`_REFUSED_SPANS` refusals the table's further spans are read as text straight away
+        (say a column holding ``infinity`` in every span).
         """
         job, decoding, start, end = held
         try:
-            unsupported = isinstance(decoding.exception(), Unsupported)
+            error = decoding.exception()
         except CancelledError:  # the parsers were shut down: the load is being abandoned
             raise _Stopped from None
-        if unsupported:
+        if isinstance(error, Unsupported):
+            state = job.state
+            state.refused += 1
+            if state.refused >= _REFUSED_SPANS:  # such values throughout: stop reading every span twice
+                state.binary = None
             self._copy_text(lane, cur, job, start, end, check_utf8)
-        else:
+        elif error is not None or decoding.result()[0].num_rows:  # an empty span has nothing to insert
             self._put(lane, (job, decoding))
 
     def _put(self, lane: _Lane, item: _Chunk | None) -> None:
