@@ -657,7 +657,9 @@ def test_a_table_with_such_values_throughout_goes_over_to_text(
     pg.sql(f"VACUUM ANALYZE {s}.open")
     binary, text, spans = _load_both_ways(pg, pg.tables([f"{s}.open"]), tmp_path, monkeypatch, f'"{s}".open')
     assert len(binary) == 20000 and binary == text
-    assert spans["decoded"] == 0 and 3 <= spans["as text"] <= 4, spans  # two readers may both be in flight
+    # when the third refusal switches the table over, each of the two readers may hold a span read in
+    # binary and be reading the next
+    assert spans["decoded"] == 0 and 3 <= spans["as text"] <= 3 + 2 * 2, spans
 
 
 def test_a_table_with_a_wide_numeric_is_copied_as_text(pg: Server) -> None:
