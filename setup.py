@@ -1,4 +1,4 @@
-"""The one C extension; everything else about the package is in pyproject.toml."""
+"""The C extensions; everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -11,6 +11,13 @@ setup(
             ["src/pgbridge/cdc/_copybin.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        # The stream's row walk (cdc/columnar.py); optional as well: without it numpy walks the rows.
+        Extension(
+            "pgbridge.cdc._rowwalk",
+            ["src/pgbridge/cdc/_rowwalk.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ]
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
@@ -26,6 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pgbridge.cdc.pgoutput import Delete, Insert, TupleData, Update
+
+_rowwalk: ModuleType | None
+try:
+    from pgbridge.cdc import _rowwalk
+except ImportError:  # not built (no C compiler where pgbridge was installed): numpy walks the rows
+    _rowwalk = None
 
 __all__ = ["TAG_DELETE", "TAG_INSERT", "TAG_UPDATE", "RowGroup", "TupleColumns", "Unsupported", "decode_rows"]
 __all__ += ["as_array", "encode_row", "text_array"]
@@ -93,15 +100,24 @@ def _be32(arr: Array, at: Array) -> Array:
 
 
 def _tuple(arr: Array, off: Array, limit: int) -> tuple[TupleColumns, Array]:
-    """Walk one TupleData at ``off`` for every message at once; returns it and the offsets after it."""
-    ncols_each = (arr[off].astype(np.int64) << 8) | arr[off + 1]
-    ncols = int(ncols_each[0])
-    if not (ncols_each == ncols).all():
-        raise Unsupported("column counts differ")
+    """Walk one TupleData at ``off`` for every message at once; returns it and the offsets after it.
+
+    The C extension walks message by message (one pass, without the GIL); numpy walks column by
+    column where it was not built. Both give the same arrays.
+    """
     n = off.shape[0]
+    ncols = (int(arr[off[0]]) << 8) | int(arr[off[0] + 1])
     kinds = np.empty((n, ncols), np.uint8)
     starts = np.zeros((n, ncols), np.int64)
     lengths = np.zeros((n, ncols), np.int64)
+    if _rowwalk is not None:
+        off = np.array(off, np.int64)  # in and out
+        if not _rowwalk.walk(arr, off, limit, kinds, starts, lengths):
+            raise Unsupported("column counts differ, or an unknown column kind")
+        return TupleColumns(kinds, starts, lengths), off
+    ncols_each = (arr[off].astype(np.int64) << 8) | arr[off + 1]
+    if not (ncols_each == ncols).all():
+        raise Unsupported("column counts differ")
     off = off + 2
     for c in range(ncols):
         np.minimum(off, limit, out=off)
