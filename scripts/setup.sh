@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything pgbridge needs on a Debian 12 machine, idempotently.
 #   - Debian packages: PostgreSQL 15 (+contrib), etcd 3.4, HAProxy, PgBouncer, pgBackRest, the system Python's venv module,
-#     and a C compiler with Python's headers (pgbridge builds one small extension: cdc/_copybin.c)
+#     and a C compiler with Python's headers (pgbridge builds two small extensions: cdc/_copybin.c, cdc/_rowwalk.c)
 #   - a virtual environment (default /opt/pgbridge/venv) made from the *system* Python, so the
 #     unprivileged OS user that runs the servers can execute it (a pyenv Python under /root cannot)
 #   - pgbridge itself with its pinned dependencies (Patroni 4.1.5, psycopg, DuckDB, ...)
