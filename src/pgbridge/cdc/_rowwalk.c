@@ -9,7 +9,8 @@
  *   kinds    uint8[n, ncols], starts and lengths int64[n, ncols]: filled as columnar.TupleColumns
  *            holds them (0 for a NULL or unchanged column)
  * False when a message's column count differs from ncols or a column kind is unknown: the caller
- * then decodes those messages one by one. Runs without the GIL.
+ * then decodes those messages one by one. Runs without the GIL. The arrays must be C-contiguous of
+ * the dtypes named (columnar._tuple makes them so); only their byte sizes are checked here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,7 +55,7 @@ static PyObject *walk(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t n = off.len / 8, ncols = n ? kinds.len / n : 0;
     int ok;
     if (off.len % 8 || (n && kinds.len % n) || starts.len != kinds.len * 8 || lengths.len != kinds.len * 8 ||
-        limit < 0 || arr.len < limit + 5 || ncols > 0xFFFF) {
+        limit < 0 || limit > arr.len - 5 || ncols > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "walk: arrays of mismatched sizes, or a buffer without its padding");
         goto done;
     }

@@ -103,7 +103,8 @@ def _tuple(arr: Array, off: Array, limit: int) -> tuple[TupleColumns, Array]:
     """Walk one TupleData at ``off`` for every message at once; returns it and the offsets after it.
 
     The C extension walks message by message (one pass, without the GIL); numpy walks column by
-    column where it was not built. Both give the same arrays.
+    column where it was not built. Both give the same arrays for what :func:`decode_rows` passes:
+    ``arr`` padded with zero bytes, ``limit`` one past the buffer, int64 offsets in ``[0, limit]``.
     """
     n = off.shape[0]
     ncols = (int(arr[off[0]]) << 8) | int(arr[off[0] + 1])
