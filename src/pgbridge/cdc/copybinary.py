@@ -85,7 +85,7 @@ def _field(type_name: str, arrow: pa.DataType | None) -> tuple[str, int] | None:
         return native[0], 0
     if type_name == "numeric" and isinstance(arrow, pa.Decimal128Type) and arrow.precision <= _NUMERIC_MAX_DIGITS:
         return "n", arrow.scale
-    return ("T", 0) if arrow is None else None  # text, or ::text the insert casts
+    return ("T", 0) if arrow is None else None  # text, or its COPY text the insert casts (see _select)
 
 
 def binary_plan(st: SourceTable, stt: SinkTable, plan: CopyPlan) -> BinaryPlan | None:

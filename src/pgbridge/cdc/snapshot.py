@@ -43,7 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -388,23 +388,23 @@ class _Loader:
     def _copy_text(self, lane: _Lane, cur: Any, job: _Job, start: int, end: int | None, check_utf8: bool) -> int:
         """Copy pages [start, end) of ``job``'s table as text; hand its pieces to the parsers. Returns its size."""
         plan = job.state.plan
-        out = io.BytesIO()
-        cur.copy_expert(f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT", out)
-        if self.stop.is_set():
-            raise _Stopped
-        size = out.tell()
-        text = out.getvalue()  # BytesIO's own buffer: no copy
-        for piece in pieces(text) if size else ():
+        text = self._copy(cur, f"COPY ({plan.select_text}{_where(start, end)}) TO STDOUT")
+        for piece in pieces(text) if text else ():
             self._put(lane, (job, self.parsers.submit(parse_copy_text, text, plan.types, check_utf8, piece)))
-        return size
+        return len(text)
 
     def _copy_binary(self, cur: Any, binary: BinaryPlan, start: int, end: int | None) -> tuple[int, Future[_Parsed]]:
         """Copy pages [start, end) in binary; returns its size and its decoding (by a parser)."""
+        out = self._copy(cur, f"COPY ({binary.select_text}{_where(start, end)}) TO STDOUT (FORMAT binary)")
+        return len(out), self.parsers.submit(decode_binary, out, binary)
+
+    def _copy(self, cur: Any, statement: str) -> bytes:
+        """One COPY's whole output, gathered by psycopg2 in C."""
         out = io.BytesIO()
-        cur.copy_expert(f"COPY ({binary.select_text}{_where(start, end)}) TO STDOUT (FORMAT binary)", out)
+        cur.copy_expert(statement, out)
         if self.stop.is_set():
             raise _Stopped
-        return out.tell(), self.parsers.submit(decode_binary, out.getvalue(), binary)
+        return out.getvalue()  # BytesIO's own buffer: no copy
 
     def _settle(self, lane: _Lane, cur: Any, held: _Held, check_utf8: bool) -> None:
         """Hand a binary span's decoding to the writer, or copy the span again as text if it cannot be decoded.
@@ -414,10 +414,7 @@ class _Loader:
         (say a column holding ``infinity`` in every span).
         """
         job, decoding, start, end = held
-        try:
-            error = decoding.exception()
-        except CancelledError:  # the parsers were shut down: the load is being abandoned
-            raise _Stopped from None
+        error = decoding.exception()  # the parsers outlive the readers (run() joins them first)
         if isinstance(error, Unsupported):
             state = job.state
             state.refused += 1

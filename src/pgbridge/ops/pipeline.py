@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -143,9 +144,10 @@ def _retire(dep: Deployment, name: str | None, report: Report) -> None:
                 drop_slot(dep.member_admin(m.name).conninfo(db), ident)
             with admin_connection(dep.admin, db) as c:
                 c.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(ident)))
-        except PgbridgeError as e:
+        except (PgbridgeError, psycopg.Error) as e:
             keep.add(old)
-            report.add(f"old pipeline {old}", "pending", f"its slot {ident} stays until the next `up`: {e.message}")
+            why = e.message if isinstance(e, PgbridgeError) else str(e).strip()
+            report.add(f"old pipeline {old}", "pending", f"its slot {ident} stays until the next `up`: {why}")
             continue
         report.add(f"old pipeline {old}", "removed", f"slot and publication {ident}, config; its warehouse stays")
     prune(dep.home, keep)
