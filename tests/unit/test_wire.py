@@ -18,7 +18,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from pgbridge.cdc import wire
 from pgbridge.cdc.wire import ServerError, Target, UnsupportedAuthentication, WireConnection, WireError, status_message
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def framing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with the frames split in C (cdc/_rowwalk.c) and in Python, which must agree."""
+    if request.param == "python":
+        monkeypatch.setattr(wire, "_split", None)
+    elif wire._split is None:
+        pytest.skip("the C extension was not built (no compiler)")
 
 
 def msg(kind: bytes, body: bytes) -> bytes:
@@ -356,3 +366,82 @@ def test_a_consumer_waiting_for_the_stream_gets_a_trickle_soon(pair: tuple[WireC
     t0 = time.monotonic()
     assert conn.read(100, 1 << 30, 10.0) == [b"Isecond"]
     assert time.monotonic() - t0 < 5.0
+
+
+def test_tags_are_the_first_bytes_of_the_payloads(pair: tuple[WireConnection, socket.socket]) -> None:
+    conn, server = pair
+    started(conn, server, [])
+    payloads = [b"B" + bytes(20), b"Iabc", b"U", b"C" + bytes(25)]
+    server.sendall(b"".join(xlog(i + 1, i + 1, p) for i, p in enumerate(payloads)))
+    got: list[bytes] = []
+    tags = bytearray()
+    while len(got) < len(payloads):
+        got.extend(conn.read(100, 1 << 30, 2.0, tags=tags))
+    assert got == payloads and bytes(tags) == b"BIUC"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        msg(b"d", b"w" + bytes(24)),  # XLogData without a payload
+        msg(b"d", b"w" + bytes(10)),  # XLogData cut inside its header
+        msg(b"d", b"k" + bytes(5)),  # a keepalive cut short
+        b"d" + struct.pack(">I", 2),  # a length under its own size
+    ],
+)
+def test_a_malformed_frame_is_a_wire_error_after_the_data_before_it(
+    pair: tuple[WireConnection, socket.socket], frame: bytes
+) -> None:
+    conn, server = pair
+    started(conn, server, [])
+    server.sendall(xlog(10, 10, b"Ifine") + frame + xlog(11, 11, b"Inever"))
+    got: list[bytes] = []
+    with pytest.raises(WireError, match="malformed"):
+        for _ in range(50):
+            got.extend(conn.read(100, 1 << 30, 0.2))
+    assert got == [b"Ifine"]
+
+
+def test_c_and_python_framing_agree_on_random_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random streams of XLogData, keepalives, notices and malformed frames, cut at random limits:
+    both splitters return the same payloads, tags, positions, WAL end and error, read for read."""
+    compiled = pytest.importorskip("pgbridge.cdc._rowwalk", reason="the C extension was not built (no compiler)").split
+    rng = random.Random(11)
+
+    def frame() -> bytes:
+        roll = rng.random()
+        if roll < 0.8:
+            return xlog(rng.randrange(1 << 40), rng.randrange(1 << 40), rng.randbytes(rng.randrange(1, 200)))
+        if roll < 0.9:
+            return keepalive(rng.randrange(1 << 40), reply=rng.random() < 0.5)
+        if roll < 0.97:
+            return msg(b"N", b"SNOTICE\0Mhello\0\0")
+        return rng.choice([msg(b"d", b"w" + bytes(rng.randrange(25))), msg(b"d", b""), b"d" + struct.pack(">I", 3)])
+
+    def run(split: object, stream: bytes, limits: list[tuple[int, int]]) -> list[object]:
+        monkeypatch.setattr(wire, "_split", split)
+        conn = WireConnection.__new__(WireConnection)
+        WireConnection.__init__(conn, socket.socket(), Target("h", 1, {}))
+        beats: list[int] = []
+        conn.heartbeat = lambda: beats.append(1)
+        conn._buf, conn._ended = stream, WireError("end of the fixture")
+        seen: list[object] = []
+        try:
+            for max_messages, max_bytes in limits:
+                positions: list[int] = []
+                tags = bytearray()
+                try:
+                    got = conn.read(max_messages, max_bytes, 0.0, positions, tags)
+                except WireError as exc:
+                    seen.append(str(exc))
+                    break
+                seen.append((got, bytes(tags), positions, conn.wal_end, conn.last_start, len(beats)))
+        finally:
+            conn._sock.close()
+        return seen
+
+    for _ in range(300):
+        stream = b"".join(frame() for _ in range(rng.randrange(1, 60)))
+        limits = [(rng.randrange(1, 30), rng.choice([1, 50, 500, 1 << 30])) for _ in range(80)]
+        with_c = run(compiled, stream, limits)
+        assert run(None, stream, limits) == with_c

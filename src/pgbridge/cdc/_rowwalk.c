@@ -1,4 +1,14 @@
-/* Walk the TupleData of many pgoutput row-change messages: the compiled form of columnar._tuple.
+/* The stream's two per-message loops in C: the replication stream's framing (wire.WireConnection.read)
+ * and the walk through the TupleData of row changes (columnar._tuple).
+ *
+ * split(buf, off, size, max_messages, max_bytes, out, tags, positions) -> (off, size, last)
+ *   Takes consecutive XLogData frames from buf[off:]: appends each one's pgoutput payload to the list
+ *   ``out``, its first byte (the message tag) to the bytearray ``tags`` and, unless ``positions`` is
+ *   None, its data start to that list. ``size`` counts the payload bytes taken (passed in and back).
+ *   Stops before a frame that is incomplete, is not XLogData, or is malformed (a length under 4, an
+ *   XLogData frame without a payload), and once ``out`` holds ``max_messages`` or ``size`` reached
+ *   ``max_bytes``: the caller deals with that frame. Returns where it stopped, the size and the
+ *   offset of the last frame taken (-1 when none).
  *
  * walk(arr, off, limit, kinds, starts, lengths) -> bool
  *   arr      the message buffer followed by zero bytes (columnar.decode_rows pads it with 8),
@@ -72,7 +82,62 @@ done:
     return result;
 }
 
+static PyObject *split(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t off, size, max_messages, max_bytes;
+    PyObject *out, *tags, *positions;
+    if (!PyArg_ParseTuple(args, "y*nnnnO!O!O", &buf, &off, &size, &max_messages, &max_bytes, &PyList_Type, &out,
+                          &PyByteArray_Type, &tags, &positions))
+        return NULL;
+    PyObject *result = NULL;
+    const uint8_t *a = buf.buf;
+    Py_ssize_t n = buf.len, last = -1, taken = 0, room, have = PyList_GET_SIZE(out), tag0 = PyByteArray_GET_SIZE(tags);
+    if (off < 0 || (positions != Py_None && !PyList_Check(positions))) {
+        PyErr_SetString(PyExc_ValueError, "split: a negative offset, or positions neither a list nor None");
+        goto done;
+    }
+    /* A frame with a payload is at least 31 bytes: no more tags than that can be taken. */
+    room = n > off ? (n - off) / 31 + 1 : 1;
+    if (room > max_messages - have) room = max_messages - have > 0 ? max_messages - have : 0;
+    if (PyByteArray_Resize(tags, tag0 + room) < 0) goto done;
+    while (off + 5 <= n && have < max_messages && size < max_bytes) {
+        uint32_t length = (uint32_t)a[off + 1] << 24 | (uint32_t)a[off + 2] << 16 | (uint32_t)a[off + 3] << 8 | a[off + 4];
+        Py_ssize_t end = off + 1 + (Py_ssize_t)length;
+        if (end > n || a[off] != 'd' || length < 30 || a[off + 5] != 'w') break;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)a + off + 30, end - off - 30);
+        if (payload == NULL || PyList_Append(out, payload) < 0) {
+            Py_XDECREF(payload);
+            goto resized;
+        }
+        Py_DECREF(payload);
+        if (positions != Py_None) {
+            const uint8_t *p = a + off + 6;
+            uint64_t start = 0;
+            for (int i = 0; i < 8; i++) start = start << 8 | p[i];
+            PyObject *value = PyLong_FromUnsignedLongLong(start);
+            if (value == NULL || PyList_Append(positions, value) < 0) {
+                Py_XDECREF(value);
+                goto resized;
+            }
+            Py_DECREF(value);
+        }
+        PyByteArray_AS_STRING(tags)[tag0 + taken] = (char)a[off + 30];
+        taken++;
+        have++;
+        size += end - off - 30;
+        last = off;
+        off = end;
+    }
+    result = Py_BuildValue("nnn", off, size, last);
+resized:
+    if (PyByteArray_Resize(tags, tag0 + taken) < 0) Py_CLEAR(result);
+done:
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef METHODS[] = {
+    {"split", split, METH_VARARGS, "Take the XLogData frames of a replication stream's buffer (see the module source)."},
     {"walk", walk, METH_VARARGS, "Walk the TupleData of many pgoutput messages (see the module source)."},
     {NULL, NULL, 0, NULL},
 };

@@ -33,7 +33,6 @@ from pgbridge.cdc.pgoutput import (
     StreamCommit,
     StreamStart,
     decode,
-    first_byte,
 )
 from pgbridge.cdc.wire import (
     ServerError,
@@ -613,14 +612,21 @@ class ReplicationStream:
         self._position = position
         return Batch(messages, positions)
 
-    def _read(self, max_messages: int, max_bytes: int, wait: float, starts: list[int] | None = None) -> list[bytes]:
+    def _read(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        wait: float,
+        starts: list[int] | None = None,
+        tags: bytearray | None = None,
+    ) -> list[bytes]:
         conn = self._require_conn()
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
         try:
             with _boundary(f"replication from slot {self.slot!r} failed"):
-                return conn.read(max_messages, max_bytes, wait, starts)
+                return conn.read(max_messages, max_bytes, wait, starts, tags)
         finally:
             self._position = conn.last_start or self._position
             self._received = max(self._received, self._position)
@@ -637,8 +643,9 @@ class ReplicationStream:
         """
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        payloads = self._read(max_messages, max_bytes, max_wait_s)
-        tags = bytes(map(first_byte, payloads))
+        taken = bytearray()
+        payloads = self._read(max_messages, max_bytes, max_wait_s, tags=taken)
+        tags = bytes(taken)
         if STREAM_TAGS.search(tags) or self._decoder.in_stream:
             for payload in payloads:  # stream blocks (protocol v2): follow them message by message
                 msg = self._decoder.decode(payload)
