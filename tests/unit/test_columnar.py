@@ -224,3 +224,34 @@ def test_damaged_messages_get_the_same_verdict_from_both_walks(monkeypatch: pyte
         with_c = _verdict(buf, starts, ends)
         monkeypatch.setattr(columnar, "_rowwalk", None)
         assert _verdict(buf, starts, ends) == with_c
+
+
+def test_c_strings_agree_with_arrow_on_strided_columns_and_refuse_values_outside_the_buffer() -> None:
+    """_rowwalk.strings takes columns of the (n, ncols) arrays as they are (strided): the same array
+    as the numpy/Arrow path, and an error, not a read past the buffer, for a value outside it."""
+    compiled = pytest.importorskip("pgbridge.cdc._rowwalk", reason="the C extension was not built (no compiler)")
+    rng = random.Random(5)
+    for _ in range(100):
+        msgs = [random_message(rng) for _ in range(rng.randint(1, 60))]
+        buf, starts, ends = layout([columnar.encode_row(m) for m in msgs])
+        arr = columnar.as_array(buf)
+        for g in columnar.decode_rows(buf, starts, ends):
+            for t in (g.old, g.new):
+                if t is None:
+                    continue
+                for c in range(t.ncols):
+                    valid = (t.kinds[:, c] == columnar.KIND_TEXT) | (t.kinds[:, c] == columnar.KIND_BINARY)
+                    offsets, data, validity, nulls = compiled.strings(arr, t.starts[:, c], t.lengths[:, c], valid)
+                    bits = None if validity is None else pa.py_buffer(validity)
+                    buffers = [bits, pa.py_buffer(offsets), pa.py_buffer(data)]
+                    got = pa.Array.from_buffers(pa.large_binary(), len(valid), buffers, null_count=nulls)
+                    got.validate(full=True)
+                    spans = zip(t.starts[:, c], t.lengths[:, c], valid, strict=True)
+                    want = [bytes(buf[s : s + n]) if v else None for s, n, v in spans]
+                    assert got.to_pylist() == want and nulls == int((~valid).sum())
+    arr = columnar.as_array(b"abcdef")
+    for start, length in ((4, 3), (-1, 2), (0, -1), (7, 0)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            compiled.strings(arr, np.array([0, start], np.int64), np.array([1, length], np.int64), np.ones(2, np.bool_))
+    with pytest.raises(ValueError, match="int64"):
+        compiled.strings(arr, np.zeros(2, np.int32), np.zeros(2, np.int64), np.ones(2, np.bool_))

@@ -10,6 +10,13 @@
  *   ``max_bytes``: the caller deals with that frame. Returns where it stopped, the size and the
  *   offset of the last frame taken (-1 when none).
  *
+ * strings(arr, starts, lengths, valid) -> (offsets, data, validity, nulls)
+ *   The buffers of an Arrow large_string array of arr[starts[i]:starts[i] + lengths[i]] where
+ *   valid[i], else NULL (columnar.text_array): int64 offsets, the values' bytes, the validity bitmap
+ *   (None when nothing is NULL) and the NULL count. ``starts`` and ``lengths`` are int64 and
+ *   ``valid`` one byte per item, all of n items, strided or not; a value outside ``arr`` raises.
+ *   Both passes over the items run without the GIL.
+ *
  * walk(arr, off, limit, kinds, starts, lengths) -> bool
  *   arr      the message buffer followed by zero bytes (columnar.decode_rows pads it with 8),
  *            so a read at most 4 bytes past ``limit`` stays inside it
@@ -25,6 +32,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 static int walk_all(const uint8_t *a, int64_t *offs, Py_ssize_t n, Py_ssize_t ncols, int64_t limit, uint8_t *kinds,
                     int64_t *starts, int64_t *lengths) {
@@ -79,6 +87,80 @@ done:
     PyBuffer_Release(&kinds);
     PyBuffer_Release(&starts);
     PyBuffer_Release(&lengths);
+    return result;
+}
+
+#define AT(view, i, type) (*(const type *)((const char *)(view).buf + (i) * (view).strides[0]))
+
+static PyObject *strings(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *arr_obj, *starts_obj, *lengths_obj, *valid_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &arr_obj, &starts_obj, &lengths_obj, &valid_obj)) return NULL;
+    Py_buffer arr = {0}, st = {0}, ln = {0}, va = {0};
+    PyObject *offsets = NULL, *data = NULL, *validity = NULL, *result = NULL;
+    if (PyObject_GetBuffer(arr_obj, &arr, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(starts_obj, &st, PyBUF_STRIDED_RO) < 0 ||
+        PyObject_GetBuffer(lengths_obj, &ln, PyBUF_STRIDED_RO) < 0 || PyObject_GetBuffer(valid_obj, &va, PyBUF_STRIDED_RO) < 0)
+        goto done;
+    if (st.ndim != 1 || ln.ndim != 1 || va.ndim != 1 || st.itemsize != 8 || ln.itemsize != 8 || va.itemsize != 1 ||
+        ln.shape[0] != st.shape[0] || va.shape[0] != st.shape[0]) {
+        PyErr_SetString(PyExc_ValueError, "strings: starts and lengths must be int64 and valid one byte, of one length");
+        goto done;
+    }
+    Py_ssize_t n = st.shape[0], nulls = 0, bad = -1;
+    int64_t total = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!AT(va, i, uint8_t)) {
+            nulls++;
+            continue;
+        }
+        int64_t start = AT(st, i, int64_t), len = AT(ln, i, int64_t);
+        if (start < 0 || len < 0 || start > arr.len || len > arr.len - start) {
+            bad = i;
+            break;
+        }
+        total += len;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "strings: value %zd lies outside the buffer", bad);
+        goto done;
+    }
+    offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 8);
+    data = PyBytes_FromStringAndSize(NULL, total);
+    if (offsets == NULL || data == NULL) goto done;
+    if (nulls) {
+        validity = PyBytes_FromStringAndSize(NULL, (n + 7) / 8);
+        if (validity == NULL) goto done;
+        memset(PyBytes_AS_STRING(validity), 0, (n + 7) / 8);
+    }
+    {
+        int64_t *off = (int64_t *)PyBytes_AS_STRING(offsets);
+        char *out = PyBytes_AS_STRING(data);
+        uint8_t *bits = validity ? (uint8_t *)PyBytes_AS_STRING(validity) : NULL;
+        const char *a = arr.buf;
+        Py_BEGIN_ALLOW_THREADS
+        int64_t o = 0;
+        off[0] = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (AT(va, i, uint8_t)) {
+                int64_t len = AT(ln, i, int64_t);
+                memcpy(out + o, a + AT(st, i, int64_t), (size_t)len);
+                o += len;
+                if (bits) bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            }
+            off[i + 1] = o;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_BuildValue("OOOn", offsets, data, validity ? validity : Py_None, nulls);
+done:
+    Py_XDECREF(offsets);
+    Py_XDECREF(data);
+    Py_XDECREF(validity);
+    if (arr.obj) PyBuffer_Release(&arr);
+    if (st.obj) PyBuffer_Release(&st);
+    if (ln.obj) PyBuffer_Release(&ln);
+    if (va.obj) PyBuffer_Release(&va);
     return result;
 }
 
@@ -138,6 +220,7 @@ done:
 
 static PyMethodDef METHODS[] = {
     {"split", split, METH_VARARGS, "Take the XLogData frames of a replication stream's buffer (see the module source)."},
+    {"strings", strings, METH_VARARGS, "The buffers of an Arrow large_string array cut out of a buffer (see the module source)."},
     {"walk", walk, METH_VARARGS, "Walk the TupleData of many pgoutput messages (see the module source)."},
     {NULL, NULL, 0, NULL},
 };

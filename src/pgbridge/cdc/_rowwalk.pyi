@@ -1,4 +1,4 @@
-# The C extension built from _rowwalk.c (wire.WireConnection.read's framing, columnar._tuple's walk).
+# The C extension built from _rowwalk.c (wire.WireConnection.read's framing, columnar's walk and text arrays).
 from typing import Any
 
 def split(
@@ -12,4 +12,5 @@ def split(
     positions: list[int] | None,
     /,
 ) -> tuple[int, int, int]: ...
+def strings(arr: Any, starts: Any, lengths: Any, valid: Any, /) -> tuple[bytes, bytes, bytes | None, int]: ...
 def walk(arr: Any, off: Any, limit: int, kinds: Any, starts: Any, lengths: Any, /) -> bool: ...
