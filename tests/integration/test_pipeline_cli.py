@@ -252,7 +252,7 @@ def test_a_pipeline_taken_out_of_the_spec_leaves_only_its_warehouse(dep: Env) ->
     dep.run("pipeline", "stop")  # a stop that must not outlive its pipeline
     dep.write_spec()  # the same deployment, without the pipeline section
     out = dep.run("up").stdout
-    assert "old pipeline analytics" in out and "removed" in out, out
+    assert "old pipeline analytics" in out and "removed" in out and "ddl capture" in out, out
     left = sorted(p.name for d in ("etc", "run") for p in (dep.home / d).glob("pipeline-*"))
     assert left == [], left
     assert (dep.home / "warehouse" / "analytics.duckdb").exists()
@@ -269,3 +269,10 @@ def test_a_pipeline_taken_out_of_the_spec_leaves_only_its_warehouse(dep: Env) ->
             break
         assert time.monotonic() < deadline, "the slot of the removed pipeline is still there"
         time.sleep(1)
+    with app(dep) as c:  # no pipeline left: the DDL capture goes, it would write every DDL into the WAL
+        triggers = c.execute("SELECT evtname FROM pg_event_trigger WHERE evtname LIKE 'pgbridge%'").fetchall()
+        schema = c.execute("SELECT 1 FROM pg_namespace WHERE nspname = '_pgbridge'").fetchone()
+        c.execute("CREATE TABLE after_the_pipeline (id int PRIMARY KEY)")  # DDL still works
+        c.execute("DROP TABLE after_the_pipeline")
+    assert triggers == [] and schema is None, (triggers, schema)
+    assert "ddl capture" not in dep.run("up").stdout  # nothing left to remove

@@ -113,9 +113,21 @@ BEGIN
 END $fn$""",
         f"REVOKE ALL ON FUNCTION {SCHEMA}.capture_define(), {SCHEMA}.capture_drop(), "
         f"{SCHEMA}.capture_rewrite() FROM PUBLIC",
-        _create_trigger("pgbridge_define", "ddl_command_end", f"{SCHEMA}.capture_define()"),
-        _create_trigger("pgbridge_drop", "sql_drop", f"{SCHEMA}.capture_drop()"),
-        _create_trigger("pgbridge_rewrite", "table_rewrite", f"{SCHEMA}.capture_rewrite()"),
+        _create_trigger(TRIGGERS[0], "ddl_command_end", f"{SCHEMA}.capture_define()"),
+        _create_trigger(TRIGGERS[1], "sql_drop", f"{SCHEMA}.capture_drop()"),
+        _create_trigger(TRIGGERS[2], "table_rewrite", f"{SCHEMA}.capture_rewrite()"),
+    ]
+
+
+TRIGGERS: Final = ("pgbridge_define", "pgbridge_drop", "pgbridge_rewrite")
+
+
+def uninstall_sql() -> list[str]:
+    """Statements that remove what :func:`install_sql` installs (the schema itself excepted). Idempotent."""
+    return [
+        *(f"DROP EVENT TRIGGER IF EXISTS {name}" for name in TRIGGERS),
+        f"DROP FUNCTION IF EXISTS {SCHEMA}.capture_define(), {SCHEMA}.capture_drop(), {SCHEMA}.capture_rewrite(),"
+        f" {SCHEMA}.table_definition(oid)",
     ]
 
 

@@ -127,7 +127,7 @@ def prune(h: Home, keep: Collection[str]) -> list[Path]:
     return gone
 
 
-def _retire(dep: Deployment, name: str | None, report: Report) -> None:
+def _retire(dep: Deployment, name: str | None, report: Report) -> bool:
     """Take down the pipelines other than ``name`` that `up` left behind: slot, publication, files.
 
     The slot matters most: left in place it holds WAL back for good (Patroni drops slots it does not
@@ -151,6 +151,29 @@ def _retire(dep: Deployment, name: str | None, report: Report) -> None:
             continue
         report.add(f"old pipeline {old}", "removed", f"slot and publication {ident}, config; its warehouse stays")
     prune(dep.home, keep)
+    return keep == ({name} if name is not None else set())
+
+
+def _remove_source_functions(dep: Deployment) -> Action | None:
+    """Without a pipeline, what `up` installed for one in the source database goes: the DDL capture's
+    event triggers (which would otherwise write every DDL into the WAL), their functions, the standby
+    probe, and the schema ``_pgbridge`` unless something else lives there. None when none was there."""
+    schema = sql.Identifier(ddl.SCHEMA)
+    with admin_connection(dep.admin, dep.spec.database.name) as c:
+        if c.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (ddl.SCHEMA,)).fetchone() is None:
+            return None
+        with c.transaction():
+            for statement in ddl.uninstall_sql():
+                c.execute(statement.encode())  # rendered by us, not user input
+            c.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.sync_standby_flush_lsn()").format(schema))
+            left = c.execute(
+                "SELECT count(*) FROM pg_depend d JOIN pg_namespace n ON n.oid = d.refobjid"
+                " WHERE d.refclassid = 'pg_namespace'::regclass AND n.nspname = %s AND d.deptype = 'n'",
+                (ddl.SCHEMA,),
+            ).fetchone()
+            if left is not None and left[0] == 0:
+                c.execute(sql.SQL("DROP SCHEMA {}").format(schema))
+    return "removed"
 
 
 def program(dep: Deployment) -> Program | None:
@@ -293,8 +316,17 @@ def ensure(dep: Deployment, report: Report) -> None:
     A pipeline no longer in the spec is taken down (:func:`_retire`).
     """
     p = dep.spec.pipeline
-    _retire(dep, p.name if p is not None else None, report)
+    retired = _retire(dep, p.name if p is not None else None, report)
     if p is None:
+        if retired:  # not while an old pipeline's slot is still to be dropped: it would miss DDL
+            try:
+                done = _remove_source_functions(dep)
+            except (PgbridgeError, psycopg.Error) as e:
+                why = e.message if isinstance(e, PgbridgeError) else str(e).strip()
+                report.add("ddl capture", "pending", f"its event triggers stay until the next `up`: {why}")
+            else:
+                if done:
+                    report.add("ddl capture", done, "event triggers and functions of the removed pipeline")
         return
     pp, user = paths(dep), dep.settings.user
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
