@@ -16,6 +16,7 @@ import pytest
 
 from pgbridge.cdc import ddl
 from pgbridge.cdc.pipeline import query, request
+from pgbridge.ops.pipeline import remove_source_functions
 from tests.integration.daemon import Daemon, drop_inactive_slots, pipeline_config
 from tests.pgserver import Server, bare_server
 
@@ -297,3 +298,29 @@ def test_a_stopped_table_stays_stopped_through_later_ddl_and_a_rename(pg: Server
     finally:
         d.stop()
         drop_inactive_slots(pg)
+
+
+def test_the_capture_is_removed_and_its_schema_only_when_nothing_else_lives_there() -> None:
+    """What `up` does once the spec has no pipeline (ops.pipeline.remove_source_functions)."""
+
+    def installed(c: psycopg.Connection) -> tuple[int, bool]:
+        triggers = c.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgbridge%'").fetchone()
+        schema = c.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (ddl.SCHEMA,)).fetchone()
+        assert triggers is not None
+        return triggers[0], schema is not None
+
+    with bare_server("uninstall") as srv, psycopg.connect(srv.dsn, autocommit=True) as c:
+        assert not remove_source_functions(c)  # never installed: nothing to do
+        for statement in ddl.install_sql():
+            c.execute(statement.encode())
+        c.execute(f"CREATE TABLE {ddl.SCHEMA}.someone_elses (id int)")
+        assert installed(c) == (3, True)
+        assert remove_source_functions(c)
+        assert installed(c) == (0, True)  # the schema holds another table: it stays, with it
+        assert not remove_source_functions(c)  # nothing of pgbridge's left to remove
+        c.execute("CREATE TABLE t (id int)")  # DDL runs without the capture
+        for statement in ddl.install_sql():
+            c.execute(statement.encode())
+        c.execute(f"DROP TABLE {ddl.SCHEMA}.someone_elses")
+        assert remove_source_functions(c)
+        assert installed(c) == (0, False)

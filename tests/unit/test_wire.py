@@ -394,7 +394,9 @@ def test_a_malformed_frame_is_a_wire_error_after_the_data_before_it(
 ) -> None:
     conn, server = pair
     started(conn, server, [])
-    server.sendall(xlog(10, 10, b"Ifine") + frame + xlog(11, 11, b"Inever"))
+    server.sendall(xlog(10, 10, b"Ifine") + frame[:3])  # the header cut across two reads
+    time.sleep(0.05)
+    server.sendall(frame[3:] + xlog(11, 11, b"Inever"))
     got: list[bytes] = []
     with pytest.raises(WireError, match="malformed"):
         for _ in range(50):

@@ -90,18 +90,34 @@ done:
     return result;
 }
 
-#define AT(view, i, type) (*(const type *)((const char *)(view).buf + (i) * (view).strides[0]))
+/* Item i of a strided one-dimensional view, which may not be aligned for its type. */
+static inline int64_t at64(const Py_buffer *v, Py_ssize_t i) {
+    int64_t x;
+    memcpy(&x, (const char *)v->buf + i * v->strides[0], sizeof x);
+    return x;
+}
+
+static inline uint8_t at8(const Py_buffer *v, Py_ssize_t i) { return *((const uint8_t *)v->buf + i * v->strides[0]); }
+
+/* Whether a buffer's format (native, or with an explicit native or little-endian prefix) is one of ``codes``. */
+static int format_is(const Py_buffer *v, const char *codes) {
+    const char *f = v->format ? v->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++;
+    return f[0] != '\0' && f[1] == '\0' && strchr(codes, f[0]) != NULL;
+}
 
 static PyObject *strings(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *arr_obj, *starts_obj, *lengths_obj, *valid_obj;
     if (!PyArg_ParseTuple(args, "OOOO", &arr_obj, &starts_obj, &lengths_obj, &valid_obj)) return NULL;
     Py_buffer arr = {0}, st = {0}, ln = {0}, va = {0};
     PyObject *offsets = NULL, *data = NULL, *validity = NULL, *result = NULL;
-    if (PyObject_GetBuffer(arr_obj, &arr, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(starts_obj, &st, PyBUF_STRIDED_RO) < 0 ||
-        PyObject_GetBuffer(lengths_obj, &ln, PyBUF_STRIDED_RO) < 0 || PyObject_GetBuffer(valid_obj, &va, PyBUF_STRIDED_RO) < 0)
+    const int flags = PyBUF_STRIDED_RO | PyBUF_FORMAT;
+    if (PyObject_GetBuffer(arr_obj, &arr, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(starts_obj, &st, flags) < 0 ||
+        PyObject_GetBuffer(lengths_obj, &ln, flags) < 0 || PyObject_GetBuffer(valid_obj, &va, flags) < 0)
         goto done;
     if (st.ndim != 1 || ln.ndim != 1 || va.ndim != 1 || st.itemsize != 8 || ln.itemsize != 8 || va.itemsize != 1 ||
-        ln.shape[0] != st.shape[0] || va.shape[0] != st.shape[0]) {
+        !format_is(&st, "lq") || !format_is(&ln, "lq") || !format_is(&va, "B?b") || ln.shape[0] != st.shape[0] ||
+        va.shape[0] != st.shape[0] || st.shape[0] > PY_SSIZE_T_MAX / 8 - 1) {
         PyErr_SetString(PyExc_ValueError, "strings: starts and lengths must be int64 and valid one byte, of one length");
         goto done;
     }
@@ -109,12 +125,12 @@ static PyObject *strings(PyObject *Py_UNUSED(self), PyObject *args) {
     int64_t total = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!AT(va, i, uint8_t)) {
+        if (!at8(&va, i)) {
             nulls++;
             continue;
         }
-        int64_t start = AT(st, i, int64_t), len = AT(ln, i, int64_t);
-        if (start < 0 || len < 0 || start > arr.len || len > arr.len - start) {
+        int64_t start = at64(&st, i), len = at64(&ln, i);
+        if (start < 0 || len < 0 || start > arr.len || len > arr.len - start || total > PY_SSIZE_T_MAX - len) {
             bad = i;
             break;
         }
@@ -138,19 +154,30 @@ static PyObject *strings(PyObject *Py_UNUSED(self), PyObject *args) {
         char *out = PyBytes_AS_STRING(data);
         uint8_t *bits = validity ? (uint8_t *)PyBytes_AS_STRING(validity) : NULL;
         const char *a = arr.buf;
+        int changed = 0;
         Py_BEGIN_ALLOW_THREADS
         int64_t o = 0;
         off[0] = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (AT(va, i, uint8_t)) {
-                int64_t len = AT(ln, i, int64_t);
-                memcpy(out + o, a + AT(st, i, int64_t), (size_t)len);
+            if (at8(&va, i)) {
+                /* Checked again: the arrays are read twice, and the first pass sized ``data``. */
+                int64_t start = at64(&st, i), len = at64(&ln, i);
+                if (start < 0 || len < 0 || start > arr.len || len > arr.len - start || len > total - o) {
+                    changed = 1;
+                    break;
+                }
+                memcpy(out + o, a + start, (size_t)len);
                 o += len;
                 if (bits) bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             }
             off[i + 1] = o;
         }
+        if (!changed && o != total) changed = 1;
         Py_END_ALLOW_THREADS
+        if (changed) {
+            PyErr_SetString(PyExc_ValueError, "strings: the arrays changed while they were read");
+            goto done;
+        }
     }
     result = Py_BuildValue("OOOn", offsets, data, validity ? validity : Py_None, nulls);
 done:
@@ -173,23 +200,28 @@ static PyObject *split(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     const uint8_t *a = buf.buf;
-    Py_ssize_t n = buf.len, last = -1, taken = 0, room, have = PyList_GET_SIZE(out), tag0 = PyByteArray_GET_SIZE(tags);
-    if (off < 0 || (positions != Py_None && !PyList_Check(positions))) {
-        PyErr_SetString(PyExc_ValueError, "split: a negative offset, or positions neither a list nor None");
+    Py_ssize_t n = buf.len, last = -1, taken = 0, have = PyList_GET_SIZE(out);
+    Py_ssize_t left = max_messages > have ? max_messages - have : 0;
+    char *tagged = NULL;
+    if (off < 0 || size < 0 || (positions != Py_None && !PyList_Check(positions))) {
+        PyErr_SetString(PyExc_ValueError, "split: a negative offset or size, or positions neither a list nor None");
         goto done;
     }
     /* A frame with a payload is at least 31 bytes: no more tags than that can be taken. */
-    room = n > off ? (n - off) / 31 + 1 : 1;
-    if (room > max_messages - have) room = max_messages - have > 0 ? max_messages - have : 0;
-    if (PyByteArray_Resize(tags, tag0 + room) < 0) goto done;
-    while (off + 5 <= n && have < max_messages && size < max_bytes) {
+    if (n > off && left > (n - off) / 31 + 1) left = (n - off) / 31 + 1;
+    tagged = PyMem_Malloc(left ? (size_t)left : 1);
+    if (tagged == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    while (taken < left && n - off >= 5 && size < max_bytes) {
         uint32_t length = (uint32_t)a[off + 1] << 24 | (uint32_t)a[off + 2] << 16 | (uint32_t)a[off + 3] << 8 | a[off + 4];
+        if ((uint64_t)length >= (uint64_t)(n - off) || a[off] != 'd' || length < 30 || a[off + 5] != 'w') break;
         Py_ssize_t end = off + 1 + (Py_ssize_t)length;
-        if (end > n || a[off] != 'd' || length < 30 || a[off + 5] != 'w') break;
         PyObject *payload = PyBytes_FromStringAndSize((const char *)a + off + 30, end - off - 30);
         if (payload == NULL || PyList_Append(out, payload) < 0) {
             Py_XDECREF(payload);
-            goto resized;
+            goto done;
         }
         Py_DECREF(payload);
         if (positions != Py_None) {
@@ -199,21 +231,23 @@ static PyObject *split(PyObject *Py_UNUSED(self), PyObject *args) {
             PyObject *value = PyLong_FromUnsignedLongLong(start);
             if (value == NULL || PyList_Append(positions, value) < 0) {
                 Py_XDECREF(value);
-                goto resized;
+                goto done;
             }
             Py_DECREF(value);
         }
-        PyByteArray_AS_STRING(tags)[tag0 + taken] = (char)a[off + 30];
-        taken++;
-        have++;
+        tagged[taken++] = (char)a[off + 30];
         size += end - off - 30;
         last = off;
         off = end;
     }
+    if (taken) {
+        Py_ssize_t tag0 = PyByteArray_GET_SIZE(tags);
+        if (PyByteArray_Resize(tags, tag0 + taken) < 0) goto done;
+        memcpy(PyByteArray_AS_STRING(tags) + tag0, tagged, (size_t)taken);
+    }
     result = Py_BuildValue("nnn", off, size, last);
-resized:
-    if (PyByteArray_Resize(tags, tag0 + taken) < 0) Py_CLEAR(result);
 done:
+    PyMem_Free(tagged);
     PyBuffer_Release(&buf);
     return result;
 }

@@ -465,7 +465,8 @@ class WireConnection:
                 return False
             need = len(rest) + self._queued_size  # less than a header in all: take all of it
         else:
-            need = 1 + _LENGTH.unpack_from(head, 1)[0]
+            # At least the header: a length under 4 (malformed, reported by read) ends inside it.
+            need = max(5, 1 + _LENGTH.unpack_from(head, 1)[0])
             if len(rest) + self._queued_size < need:
                 return False
         parts, have = ([rest] if rest else []), len(rest)

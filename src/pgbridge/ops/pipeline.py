@@ -9,6 +9,7 @@ the snapshot the slot exports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -154,26 +155,26 @@ def _retire(dep: Deployment, name: str | None, report: Report) -> bool:
     return keep == ({name} if name is not None else set())
 
 
-def _remove_source_functions(dep: Deployment) -> Action | None:
-    """Without a pipeline, what `up` installed for one in the source database goes: the DDL capture's
-    event triggers (which would otherwise write every DDL into the WAL), their functions, the standby
-    probe, and the schema ``_pgbridge`` unless something else lives there. None when none was there."""
+def remove_source_functions(c: psycopg.Connection[Any]) -> bool:
+    """Remove what `up` installs for a pipeline in the source database (``c``: a superuser, autocommit):
+    the DDL capture's event triggers (which would otherwise write every DDL into the WAL), their
+    functions, the standby probe, and the schema ``_pgbridge`` unless something else lives there.
+    False when there was none of it."""
     schema = sql.Identifier(ddl.SCHEMA)
-    with admin_connection(dep.admin, dep.spec.database.name) as c:
-        if c.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (ddl.SCHEMA,)).fetchone() is None:
-            return None
-        with c.transaction():
-            for statement in ddl.uninstall_sql():
-                c.execute(statement.encode())  # rendered by us, not user input
-            c.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.sync_standby_flush_lsn()").format(schema))
-            left = c.execute(
-                "SELECT count(*) FROM pg_depend d JOIN pg_namespace n ON n.oid = d.refobjid"
-                " WHERE d.refclassid = 'pg_namespace'::regclass AND n.nspname = %s AND d.deptype = 'n'",
-                (ddl.SCHEMA,),
-            ).fetchone()
-            if left is not None and left[0] == 0:
-                c.execute(sql.SQL("DROP SCHEMA {}").format(schema))
-    return "removed"
+    found = c.execute(
+        "SELECT (SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY(%s))"
+        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s)",
+        (list(ddl.TRIGGERS), ddl.SCHEMA),
+    ).fetchone()
+    if not found or not found[0]:
+        return False
+    with c.transaction():
+        for statement in ddl.uninstall_sql():
+            c.execute(statement.encode())  # rendered by us, not user input
+        c.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.sync_standby_flush_lsn()").format(schema))
+    with contextlib.suppress(psycopg.errors.DependentObjectsStillExist):
+        c.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(schema))  # not if something else lives there
+    return True
 
 
 def program(dep: Deployment) -> Program | None:
@@ -320,13 +321,14 @@ def ensure(dep: Deployment, report: Report) -> None:
     if p is None:
         if retired:  # not while an old pipeline's slot is still to be dropped: it would miss DDL
             try:
-                done = _remove_source_functions(dep)
+                with admin_connection(dep.admin, dep.spec.database.name) as c:
+                    removed = remove_source_functions(c)
             except (PgbridgeError, psycopg.Error) as e:
                 why = e.message if isinstance(e, PgbridgeError) else str(e).strip()
-                report.add("ddl capture", "pending", f"its event triggers stay until the next `up`: {why}")
+                report.add("ddl capture", "pending", f"not checked for a removed pipeline's event triggers: {why}")
             else:
-                if done:
-                    report.add("ddl capture", done, "event triggers and functions of the removed pipeline")
+                if removed:
+                    report.add("ddl capture", "removed", "event triggers and functions of the removed pipeline")
         return
     pp, user = paths(dep), dep.settings.user
     schemas = sorted({g.split(".", 1)[0] for g in dep.spec.pipeline_include()})
