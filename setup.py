@@ -12,7 +12,8 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
         ),
-        # The stream's row walk (cdc/columnar.py); optional as well: without it numpy walks the rows.
+        # The stream's framing (cdc/wire.py), row walk and text columns (cdc/columnar.py); optional as
+        # well: without it Python and numpy do that work.
         Extension(
             "pgbridge.cdc._rowwalk",
             ["src/pgbridge/cdc/_rowwalk.c"],

@@ -50,8 +50,8 @@ chmod 755 "$(dirname "$VENV")" "$VENV"
 
 log "installing pgbridge into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check ".[dev]" >&2
-# The C extensions are optional for pip (without them the load reads text and numpy walks the rows),
-# but this script installed their compiler: a build that failed here is a fault to report, not skip.
+# The C extensions are optional for pip (without them the load reads text, and Python and numpy
+# split the stream), but this script installed their compiler: a build that failed here is a fault to report, not skip.
 if ! (cd / && "$VENV/bin/python" -c "import pgbridge.cdc._copybin, pgbridge.cdc._rowwalk") 2>/dev/null; then
   log "pgbridge's C extensions did not build (gcc and python3-dev are installed): see \`$VENV/bin/pip install -v .\`"
   exit 1

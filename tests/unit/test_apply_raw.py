@@ -197,13 +197,13 @@ def test_a_pipeline_behind_the_server_makes_batches_of_max_rows(tmp_path: Path) 
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")
     applier = Applier(sink, {("public", "t"): simple_table()}, BatchLimits(max_rows=400, max_wait_s=60))
     payloads = insert_transactions(20, 50)
-    applier.behind = True  # a quarter of max_rows (100) is not enough now
-    applier.feed_raw(payloads[:105])  # two transactions, 100 changes
+    applier.behind = True  # half of max_rows (200) is not enough now
+    applier.feed_raw(payloads[:209])  # the relation and four transactions: 200 changes
     assert not applier.ripe() and applier.pending_commit
     applier.behind = False
     assert applier.ripe()
     applier.behind = True
-    applier.feed_raw(payloads[105:])  # at the commit that reaches 400 changes the batch goes
+    applier.feed_raw(payloads[209:])  # at the commit that reaches 400 changes the batch goes
     applier.wait()
     assert applier.stats.batches == 2 and applier.stats.transactions == 20
     applier.close()
@@ -230,9 +230,9 @@ class BufferedStream:
 
 
 def test_pump_calls_the_pipeline_behind_while_the_reader_holds_a_backlog(tmp_path: Path) -> None:
-    # No time limit can close a batch here: only counts (a quarter of max_rows, 100 changes, unless
-    # the pipeline is behind, then max_rows).
-    limits = BatchLimits(max_rows=400, max_wait_s=60, min_wait_s=60, behind_wait_s=60)
+    # No time limit can close a batch here: only counts (half of max_rows, 100 changes, unless the
+    # pipeline is behind, then max_rows).
+    limits = BatchLimits(max_rows=200, max_wait_s=60, min_wait_s=60, behind_wait_s=60)
     sink = DuckDBSink(tmp_path / "w.duckdb", "p")
     applier = Applier(sink, {("public", "t"): simple_table()}, limits)
     payloads = insert_transactions(3, 50)  # R, then B 50xI C three times

@@ -91,9 +91,9 @@ class Catalog(Protocol):
 class BatchLimits:
     max_rows: int = 50_000  # changes held in memory before they go to the warehouse
     max_wait_s: float = 0.5  # longest a committed transaction waits for its batch to close
-    # While changes keep arriving, a batch is handed to a free sink once it holds a quarter of
-    # max_rows or its first commit waited this long (a warehouse commit costs milliseconds: tiny
-    # batches under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
+    # While changes keep arriving, a batch is handed to a free sink once it holds half of max_rows
+    # or its first commit waited this long (a warehouse commit costs milliseconds: tiny batches
+    # under load would spend the CPU the stream needs); a quiet stream's batch goes at once.
     # While the reader is behind the server (Applier.behind), a batch grows to max_rows or until
     # its first commit waited behind_wait_s (at most max_wait_s): larger batches clear a backlog
     # sooner, and the wait stays bounded whatever max_wait_s is.
@@ -382,7 +382,7 @@ class Applier:
             return True
         if self.behind:
             return waited >= min(limits.behind_wait_s, limits.max_wait_s)
-        return self._batch_changes >= limits.max_rows // 4 or waited >= min(limits.min_wait_s, limits.max_wait_s)
+        return self._batch_changes >= limits.max_rows // 2 or waited >= min(limits.min_wait_s, limits.max_wait_s)
 
     @property
     def pending_commit(self) -> bool:
