@@ -314,6 +314,7 @@ def test_the_capture_is_removed_and_its_schema_only_when_nothing_else_lives_ther
         for statement in ddl.install_sql():
             c.execute(statement.encode())
         c.execute(f"CREATE TABLE {ddl.SCHEMA}.someone_elses (id int)")
+        c.execute(f"CREATE FUNCTION {ddl.SCHEMA}.theirs() RETURNS int LANGUAGE sql AS 'SELECT 1'")
         assert installed(c) == (3, True)
         assert remove_source_functions(c)
         assert installed(c) == (0, True)  # the schema holds another table: it stays, with it
@@ -322,5 +323,6 @@ def test_the_capture_is_removed_and_its_schema_only_when_nothing_else_lives_ther
         for statement in ddl.install_sql():
             c.execute(statement.encode())
         c.execute(f"DROP TABLE {ddl.SCHEMA}.someone_elses")
+        c.execute(f"DROP FUNCTION {ddl.SCHEMA}.theirs()")
         assert remove_source_functions(c)
         assert installed(c) == (0, False)

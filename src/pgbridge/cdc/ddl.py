@@ -120,6 +120,7 @@ END $fn$""",
 
 
 TRIGGERS: Final = ("pgbridge_define", "pgbridge_drop", "pgbridge_rewrite")
+FUNCTIONS: Final = ("capture_define", "capture_drop", "capture_rewrite", "table_definition")  # in SCHEMA
 
 
 def uninstall_sql() -> list[str]:

@@ -163,8 +163,9 @@ def remove_source_functions(c: psycopg.Connection[Any]) -> bool:
     schema = sql.Identifier(ddl.SCHEMA)
     found = c.execute(
         "SELECT (SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY(%s))"
-        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s)",
-        (list(ddl.TRIGGERS), ddl.SCHEMA),
+        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        "    WHERE n.nspname = %s AND p.proname = ANY(%s))",
+        (list(ddl.TRIGGERS), ddl.SCHEMA, [*ddl.FUNCTIONS, "sync_standby_flush_lsn"]),
     ).fetchone()
     if not found or not found[0]:
         return False
