@@ -11,16 +11,14 @@ import pytest
 
 from pgbridge.cdc import columnar
 from pgbridge.cdc.pgoutput import DecodeError, Delete, Insert, TupleData, Update, decode
+from tests.unit.both_ways import with_and_without_c
 from tests.unit.test_pgoutput import FIXTURES
 
 
 @pytest.fixture(autouse=True, params=["compiled", "numpy"])
 def walker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs with the C row walk (cdc/_rowwalk.c) and with numpy's, which must agree."""
-    if request.param == "numpy":
-        monkeypatch.setattr(columnar, "_rowwalk", None)
-    elif columnar._rowwalk is None:
-        pytest.skip("the C extension was not built (no compiler)")
+    with_and_without_c(request, monkeypatch, columnar, "_rowwalk")
 
 
 ROW_FIXTURES = [

@@ -20,15 +20,13 @@ import pytest
 
 from pgbridge.cdc import wire
 from pgbridge.cdc.wire import ServerError, Target, UnsupportedAuthentication, WireConnection, WireError, status_message
+from tests.unit.both_ways import with_and_without_c
 
 
 @pytest.fixture(autouse=True, params=["compiled", "python"])
 def framing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs with the frames split in C (cdc/_rowwalk.c) and in Python, which must agree."""
-    if request.param == "python":
-        monkeypatch.setattr(wire, "_split", None)
-    elif wire._split is None:
-        pytest.skip("the C extension was not built (no compiler)")
+    with_and_without_c(request, monkeypatch, wire, "_split")
 
 
 def msg(kind: bytes, body: bytes) -> bytes:

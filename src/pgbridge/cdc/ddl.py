@@ -127,8 +127,7 @@ def uninstall_sql() -> list[str]:
     """Statements that remove what :func:`install_sql` installs (the schema itself excepted). Idempotent."""
     return [
         *(f"DROP EVENT TRIGGER IF EXISTS {name}" for name in TRIGGERS),
-        f"DROP FUNCTION IF EXISTS {SCHEMA}.capture_define(), {SCHEMA}.capture_drop(), {SCHEMA}.capture_rewrite(),"
-        f" {SCHEMA}.table_definition(oid)",
+        f"DROP FUNCTION IF EXISTS {', '.join(f'{SCHEMA}.{name}' for name in FUNCTIONS)}",  # each name is unique
     ]
 
 
