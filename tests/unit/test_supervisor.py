@@ -1,13 +1,19 @@
-"""The supervisord config: each program's command line as supervisord will run it."""
+"""The supervisord config: each program's command line as supervisord will run it; and the reaper
+supervisord runs under."""
 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
+
 from pgbridge.home import Home
-from pgbridge.platform.supervisor import Program, render_config
+from pgbridge.platform.supervisor import REAPER, Program, render_config
 from pgbridge.settings import ServiceUser
 
 
@@ -33,3 +39,50 @@ def test_exec_keeps_the_pid_supervisord_watches(tmp_path: Path) -> None:
     proc = subprocess.Popen(_command(conf, "probe"), stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=10)
     assert int(out) == proc.pid
+
+
+def test_the_reaper_adopts_and_reaps_an_orphan_at_once(tmp_path: Path) -> None:
+    # As Patroni starts a postmaster: a helper starts it detached and exits; the orphan's parent is
+    # the reaper (not supervisord, not the host's init), and its exit leaves no zombie behind.
+    pidfile = tmp_path / "orphan.pid"
+    stand_in = f"(sleep 0.5 & echo $! > {pidfile}); sleep 1.5; exit 7"  # in the place of supervisord
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, "/bin/sh", "-c", stand_in], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline, "the stand-in did not start its orphan"
+            time.sleep(0.01)
+        orphan = psutil.Process(int(pidfile.read_text()))
+        assert orphan.ppid() == reaper.pid
+        zombie_since: float | None = None  # a zombie for a moment at most, between its exit and the reap
+        gone: float | None = None
+        deadline = time.monotonic() + 5
+        while gone is None and time.monotonic() < deadline:
+            try:
+                if orphan.status() == psutil.STATUS_ZOMBIE and zombie_since is None:
+                    zombie_since = time.monotonic()
+            except psutil.NoSuchProcess:
+                gone = time.monotonic()
+            time.sleep(0.005)
+        assert gone is not None, "the orphan was not reaped"
+        assert gone - (zombie_since or gone) < 0.2
+        assert reaper.wait(timeout=10) == 7  # the stand-in's status, once it has exited too
+    finally:
+        reaper.kill()
+        reaper.wait()
+
+
+def test_the_reaper_passes_a_stop_signal_to_supervisord(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    stand_in = f"trap 'exit 5' TERM; touch {ready}; while :; do sleep 0.05; done"
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, "/bin/sh", "-c", stand_in], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the stand-in did not start"
+            time.sleep(0.01)
+        reaper.send_signal(signal.SIGTERM)
+        assert reaper.wait(timeout=10) == 5
+    finally:
+        reaper.kill()
+        reaper.wait()

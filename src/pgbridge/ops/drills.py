@@ -72,8 +72,10 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
     warning: str | None = None
     t0 = time.monotonic()
     try:
-        # The old primary's shutdown checkpoint is part of the pause; most of it can happen first.
+        ha.wait_switchable(dep)
+        # The old primary's shutdown is part of the pause; most of its work can happen first.
         with admin_connection(dep.admin) as c:
+            _archive_backlog(c)
             c.execute("CHECKPOINT")
         if probe is not None:
             probe.connect()  # a client already connected when the pause begins
@@ -116,6 +118,25 @@ def switchover(dep: Deployment, to: str | None = None, pause_timeout: float = 30
     )
     events.record(dep, "switchover", f"primary moved from {moved.old} to {moved.new}", **asdict(result))
     return result
+
+
+def _archive_backlog(c: psycopg.Connection[Any], timeout: float = 5) -> None:
+    """Close the current WAL segment and wait until no finished segment waits for archiving.
+
+    A shutting-down primary archives every segment still waiting, and the one it closes, before
+    the postmaster exits; Patroni looks once a second, and a postmaster still there when Patroni
+    sees the shutdown checkpoint costs a further second before the leader key is handed over
+    (``ha.py: demote``). Each segment is one ``archive-push`` (about 0.2 s here), and a promoted
+    standby can have older ones waiting too. Done first, the shutdown archives one short segment.
+    Without archiving (no backups) nothing waits; if the archive is slow the switchover goes ahead.
+    """
+    c.execute("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = c.execute("SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'").fetchone()
+        if row is None or row[0] == 0:
+            return
+        time.sleep(0.05)
 
 
 class _CommitProbe:

@@ -132,6 +132,20 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | No
     raise DeploymentError(f"synchronous replication did not turn {what} within {timeout:.0f}s ({last})")
 
 
+def wait_switchable(dep: Deployment, timeout: float = 15) -> None:
+    """Before a switchover with Multi-AZ: until Patroni names a synchronous standby again.
+
+    For a moment after a switchover (or a standby's restart) the leader runs with
+    ``synchronous_standby_names = '*'`` and names nobody in ``/sync``, and Patroni refuses a
+    switchover then (412: the candidate is not the synchronous standby): a second `pgbridge
+    failover` right after the first failed so. Waited for before clients are paused. If it does
+    not settle in time the request goes ahead, and Patroni's answer stands.
+    """
+    if dep.spec.multi_az:
+        with contextlib.suppress(DeploymentError):
+            wait_sync(dep, True, timeout=timeout)
+
+
 @dataclass(frozen=True)
 class Switched:
     old: str

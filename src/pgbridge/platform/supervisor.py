@@ -134,6 +134,41 @@ class _UnixTransport(xmlrpc.client.Transport):
         return _Conn("localhost")
 
 
+# supervisord runs as the child of this small process, a child subreaper that waits for any child
+# at once. Patroni starts the postmaster detached, so the postmaster's parent is the nearest
+# subreaper (else the host's init), and Patroni counts a dead postmaster as running until its zombie
+# is reaped: on some hosts init takes seconds, in a container without an init it never does, and
+# supervisord (which could be the subreaper itself) only reaps at its next one-second tick, because
+# Python retries its poll after SIGCHLD. During a switchover Patroni checks the stopping postmaster
+# once a second; a zombie there makes it wait one second more before it hands the leader key over.
+# The attribute survives exec, not fork: supervisord runs in the foreground of its own session
+# (-n) rather than daemonizing. Signals for the reaper go to supervisord; it exits with
+# supervisord's status once no child of its own is left (also orphans still shutting down).
+REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+def forward(sig, frame):
+    try:
+        os.kill(child, sig)
+    except ProcessLookupError:
+        pass
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(sig, forward)
+code = 0
+while True:
+    try:
+        pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 class Supervisor:
     """Control of one deployment's supervisord."""
 
@@ -160,22 +195,11 @@ class Supervisor:
         return write_if_changed(self.home.supervisor_conf, text, mode=0o644)
 
     def start(self, timeout: float = 30) -> None:
-        """Start supervisord in the background as a child subreaper of the deployment's processes.
-
-        Patroni starts the postmaster detached, so when the postmaster dies its zombie belongs to
-        the host's init, and Patroni counts a zombie as running until init reaps it: seconds on
-        some hosts, never in a container without an init. As subreaper, supervisord inherits such
-        orphans and reaps them at once. (The attribute survives exec, not fork, so supervisord
-        runs in the foreground of its own session instead of daemonizing.)
-        """
+        """Start supervisord in the background, under a reaper (see `REAPER`)."""
         if self.running():
             return
         log = self.home.logs / "supervisord.start.log"
-        launcher = (
-            "import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0);"  # PR_SET_CHILD_SUBREAPER
-            " os.execv(sys.argv[1], sys.argv[1:])"
-        )
-        argv = [sys.executable, "-c", launcher, str(self.executable), "-n", "-s", "-c", str(self.home.supervisor_conf)]
+        argv = [sys.executable, "-c", REAPER, str(self.executable), "-n", "-s", "-c", str(self.home.supervisor_conf)]
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 argv,
