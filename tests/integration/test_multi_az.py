@@ -278,21 +278,22 @@ def test_failover_drill_keeps_every_write_the_old_primary_rejoins_and_the_wareho
     assert dep.run("pipeline", "validate").returncode == 0
 
 
-def test_a_crashed_postmaster_fails_over_and_its_member_starts_again(dep: Env) -> None:
+def test_a_crashed_postmaster_restarts_in_place_with_two_members(dep: Env) -> None:
     """Only the postmaster dies: its backends must not keep the member from starting again (one
     waiting for the synchronous standby used to block on supervisord's stdin pipe, holding the
-    shared memory), and pmwatch wakes Patroni at once instead of after its loop_wait."""
+    shared memory), and pmwatch wakes Patroni at once instead of after its loop_wait. With no
+    promotable member besides the pair, Patroni restarts it in place (a new primary would wait
+    for it anyway); with a stand-in it fails over (test_replicas_follow_the_spec)."""
     wait_for("a synchronous standby", lambda: "sync standby" in roles(dep).values())
     old = next(n for n, r in roles(dep).items() if r == "primary")
-    standby = next(n for n, r in roles(dep).items() if r == "sync standby")
     r = json.loads(dep.run("drill", "failover", "--mode", "crash", "--yes", "--json", timeout=600).stdout)
-    assert r["old_primary"] == old and r["new_primary"] == standby, r
+    assert r["old_primary"] == old and r["new_primary"] == old, r
     assert r["rpo_lost"] == 0 and r["rejoined"], r
-    assert roles(dep)[old] in ("replica", "sync standby")
     woke = (dep.home / "logs" / "pmwatch.log").read_text()
     assert f"of {old} is gone; woke its Patroni" in woke
-    checked = dep.run("check", check=False).stdout  # it asks whichever member is primary now
-    assert f"{standby}: primary, running" in checked, checked
+    checked = dep.run("check", check=False).stdout
+    assert f"{old}: primary, running" in checked, checked
+    wait_for("the synchronous standby back", lambda: "sync standby" in roles(dep).values())
 
 
 def test_reboot_restarts_every_member_standbys_first(dep: Env) -> None:
@@ -336,6 +337,12 @@ def test_replicas_follow_the_spec(dep: Env) -> None:
     without = with_r2.replace("replicas:\n  - {name: r2, region: zone-d, promotable: true}\n", "")
     assert "r2" not in without
     stand_in_keeps_commits_going(dep, next(n for n in names if n.endswith("-r2")), without, with_r2)
+    # with a stand-in a crashed primary is failed over at once: the stand-in keeps commits going
+    old = next(n for n, r in roles(dep).items() if r == "primary")
+    standby = next(n for n, r in roles(dep).items() if r == "sync standby")
+    r = json.loads(dep.run("drill", "failover", "--mode", "crash", "--yes", "--json", timeout=600).stdout)
+    assert r["old_primary"] == old and r["new_primary"] == standby, r
+    assert r["rpo_lost"] == 0 and r["rejoined"], r
     # Multi-AZ off: synchronous replication goes first, then the standby
     dep.write_spec(with_r2.replace("multi_az: true", "multi_az: false"))
     dep.run("up", timeout=900)

@@ -132,18 +132,25 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | No
     raise DeploymentError(f"synchronous replication did not turn {what} within {timeout:.0f}s ({last})")
 
 
-def wait_switchable(dep: Deployment, timeout: float = 15) -> None:
-    """Before a switchover with Multi-AZ: until Patroni names a synchronous standby again.
+def wait_switchable(dep: Deployment, member: str | None = None, timeout: float = 15) -> None:
+    """Before a switchover in synchronous mode: until Patroni names a synchronous standby again
+    (`member`, when given).
 
-    For a moment after a switchover (or a standby's restart) the leader runs with
-    ``synchronous_standby_names = '*'`` and names nobody in ``/sync``, and Patroni refuses a
-    switchover then (412: the candidate is not the synchronous standby): a second `pgbridge
-    failover` right after the first failed so. Waited for before clients are paused. If it does
-    not settle in time the request goes ahead, and Patroni's answer stands.
+    In synchronous mode Patroni switches over only to the synchronous standby. For a moment after
+    a switchover, a failover or a standby's restart the leader runs with
+    ``synchronous_standby_names = '*'`` and names nobody in ``/sync``, and a member back from an
+    outage gets the role on a later loop; a request then is refused (412: the candidate is not
+    the synchronous standby): a second `pgbridge failover` right after the first failed so. If it
+    does not settle in time the request goes ahead, and Patroni's answer stands.
     """
-    if dep.spec.multi_az:
+    try:
+        view = dep.cluster_view()
+        config = dep.patroni(leader_of(view) or dep.primary_member).config()
+    except TransientError:
+        return
+    if config.get("synchronous_mode"):
         with contextlib.suppress(DeploymentError):
-            wait_sync(dep, True, timeout=timeout)
+            wait_sync(dep, True, timeout=timeout, member=member)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ def platform_parameters(spec: Spec, home: Home) -> dict[str, str]:
         "max_replication_slots": "10",
         "hot_standby": "on",
         "wal_log_hints": "on",
+        # A standby whose primary went away (a crash restarted in place, a switchover) tries to
+        # stream again after this long (PostgreSQL's 5 s); commits wait for it meanwhile.
+        "wal_retrieve_retry_interval": "1s",
         "wal_compression": "lz4",
         "logging_collector": "on",
         "log_directory": str(home.logs / "postgresql"),
