@@ -113,6 +113,10 @@ def kill_home_processes(home: Path) -> None:
     for pidfile in [home / "run" / "supervisord.pid", *home.glob("data/*/postmaster.pid")]:
         with contextlib.suppress(Exception):
             pids.append(int(pidfile.read_text().split()[0]))
+    with contextlib.suppress(Exception):  # supervisord's parent, which adopts orphans: only if it is still this one
+        reaper = psutil.Process(int((home / "run" / "reaper.pid").read_text().split()[0]))
+        if str(home / "etc" / "supervisord.conf") in reaper.cmdline():
+            pids.append(reaper.pid)
     procs: list[psutil.Process] = []
     for pid in pids:
         with contextlib.suppress(psutil.Error):

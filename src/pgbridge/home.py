@@ -78,6 +78,11 @@ class Home:
         return self.run / "supervisord.pid"
 
     @property
+    def reaper_pid(self) -> Path:
+        """The process supervisord runs under (see `platform.supervisor.REAPER`)."""
+        return self.run / "reaper.pid"
+
+    @property
     def socket_dir(self) -> Path:
         return self.run
 

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from pgbridge.ops.ha import candidates, named_candidate
+from pgbridge.ops.up import _primary_start_timeout
 from pgbridge.plan.hba import REWIND_ROLE, HbaInput, render_hba
 from pgbridge.plan.topology import members
 from pgbridge.spec.models import Spec
@@ -82,3 +83,19 @@ def test_a_switchover_to_the_synchronous_standby_does_not_name_it() -> None:
     assert named_candidate(_view(("shop-1", "leader"), ("shop-2", "replica")), "shop-2") == "shop-2"
     # Patroni in maintenance mode refuses a switchover without a candidate
     assert named_candidate({**view, "pause": True}, "shop-2") == "shop-2"
+
+
+@pytest.mark.parametrize(
+    ("kw", "seconds"),
+    [
+        ({}, 300),  # a lone instance can only be restarted where it is
+        ({"replicas": [{"name": "r1", "region": "b", "promotable": True}]}, 300),  # asynchronous: may lack commits
+        ({"multi_az": True}, 60),  # a new primary would wait for the crashed one anyway
+        ({"multi_az": True, "replicas": [{"name": "r1", "region": "b"}]}, 60),  # not promotable: no stand-in
+        ({"multi_az": True, "replicas": [{"name": "r1", "region": "b", "promotable": True}]}, 0),  # a stand-in
+    ],
+)
+def test_a_crashed_primary_is_restarted_in_place_unless_a_stand_in_keeps_commits_going(
+    kw: dict[str, object], seconds: int
+) -> None:
+    assert _primary_start_timeout(spec(**kw)) == seconds

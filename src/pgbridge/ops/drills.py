@@ -130,6 +130,9 @@ def _archive_backlog(c: psycopg.Connection[Any], timeout: float = 5) -> None:
     standby can have older ones waiting too. Done first, the shutdown archives one short segment.
     Without archiving (no backups) nothing waits; if the archive is slow the switchover goes ahead.
     """
+    row = c.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row is None or row[0]:  # not the primary (a stale view): Patroni's answer will tell
+        return
     c.execute("SELECT pg_switch_wal()")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -127,6 +127,8 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | No
                 return
         except TransientError as e:
             last = e.message
+        except psycopg.Error as e:  # e.g. the leader restarting under us
+            last = str(e).strip()
         time.sleep(0.5)
     what = "on" if want else "off"
     raise DeploymentError(f"synchronous replication did not turn {what} within {timeout:.0f}s ({last})")

@@ -533,8 +533,17 @@ def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None
     if standby not in removed and dep.spec.multi_az:
         _refuse_removing_the_stand_in(dep, view, removed)  # before anything changes
     if leader_of(view) in removed:
-        ha.wait_switchable(dep, dep.primary_member, timeout=60)  # e.g. back from a failover, not yet named
-        moved = ha.switchover(dep, candidate=dep.primary_member)
+        # In synchronous mode only the synchronous standby may take over, and a member back from a
+        # failover gets that role on a later loop of Patroni's: member 1 when it is named in time,
+        # else whichever staying member is.
+        ha.wait_switchable(dep, dep.primary_member, timeout=30)
+        named = [
+            str(m["name"])
+            for m in dep.cluster_view().get("members", [])
+            if m.get("role") == "sync_standby" and m.get("name") not in removed
+        ]
+        candidate = dep.primary_member if dep.primary_member in named or not named else named[0]
+        moved = ha.switchover(dep, candidate=candidate)
         report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
     if standby in removed:
         # Strict synchronous replication with its standby gone would block every commit.

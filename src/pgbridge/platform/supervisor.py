@@ -146,17 +146,28 @@ class _UnixTransport(xmlrpc.client.Transport):
 # supervisord's status once no child of its own is left (also orphans still shutting down).
 REAPER = """
 import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    print("pgbridge reaper: prctl(PR_SET_CHILD_SUBREAPER) failed, errno", ctypes.get_errno(), file=sys.stderr)
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # held until the handler can forward them
 child = os.fork()
 if child == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-def forward(sig, frame):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # the mask survives exec
     try:
-        os.kill(child, sig)
-    except ProcessLookupError:
-        pass
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        os.execv(sys.argv[1], sys.argv[1:])
+    except OSError as e:
+        print(f"pgbridge reaper: cannot run {sys.argv[1]}: {e}", file=sys.stderr)
+    os._exit(127)
+def forward(sig, frame):
+    if child:  # not once reaped: its pid may be someone else's by now
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+for sig in STOPS:
     signal.signal(sig, forward)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
 code = 0
 while True:
     try:
@@ -164,7 +175,7 @@ while True:
     except ChildProcessError:
         break
     if pid == child:
-        code = os.waitstatus_to_exitcode(status)
+        code, child = os.waitstatus_to_exitcode(status), 0
 sys.exit(code if code >= 0 else 128 - code)
 """
 
@@ -210,6 +221,7 @@ class Supervisor:
                 cwd=self.home.root,
                 start_new_session=True,
             )
+        self.home.reaper_pid.write_text(f"{proc.pid}\n")  # a last-resort cleanup kills its tree too
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.running():
@@ -331,10 +343,12 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        reaper = read_pid(self.home.reaper_pid)
         while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):  # started by this very process: reap it
-                os.waitpid(pid, os.WNOHANG)
-            if not pid_alive(pid):
+            if not pid_alive(pid):  # the reaper reaps supervisord, and then exits itself
+                if reaper:
+                    with contextlib.suppress(ChildProcessError):  # if started by this very process
+                        os.waitpid(reaper, os.WNOHANG)
                 return
             time.sleep(0.1)
         raise DeploymentError(f"supervisord (pid {pid}) did not stop within {timeout:.0f}s")
