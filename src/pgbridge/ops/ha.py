@@ -103,6 +103,11 @@ def wait_replica(api: PatroniAPI, member: str, timeout: float) -> None:
     )
 
 
+def sync_standbys(view: dict[str, Any]) -> list[str]:
+    """The members Patroni names synchronous standby (in ``/sync``) in a cluster view."""
+    return [str(m.get("name")) for m in view.get("members", []) if m.get("role") == "sync_standby"]
+
+
 def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | None = None) -> None:
     """Until the leader runs with (or without) a synchronous standby (`member`, when given)."""
     deadline = time.monotonic() + timeout
@@ -120,9 +125,7 @@ def wait_sync(dep: Deployment, want: bool, timeout: float = 90, member: str | No
             last = f"synchronous_standby_names={names!r}, {sync_count} sync standby"
             # Patroni 4.1.5 first sets '*' (any standby, even a read replica, may acknowledge);
             # only a named standby that Patroni lists in /sync can be promoted without loss.
-            named = any(
-                m.get("role") == "sync_standby" and member in (None, m.get("name")) for m in view.get("members", [])
-            )
+            named = any(member in (None, m) for m in sync_standbys(view))
             if (want and names not in ("", "*") and sync_count > 0 and named) or (not want and not names):
                 return
         except TransientError as e:
@@ -185,8 +188,7 @@ def named_candidate(view: dict[str, Any], candidate: str) -> str | None:
     """
     if view.get("pause"):  # Patroni in maintenance mode switches over to a named candidate only
         return candidate
-    sync = [str(m.get("name")) for m in view.get("members", []) if m.get("role") == "sync_standby"]
-    return None if sync == [candidate] else candidate
+    return None if sync_standbys(view) == [candidate] else candidate
 
 
 def switchover(dep: Deployment, candidate: str | None = None, timeout: float = 90) -> Switched:

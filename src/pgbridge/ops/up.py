@@ -537,11 +537,7 @@ def _before_removal(dep: Deployment, removed: list[str], report: Report) -> None
         # failover gets that role on a later loop of Patroni's: member 1 when it is named in time,
         # else whichever staying member is.
         ha.wait_switchable(dep, dep.primary_member, timeout=30)
-        named = [
-            str(m["name"])
-            for m in dep.cluster_view().get("members", [])
-            if m.get("role") == "sync_standby" and m.get("name") not in removed
-        ]
+        named = [m for m in ha.sync_standbys(dep.cluster_view()) if m not in removed]
         candidate = dep.primary_member if dep.primary_member in named or not named else named[0]
         moved = ha.switchover(dep, candidate=candidate)
         report.add("primary", "changed", f"switched over from {moved.old} to {moved.new} before removing it")
