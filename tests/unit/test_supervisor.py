@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -43,13 +44,24 @@ def test_exec_keeps_the_pid_supervisord_watches(tmp_path: Path) -> None:
     assert int(out) == proc.pid
 
 
+@contextlib.contextmanager
+def _under_reaper(stand_in: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The reaper running a shell script in the place of supervisord; both killed on the way out."""
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, "/bin/sh", "-c", stand_in], start_new_session=True)
+    try:
+        yield reaper
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the stand-in too (start_new_session: its group)
+            os.killpg(reaper.pid, signal.SIGKILL)
+        reaper.wait()
+
+
 def test_the_reaper_adopts_and_reaps_an_orphan_at_once(tmp_path: Path) -> None:
     # As Patroni starts a postmaster: a helper starts it detached and exits; the orphan's parent is
     # the reaper (not supervisord, not the host's init), and its exit leaves no zombie behind.
     pidfile = tmp_path / "orphan.pid"
     stand_in = f"(sleep 0.5 & echo $! > {pidfile}); sleep 1.5; exit 7"  # in the place of supervisord
-    reaper = subprocess.Popen([sys.executable, "-c", REAPER, "/bin/sh", "-c", stand_in], start_new_session=True)
-    try:
+    with _under_reaper(stand_in) as reaper:
         deadline = time.monotonic() + 5
         while not pidfile.exists() or not pidfile.read_text().strip():
             assert time.monotonic() < deadline, "the stand-in did not start its orphan"
@@ -71,24 +83,15 @@ def test_the_reaper_adopts_and_reaps_an_orphan_at_once(tmp_path: Path) -> None:
         assert gone is not None, "the orphan was not reaped"
         assert gone - (zombie_since or gone) < 0.5  # supervisord reaped at its next 1 s tick
         assert reaper.wait(timeout=10) == 7  # the stand-in's status, once it has exited too
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the stand-in too (start_new_session: its group)
-            os.killpg(reaper.pid, signal.SIGKILL)
-        reaper.wait()
 
 
 def test_the_reaper_passes_a_stop_signal_to_supervisord(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     stand_in = f"trap 'exit 5' TERM; touch {ready}; while :; do sleep 0.05; done"
-    reaper = subprocess.Popen([sys.executable, "-c", REAPER, "/bin/sh", "-c", stand_in], start_new_session=True)
-    try:
+    with _under_reaper(stand_in) as reaper:
         deadline = time.monotonic() + 5
         while not ready.exists():
             assert time.monotonic() < deadline, "the stand-in did not start"
             time.sleep(0.01)
         reaper.send_signal(signal.SIGTERM)
         assert reaper.wait(timeout=10) == 5
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the stand-in too (start_new_session: its group)
-            os.killpg(reaper.pid, signal.SIGKILL)
-        reaper.wait()
